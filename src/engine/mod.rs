@@ -1,0 +1,123 @@
+//! Engines run one forward step of the decoder: ids in, logits of the last position out,
+//! keys and values kept in a `KvCache`. They know nothing of tokens as text, of requests
+//! or of transports.
+
+pub mod kv;
+pub mod ort;
+pub mod tract;
+
+use std::path::PathBuf;
+
+pub use kv::KvCache;
+
+use crate::model::ModelPackage;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("ONNX Runtime library could not be loaded from {path}: {reason}")]
+    OrtLibrary { path: PathBuf, reason: String },
+    #[error("ONNX Runtime: {0}")]
+    Ort(String),
+    #[error("tract: {0}")]
+    Tract(String),
+    #[error("execution provider {0:?} is unknown; known: tensorrt, cuda, openvino, qnn, acl, xnnpack, coreml, directml, rocm, migraphx, cann, nnapi, cpu")]
+    UnknownProvider(String),
+    #[error("no engine could start: {0}")]
+    NoEngine(String),
+    #[error("the model produced {got} logits, expected a multiple of the vocabulary size {vocab}")]
+    BadLogits { got: usize, vocab: usize },
+    #[error("the KV cache holds {len} positions, the context is {context}")]
+    ContextFull { len: usize, context: usize },
+}
+
+/// Which engine to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// ONNX Runtime, falling back to tract when it cannot start.
+    #[default]
+    Auto,
+    Ort,
+    Tract,
+}
+
+/// How to build an engine; from the `[model]` config section or CLI flags.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub backend: Backend,
+    /// Execution providers in priority order; the CPU provider is always the last resort.
+    pub providers: Vec<String>,
+    pub ort_library: Option<PathBuf>,
+    /// Intra-op threads; 0 lets the engine choose (one per core).
+    pub threads: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { backend: Backend::Auto, providers: vec!["cpu".into()], ort_library: None, threads: 0 }
+    }
+}
+
+/// What is actually running, for `info`, logs, `done` events and the MQTT status.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EngineInfo {
+    /// "ort" or "tract".
+    pub engine: &'static str,
+    /// The execution provider serving the graph ("cpu", "cuda", ...).
+    pub provider: String,
+    pub threads: usize,
+    pub model_file: PathBuf,
+    /// Library version for ort; crate version for tract.
+    pub version: String,
+    /// Why the engine in use is not the first choice, when it is not.
+    pub fallback_reason: Option<String>,
+    /// Providers the loaded ONNX Runtime library offers (empty for tract).
+    pub available_providers: Vec<String>,
+}
+
+impl EngineInfo {
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.engine, self.provider)
+    }
+}
+
+pub trait Engine: Send {
+    fn info(&self) -> &EngineInfo;
+
+    /// An empty cache for a new sequence.
+    fn new_cache(&self) -> KvCache;
+
+    /// Runs `ids` at the positions after those already in `cache`, appends their keys and
+    /// values to it, and writes the logits of the last position into `logits`.
+    fn forward(&mut self, ids: &[u32], cache: &mut KvCache, logits: &mut Vec<f32>) -> Result<(), EngineError>;
+}
+
+/// Resolves the ONNX Runtime library: config, else `ORT_DYLIB_PATH`, else the copy that the
+/// setup extracted next to the binary's repository (`vendor/onnxruntime/lib`).
+pub fn ort_library_path(configured: Option<&PathBuf>) -> PathBuf {
+    if let Some(p) = configured {
+        return p.clone();
+    }
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        return PathBuf::from(p);
+    }
+    crate::paths::default_ort_library()
+}
+
+/// Builds the engine that `options` asks for, falling back from ONNX Runtime to tract under
+/// `Backend::Auto` and saying why.
+pub fn load(package: &ModelPackage, options: &EngineOptions) -> Result<Box<dyn Engine>, EngineError> {
+    match options.backend {
+        Backend::Ort => Ok(Box::new(ort::OrtEngine::load(package, options)?)),
+        Backend::Tract => Ok(Box::new(tract::TractEngine::load(package, options, None)?)),
+        Backend::Auto => match ort::OrtEngine::load(package, options) {
+            Ok(engine) => Ok(Box::new(engine)),
+            Err(ort_error) => {
+                log::warn!("ONNX Runtime unavailable ({ort_error}); falling back to tract");
+                let engine = tract::TractEngine::load(package, options, Some(ort_error.to_string()))
+                    .map_err(|e| EngineError::NoEngine(format!("ONNX Runtime: {ort_error}; tract: {e}")))?;
+                Ok(Box::new(engine))
+            }
+        },
+    }
+}

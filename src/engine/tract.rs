@@ -1,0 +1,203 @@
+//! The pure-Rust fallback engine: tract runs the same model package on any CPU, with no
+//! native library to install.
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+
+use super::{Engine, EngineError, EngineInfo, EngineOptions, KvCache};
+use crate::model::{IoNames, ModelPackage};
+
+pub struct TractEngine {
+    plan: Arc<TypedRunnableModel>,
+    /// Position of each named input in the plan's input list.
+    input_order: Vec<InputRole>,
+    /// Output positions of the logits and of the present keys/values (keys then values per layer).
+    logits_output: usize,
+    present_outputs: Vec<usize>,
+    kv_heads: usize,
+    head_dim: usize,
+    layers: usize,
+    vocab_size: usize,
+    info: EngineInfo,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum InputRole {
+    Ids,
+    Mask,
+    Positions,
+    UseCacheBranch,
+    /// Index into the past list (2 * layer for keys, 2 * layer + 1 for values).
+    Past(usize),
+}
+
+/// Per-layer keys then values, as tract produced them.
+struct TractKv(Vec<Tensor>);
+
+fn tract_error(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Tract(format!("{e:#}"))
+}
+
+fn role_of(io: &IoNames, name: &str) -> Option<InputRole> {
+    if name == io.input_ids {
+        return Some(InputRole::Ids);
+    }
+    if io.attention_mask.as_deref() == Some(name) {
+        return Some(InputRole::Mask);
+    }
+    if io.position_ids.as_deref() == Some(name) {
+        return Some(InputRole::Positions);
+    }
+    if io.use_cache_branch.as_deref() == Some(name) {
+        return Some(InputRole::UseCacheBranch);
+    }
+    for layer in 0..io.past_keys.len() {
+        if io.past_keys[layer] == name {
+            return Some(InputRole::Past(2 * layer));
+        }
+        if io.past_values[layer] == name {
+            return Some(InputRole::Past(2 * layer + 1));
+        }
+    }
+    None
+}
+
+impl TractEngine {
+    /// `fallback_reason` says why tract serves instead of ONNX Runtime, when it does.
+    pub fn load(package: &ModelPackage, options: &EngineOptions, fallback_reason: Option<String>) -> Result<Self, EngineError> {
+        let path = &package.tract_file;
+        let mut model = tract_onnx::onnx()
+            // Files quantized by ONNX Runtime carry value_info shapes that contradict tract's inference.
+            .with_ignore_value_info(true)
+            .model_for_path(path)
+            .map_err(|e| EngineError::Tract(format!("cannot load {}: {e:#}", path.display())))?;
+        let s = model.sym("S");
+        let p = model.sym("P");
+        let io = &package.io;
+        let mut input_order = Vec::new();
+        let outlets = model.input_outlets().map_err(tract_error)?.to_vec();
+        for (ix, outlet) in outlets.iter().enumerate() {
+            let name = model.node(outlet.node).name.clone();
+            let role = role_of(io, &name)
+                .ok_or_else(|| EngineError::Tract(format!("{}: unexpected graph input {name:?}", path.display())))?;
+            let one = 1usize.to_dim();
+            let fact = match role {
+                InputRole::Ids | InputRole::Positions => InferenceFact::dt_shape(i64::datum_type(), [one, s.to_dim()]),
+                InputRole::Mask => InferenceFact::dt_shape(i64::datum_type(), [one, p.to_dim() + s.to_dim()]),
+                InputRole::UseCacheBranch => InferenceFact::dt_shape(bool::datum_type(), [one]),
+                InputRole::Past(_) => InferenceFact::dt_shape(
+                    f32::datum_type(),
+                    [one, package.kv_heads.to_dim(), p.to_dim(), package.head_dim.to_dim()],
+                ),
+            };
+            model.set_input_fact(ix, fact).map_err(tract_error)?;
+            input_order.push(role);
+        }
+        let output_names: Vec<String> = model
+            .output_outlets()
+            .map_err(tract_error)?
+            .iter()
+            .map(|o| model.outlet_label(*o).map(str::to_string).unwrap_or_else(|| model.node(o.node).name.clone()))
+            .collect();
+        let find_output = |name: &str| {
+            output_names
+                .iter()
+                .position(|n| n == name)
+                .ok_or_else(|| EngineError::Tract(format!("{}: no graph output {name:?}", path.display())))
+        };
+        let logits_output = find_output(&io.logits)?;
+        let mut present_outputs = Vec::new();
+        for layer in 0..io.past_keys.len() {
+            present_outputs.push(find_output(&io.present_keys[layer])?);
+            present_outputs.push(find_output(&io.present_values[layer])?);
+        }
+        let threads = if options.threads > 0 {
+            options.threads
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        };
+        let typed = model
+            .into_optimized()
+            .map_err(|e| EngineError::Tract(format!("cannot optimize {}: {e:#}", path.display())))?;
+        let plan = typed.into_runnable().map_err(tract_error)?;
+        let info = EngineInfo {
+            engine: "tract",
+            provider: "cpu".into(),
+            threads,
+            model_file: path.clone(),
+            version: "tract-onnx 0.23".into(),
+            fallback_reason,
+            available_providers: Vec::new(),
+        };
+        log::info!("tract serving {} on the CPU", path.display());
+        Ok(TractEngine {
+            plan,
+            input_order,
+            logits_output,
+            present_outputs,
+            kv_heads: package.kv_heads,
+            head_dim: package.head_dim,
+            layers: package.layers,
+            vocab_size: package.vocab_size,
+            info,
+        })
+    }
+}
+
+fn i64_tensor(values: &[i64]) -> Result<Tensor, EngineError> {
+    Tensor::from_shape(&[1, values.len()], values).map_err(tract_error)
+}
+
+impl Engine for TractEngine {
+    fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::new()
+    }
+
+    fn forward(&mut self, ids: &[u32], cache: &mut KvCache, logits: &mut Vec<f32>) -> Result<(), EngineError> {
+        let past_len = cache.len();
+        let n = ids.len();
+        let mut past: Vec<Option<Tensor>> = match cache.store.take().and_then(|s| s.downcast::<TractKv>().ok()) {
+            Some(kv) => kv.0.into_iter().map(Some).collect(),
+            None => Vec::new(),
+        };
+        let mut inputs: TVec<TValue> = TVec::with_capacity(self.input_order.len());
+        for role in &self.input_order {
+            let tensor = match role {
+                InputRole::Ids => i64_tensor(&ids.iter().map(|&i| i64::from(i)).collect::<Vec<_>>())?,
+                InputRole::Mask => i64_tensor(&vec![1; past_len + n])?,
+                InputRole::Positions => i64_tensor(&(past_len as i64..(past_len + n) as i64).collect::<Vec<_>>())?,
+                InputRole::UseCacheBranch => Tensor::from_shape(&[1], &[past_len > 0]).map_err(tract_error)?,
+                InputRole::Past(i) => match past.get_mut(*i).and_then(Option::take) {
+                    Some(t) => t,
+                    None => Tensor::from_shape::<f32>(&[1, self.kv_heads, 0, self.head_dim], &[]).map_err(tract_error)?,
+                },
+            };
+            inputs.push(tensor.into_tvalue());
+        }
+        let mut outputs = self.plan.run(inputs).map_err(tract_error)?;
+        let all = outputs[self.logits_output]
+            .try_as_plain_ram()
+            .and_then(|plain| plain.as_slice::<f32>())
+            .map_err(tract_error)?;
+        let vocab = self.vocab_size;
+        if vocab == 0 || all.len() % vocab != 0 || all.is_empty() {
+            return Err(EngineError::BadLogits { got: all.len(), vocab });
+        }
+        logits.clear();
+        logits.extend_from_slice(&all[all.len() - vocab..]);
+        let mut next = Vec::with_capacity(2 * self.layers);
+        for &ix in &self.present_outputs {
+            // Outputs are exclusively owned here, so this moves the tensor out without a copy.
+            let value = std::mem::replace(&mut outputs[ix], Tensor::default().into_tvalue());
+            next.push(value.into_tensor());
+        }
+        cache.store = Some(Box::new(TractKv(next)));
+        cache.extend(ids);
+        Ok(())
+    }
+}

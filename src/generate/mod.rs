@@ -1,0 +1,383 @@
+//! From a validated request to a stream of events: template → tokenize → prefill → loop
+//! { logits → sampler → token → detokenize → stop? }. The daemon, `emberd generate` and
+//! `emberd bench` all run this one loop.
+
+pub mod detok;
+pub mod sampler;
+pub mod stop;
+pub mod template;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokenizers::Tokenizer;
+
+use crate::engine::{self, Engine, EngineError, EngineInfo, EngineOptions, KvCache};
+use crate::model::{ModelError, ModelPackage};
+use crate::protocol::{ErrorCode, Event, FinishReason, PromptInput, ValidRequest, Timings, Usage};
+
+use detok::IncrementalDecoder;
+use sampler::Sampler;
+use stop::{StopCheck, StopMatcher};
+use template::ChatTemplate;
+
+/// Prompt tokens run per forward call during prefill; between chunks the generator checks
+/// for cancellation, so a long prompt can be stopped.
+pub const DEFAULT_PREFILL_CHUNK: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("{0}")]
+    Template(String),
+    #[error("the model package has no chat template; send raw prompts (\"raw\": true)")]
+    NoTemplate,
+    #[error("the prompt is {tokens} tokens; the limit is {limit} ({what})")]
+    PromptTooLong { tokens: usize, limit: usize, what: &'static str },
+    #[error("the prompt is empty after tokenization")]
+    EmptyPrompt,
+}
+
+impl GenerateError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            GenerateError::PromptTooLong { .. } => ErrorCode::TooLong,
+            GenerateError::Template(_) | GenerateError::NoTemplate | GenerateError::EmptyPrompt => ErrorCode::BadRequest,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Set from outside (a cancel message, a disconnect, shutdown); checked between steps.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// How one run is steered from outside.
+#[derive(Debug, Clone)]
+pub struct RunControl {
+    pub cancel: CancelToken,
+    /// Past this instant the run ends with finish_reason `timeout`.
+    pub deadline: Option<Instant>,
+    /// When the request was accepted; queue time and TTFT count from here.
+    pub accepted_at: Instant,
+}
+
+impl RunControl {
+    pub fn new() -> Self {
+        RunControl { cancel: CancelToken::new(), deadline: None, accepted_at: Instant::now() }
+    }
+
+    fn interrupted(&self) -> Option<FinishReason> {
+        if self.cancel.is_cancelled() {
+            Some(FinishReason::Cancelled)
+        } else if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            Some(FinishReason::Timeout)
+        } else {
+            None
+        }
+    }
+}
+
+impl Default for RunControl {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Figures of one run, for `bench`.
+#[derive(Debug, Clone, Default)]
+pub struct RunStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_ms: f64,
+    pub ttft_ms: f64,
+    pub decode_ms: f64,
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// One loaded model: engine, tokenizer, template, and the scratch state of the loop.
+pub struct Generator {
+    engine: Box<dyn Engine>,
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+    package: ModelPackage,
+    cache: KvCache,
+    logits: Vec<f32>,
+    context_len: usize,
+    max_prompt_tokens: usize,
+    prefill_chunk: usize,
+}
+
+impl Generator {
+    pub fn load(package: ModelPackage, options: &EngineOptions) -> Result<Self, GenerateError> {
+        let engine = engine::load(&package, options)?;
+        Self::with_engine(package, engine)
+    }
+
+    pub fn with_engine(package: ModelPackage, engine: Box<dyn Engine>) -> Result<Self, GenerateError> {
+        let tokenizer = Tokenizer::from_file(&package.tokenizer_file).map_err(|e| {
+            GenerateError::Tokenizer(format!("cannot load {}: {e}", package.tokenizer_file.display()))
+        })?;
+        let template = match &package.chat_template {
+            Some(source) => Some(ChatTemplate::new(source, &package.bos_token, &package.eos_token)?),
+            None => None,
+        };
+        let cache = engine.new_cache();
+        Ok(Generator {
+            engine,
+            tokenizer,
+            template,
+            context_len: package.context_len,
+            max_prompt_tokens: package.context_len,
+            package,
+            cache,
+            logits: Vec::new(),
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+        })
+    }
+
+    /// Caps the context below the model's (a smaller KV cache, less memory).
+    pub fn set_context_len(&mut self, context_len: usize) {
+        self.context_len = context_len.min(self.package.context_len).max(1);
+        self.max_prompt_tokens = self.max_prompt_tokens.min(self.context_len);
+    }
+
+    pub fn set_max_prompt_tokens(&mut self, limit: usize) {
+        self.max_prompt_tokens = limit.min(self.context_len);
+    }
+
+    pub fn set_prefill_chunk(&mut self, chunk: usize) {
+        self.prefill_chunk = chunk.max(1);
+    }
+
+    pub fn engine_info(&self) -> &EngineInfo {
+        self.engine.info()
+    }
+
+    pub fn package(&self) -> &ModelPackage {
+        &self.package
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The text the model sees for `input`.
+    pub fn prompt_text(&self, input: &PromptInput) -> Result<String, GenerateError> {
+        match input {
+            PromptInput::Raw(text) => Ok(text.clone()),
+            PromptInput::Tokens(ids) => self.tokenizer.decode(ids, false).map_err(|e| GenerateError::Tokenizer(e.to_string())),
+            PromptInput::Chat(messages) => self
+                .template
+                .as_ref()
+                .ok_or(GenerateError::NoTemplate)?
+                .render(messages, true),
+        }
+    }
+
+    pub fn prompt_ids(&self, input: &PromptInput) -> Result<Vec<u32>, GenerateError> {
+        if let PromptInput::Tokens(ids) = input {
+            return Ok(ids.clone());
+        }
+        let text = self.prompt_text(input)?;
+        // Templates write their own special tokens, so the tokenizer must not add more.
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| GenerateError::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Runs `ids` through the model in chunks; the logits of the last one end in `self.logits`.
+    fn prefill(&mut self, ids: &[u32], control: &RunControl) -> Result<Option<FinishReason>, EngineError> {
+        self.cache.clear();
+        for chunk in ids.chunks(self.prefill_chunk) {
+            if let Some(reason) = control.interrupted() {
+                return Ok(Some(reason));
+            }
+            self.engine.forward(chunk, &mut self.cache, &mut self.logits)?;
+        }
+        Ok(None)
+    }
+
+    /// Serves one request: calls `emit` with each event, ending with exactly one `Done` or
+    /// `Error`. `emit` returns false when the client is gone, which cancels the run.
+    pub fn run(&mut self, request: &ValidRequest, control: &RunControl, emit: &mut dyn FnMut(Event) -> bool) -> RunStats {
+        let mut stats = RunStats::default();
+        match self.run_inner(request, control, emit, &mut stats) {
+            Ok(()) => {}
+            Err(e) => {
+                log::warn!("request {}: {e}", request.id);
+                emit(Event::error(request.id.clone(), e.code(), e.to_string()));
+            }
+        }
+        stats
+    }
+
+    fn run_inner(
+        &mut self,
+        request: &ValidRequest,
+        control: &RunControl,
+        emit: &mut dyn FnMut(Event) -> bool,
+        stats: &mut RunStats,
+    ) -> Result<(), GenerateError> {
+        let started = Instant::now();
+        let queue_ms = ms(started - control.accepted_at.min(started));
+        let prompt = self.prompt_ids(&request.input)?;
+        if prompt.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        if prompt.len() > self.max_prompt_tokens {
+            let what = if self.max_prompt_tokens < self.context_len { "max_prompt_tokens" } else { "the model's context length" };
+            return Err(GenerateError::PromptTooLong { tokens: prompt.len(), limit: self.max_prompt_tokens, what });
+        }
+        if prompt.len() >= self.context_len {
+            return Err(GenerateError::PromptTooLong {
+                tokens: prompt.len(),
+                limit: self.context_len - 1,
+                what: "the context length, leaving room for one generated token",
+            });
+        }
+        stats.prompt_tokens = prompt.len();
+        let mut history = prompt.clone();
+
+        let interrupted_in_prefill = self.prefill(&prompt, control)?;
+        let prefill_done = Instant::now();
+        stats.prefill_ms = ms(prefill_done - started);
+
+        let mut sampler = Sampler::new(request.sampling.clone());
+        let mut decoder = IncrementalDecoder::new();
+        let mut stops = StopMatcher::new(request.stop.clone());
+        let mut full_text = String::new();
+        let mut seq = 0u32;
+        let mut first_token_at = None;
+        let mut generated = 0usize;
+
+        let finish = 'decode: {
+            if let Some(reason) = interrupted_in_prefill {
+                break 'decode reason;
+            }
+            loop {
+                let token = sampler.sample(&mut self.logits, &history);
+                if first_token_at.is_none() {
+                    first_token_at = Some(Instant::now());
+                }
+                if !request.ignore_eos && self.package.eos_ids.contains(&token) {
+                    break 'decode FinishReason::Stop;
+                }
+                generated += 1;
+                history.push(token);
+                let piece = decoder.push(&self.tokenizer, token)?;
+                let (text, stopped) = match stops.push(&piece) {
+                    StopCheck::Continue(t) => (t, false),
+                    StopCheck::Stopped(t) => (t, true),
+                };
+                if !text.is_empty() {
+                    full_text.push_str(&text);
+                    if request.stream {
+                        let event = Event::Token { id: request.id.clone(), seq, text, token };
+                        seq += 1;
+                        if !emit(event) {
+                            control.cancel.cancel();
+                        }
+                    }
+                }
+                if stopped {
+                    break 'decode FinishReason::StopSequence;
+                }
+                if generated >= request.max_tokens as usize || self.cache.len() + 1 >= self.context_len {
+                    break 'decode FinishReason::Length;
+                }
+                if let Some(reason) = control.interrupted() {
+                    break 'decode reason;
+                }
+                self.engine.forward(&[token], &mut self.cache, &mut self.logits)?;
+            }
+        };
+        if finish != FinishReason::StopSequence {
+            // Held-back text: an unfinished character or a partial stop sequence.
+            let mut tail = decoder.finish(&self.tokenizer)?;
+            let (StopCheck::Continue(t) | StopCheck::Stopped(t)) = stops.push(&tail);
+            tail = t;
+            tail.push_str(&stops.flush());
+            if !tail.is_empty() {
+                full_text.push_str(&tail);
+                if request.stream {
+                    let token = *history.last().unwrap_or(&0);
+                    emit(Event::Token { id: request.id.clone(), seq, text: tail, token });
+                    seq += 1;
+                }
+            }
+        }
+
+        let end = Instant::now();
+        let first = first_token_at.unwrap_or(end);
+        let decode_s = (end - first).as_secs_f64();
+        stats.generated_tokens = generated;
+        stats.ttft_ms = ms(first - started);
+        stats.decode_ms = decode_s * 1e3;
+        stats.finish_reason = Some(finish);
+        let timings = Timings {
+            queue_ms,
+            prefill_ms: stats.prefill_ms,
+            ttft_ms: ms(first - control.accepted_at.min(started)),
+            // Tokens after the first, over the time after the first.
+            decode_tokens_per_s: if generated > 1 && decode_s > 0.0 { (generated - 1) as f64 / decode_s } else { 0.0 },
+            total_ms: ms(end - control.accepted_at.min(started)),
+            engine: self.engine.info().label(),
+        };
+        log::info!(
+            "request {}: {:?} prompt_tokens={} completion_tokens={} ttft_ms={:.1} tokens_per_s={:.1}",
+            request.id, finish, prompt.len(), generated, timings.ttft_ms, timings.decode_tokens_per_s
+        );
+        emit(Event::Done {
+            id: request.id.clone(),
+            seq,
+            finish_reason: finish,
+            text: (!request.stream).then_some(full_text),
+            usage: Usage { prompt_tokens: prompt.len() as u32, completion_tokens: generated as u32 },
+            timings,
+        });
+        Ok(())
+    }
+
+    /// Runs exactly `prompt` then `steps` greedy tokens and returns the ids and the logits of
+    /// every step; for tests that compare against reference logits.
+    pub fn greedy_trace(&mut self, prompt: &[u32], steps: usize) -> Result<(Vec<u32>, Vec<Vec<f32>>), GenerateError> {
+        self.cache.clear();
+        self.engine.forward(prompt, &mut self.cache, &mut self.logits)?;
+        let mut ids = Vec::with_capacity(steps);
+        let mut all_logits = Vec::with_capacity(steps);
+        for step in 0..steps {
+            all_logits.push(self.logits.clone());
+            let token = sampler::argmax(&self.logits);
+            ids.push(token);
+            if step + 1 < steps {
+                self.engine.forward(&[token], &mut self.cache, &mut self.logits)?;
+            }
+        }
+        Ok((ids, all_logits))
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}

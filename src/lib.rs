@@ -1,0 +1,19 @@
+//! emberd: one decoder-only language model, kept loaded, serving local and IoT clients.
+//!
+//! | module | job |
+//! |---|---|
+//! | [`protocol`] | the wire contract: `Request` → `ValidRequest`, `Event`s, error codes |
+//! | [`config`] | the TOML config, every field defaulted, validated at start |
+//! | [`model`] | a model package directory: ONNX file(s), tokenizer, configs, layout detection |
+//! | [`engine`] | one forward step: ONNX Runtime (`engine::ort`) or tract (`engine::tract`), KV cache |
+//! | [`generate`] | template → tokenize → prefill → sample → detokenize → stop; the one loop |
+//! | [`bench`] | load/prefill/decode figures of one model on this machine |
+//! | [`paths`] | where the setup's files are found when nothing names them |
+
+pub mod bench;
+pub mod config;
+pub mod engine;
+pub mod generate;
+pub mod model;
+pub mod paths;
+pub mod protocol;

@@ -1,0 +1,520 @@
+//! The wire contract shared by every transport (see DESIGN.md, "Wire contract").
+//!
+//! ```text
+//! client                                  emberd
+//!   | {"id":"r1","prompt":"Hi","max_tokens":8} |
+//!   |---------------------------------------->|  Request  -> validate() -> ValidRequest
+//!   |   {"id":"r1","type":"token","seq":0,...} |
+//!   |<----------------------------------------|  Event::Token (one per text piece)
+//!   |   {"id":"r1","type":"done",...}          |
+//!   |<----------------------------------------|  exactly one Event::Done or Event::Error
+//!   | {"type":"cancel","id":"r1"}              |  (optional) ends the request early
+//! ```
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Limits and defaults that `validate` applies; they come from the config.
+#[derive(Debug, Clone)]
+pub struct RequestPolicy {
+    pub max_tokens_cap: u32,
+    pub default_max_tokens: u32,
+    pub default_temperature: f32,
+    pub default_top_k: u32,
+    pub default_top_p: f32,
+    pub default_min_p: f32,
+    pub default_repetition_penalty: f32,
+    /// Used when the request names no system prompt; `None` keeps the template's own default.
+    pub default_system: Option<String>,
+    pub max_stop_sequences: usize,
+    pub request_timeout: std::time::Duration,
+}
+
+impl Default for RequestPolicy {
+    fn default() -> Self {
+        RequestPolicy {
+            max_tokens_cap: 4096,
+            default_max_tokens: 256,
+            default_temperature: 0.7,
+            default_top_k: 40,
+            default_top_p: 0.9,
+            default_min_p: 0.0,
+            default_repetition_penalty: 1.0,
+            default_system: None,
+            max_stop_sequences: 8,
+            request_timeout: std::time::Duration::from_secs(300),
+        }
+    }
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// A generation request as it arrives on any transport.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// Echoed on every event so one connection can carry several requests.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Present only on cancel messages (`{"type":"cancel","id":...}`).
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    /// A single user message, wrapped by the chat template unless `raw`.
+    #[serde(default)]
+    pub prompt: Option<String>,
+    /// A whole conversation, instead of `prompt`.
+    #[serde(default)]
+    pub messages: Option<Vec<Message>>,
+    /// Feed `prompt` to the model as-is, without the chat template.
+    #[serde(default)]
+    pub raw: bool,
+    #[serde(default)]
+    pub system: Option<String>,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_k: Option<u32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stop: Option<Vec<String>>,
+    /// false: no token events, one `done` carrying the whole text.
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// Per-request deadline in seconds; only ever lowers the configured one.
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+    /// Where MQTT 3.1.1 clients (no Response Topic) want their events.
+    #[serde(default)]
+    pub reply_to: Option<String>,
+}
+
+/// Sampling settings after defaults and limits are applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means no top-k cut.
+    pub top_k: u32,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub repetition_penalty: f32,
+    pub seed: Option<u64>,
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            seed: None,
+        }
+    }
+}
+
+/// What the model is asked to continue.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    /// Rendered by the chat template.
+    Chat(Vec<Message>),
+    /// Tokenized as-is.
+    Raw(String),
+    /// Token ids, fed as they are (benchmarks; not on the wire).
+    Tokens(Vec<u32>),
+}
+
+/// A request that passed `validate`: the only type the generator and scheduler accept.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    pub id: String,
+    pub input: PromptInput,
+    pub max_tokens: u32,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub timeout: std::time::Duration,
+    pub reply_to: Option<String>,
+    /// Generate `max_tokens` even past end-of-sequence (benchmarks; not on the wire).
+    pub ignore_eos: bool,
+}
+
+/// Stable error codes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    TooLong,
+    Busy,
+    Timeout,
+    Internal,
+    ShuttingDown,
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::TooLong => "too_long",
+            ErrorCode::Busy => "busy",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Internal => "internal",
+            ErrorCode::ShuttingDown => "shutting_down",
+        };
+        f.write_str(s)
+    }
+}
+
+/// Why a request was refused before generation started.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RequestError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    TooLong(String),
+}
+
+impl RequestError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RequestError::BadRequest(_) => ErrorCode::BadRequest,
+            RequestError::TooLong(_) => ErrorCode::TooLong,
+        }
+    }
+}
+
+/// Why generation ended normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model produced an end-of-sequence token.
+    Stop,
+    /// `max_tokens` or the context was reached.
+    Length,
+    StopSequence,
+    Cancelled,
+    Timeout,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    pub queue_ms: f64,
+    pub prefill_ms: f64,
+    pub ttft_ms: f64,
+    pub decode_tokens_per_s: f64,
+    pub total_ms: f64,
+    /// Engine and execution provider that served the request, e.g. "ort/cpu".
+    pub engine: String,
+}
+
+/// One event on the wire; every request ends with exactly one `Done` or `Error`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    Token {
+        id: String,
+        seq: u32,
+        text: String,
+        token: u32,
+    },
+    Done {
+        id: String,
+        seq: u32,
+        finish_reason: FinishReason,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        text: Option<String>,
+        usage: Usage,
+        timings: Timings,
+    },
+    Error {
+        id: String,
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+impl Event {
+    pub fn error(id: impl Into<String>, code: ErrorCode, message: impl Into<String>) -> Event {
+        Event::Error {
+            id: id.into(),
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        match self {
+            Event::Token { id, .. } | Event::Done { id, .. } | Event::Error { id, .. } => id,
+        }
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        !matches!(self, Event::Token { .. })
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("events always serialize")
+    }
+}
+
+/// Parses one wire message, naming the offending field on error.
+pub fn parse_request(bytes: &[u8]) -> Result<Request, RequestError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| RequestError::BadRequest(format!("request is not valid UTF-8: {e}")))?;
+    serde_json::from_str(text).map_err(|e| RequestError::BadRequest(format!("invalid request JSON: {e}")))
+}
+
+fn check_range(name: &str, value: f32, lo: f32, hi: f32) -> Result<f32, RequestError> {
+    if value.is_finite() && value >= lo && value <= hi {
+        Ok(value)
+    } else {
+        Err(RequestError::BadRequest(format!(
+            "{name} must be between {lo} and {hi}, got {value}"
+        )))
+    }
+}
+
+impl Request {
+    pub fn is_cancel(&self) -> bool {
+        self.kind.as_deref() == Some("cancel")
+    }
+
+    /// Applies defaults and limits; the one place requests are checked (TGI's `validate`).
+    pub fn validate(self, policy: &RequestPolicy, fallback_id: impl FnOnce() -> String) -> Result<ValidRequest, RequestError> {
+        if let Some(kind) = &self.kind {
+            return Err(RequestError::BadRequest(format!(
+                "unknown message type {kind:?}; requests carry no type, cancels use \"cancel\""
+            )));
+        }
+        let id = match self.id {
+            Some(id) if id.is_empty() || id.len() > 128 => {
+                return Err(RequestError::BadRequest(format!(
+                    "id must be 1 to 128 characters, got {} characters",
+                    id.len()
+                )))
+            }
+            Some(id) => id,
+            None => fallback_id(),
+        };
+        let input = match (self.prompt, self.messages, self.raw) {
+            (Some(_), Some(_), _) => {
+                return Err(RequestError::BadRequest(
+                    "give either prompt or messages, not both".into(),
+                ))
+            }
+            (None, None, _) => {
+                return Err(RequestError::BadRequest(
+                    "missing prompt: give prompt or messages".into(),
+                ))
+            }
+            (None, Some(_), true) => {
+                return Err(RequestError::BadRequest(
+                    "raw applies to prompt, not to messages".into(),
+                ))
+            }
+            (Some(prompt), None, true) => {
+                if self.system.is_some() {
+                    return Err(RequestError::BadRequest(
+                        "system cannot be combined with raw".into(),
+                    ));
+                }
+                PromptInput::Raw(prompt)
+            }
+            (Some(prompt), None, false) => {
+                let mut messages = Vec::new();
+                if let Some(system) = self.system.or_else(|| policy.default_system.clone()) {
+                    messages.push(Message { role: "system".into(), content: system });
+                }
+                messages.push(Message { role: "user".into(), content: prompt });
+                PromptInput::Chat(messages)
+            }
+            (None, Some(given), false) => {
+                if given.is_empty() {
+                    return Err(RequestError::BadRequest("messages must not be empty".into()));
+                }
+                for (i, m) in given.iter().enumerate() {
+                    if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+                        return Err(RequestError::BadRequest(format!(
+                            "messages[{i}].role must be system, user or assistant, got {:?}",
+                            m.role
+                        )));
+                    }
+                }
+                let has_system = given.iter().any(|m| m.role == "system");
+                let mut messages = Vec::with_capacity(given.len() + 1);
+                match self.system {
+                    Some(_) if has_system => {
+                        return Err(RequestError::BadRequest(
+                            "system given twice: as a field and in messages".into(),
+                        ))
+                    }
+                    Some(system) => messages.push(Message { role: "system".into(), content: system }),
+                    None if !has_system => {
+                        if let Some(system) = &policy.default_system {
+                            messages.push(Message { role: "system".into(), content: system.clone() });
+                        }
+                    }
+                    None => {}
+                }
+                messages.extend(given);
+                PromptInput::Chat(messages)
+            }
+        };
+        let max_tokens = self.max_tokens.unwrap_or(policy.default_max_tokens);
+        if max_tokens == 0 {
+            return Err(RequestError::BadRequest("max_tokens must be at least 1".into()));
+        }
+        if max_tokens > policy.max_tokens_cap {
+            return Err(RequestError::TooLong(format!(
+                "max_tokens {max_tokens} exceeds the limit max_tokens = {}",
+                policy.max_tokens_cap
+            )));
+        }
+        let sampling = SamplingParams {
+            temperature: check_range("temperature", self.temperature.unwrap_or(policy.default_temperature), 0.0, 100.0)?,
+            top_k: self.top_k.unwrap_or(policy.default_top_k),
+            top_p: check_range("top_p", self.top_p.unwrap_or(policy.default_top_p), 0.0, 1.0)?,
+            min_p: check_range("min_p", self.min_p.unwrap_or(policy.default_min_p), 0.0, 1.0)?,
+            repetition_penalty: check_range(
+                "repetition_penalty",
+                self.repetition_penalty.unwrap_or(policy.default_repetition_penalty),
+                0.01,
+                100.0,
+            )?,
+            seed: self.seed,
+        };
+        if sampling.top_p == 0.0 {
+            return Err(RequestError::BadRequest("top_p must be greater than 0".into()));
+        }
+        let stop = self.stop.unwrap_or_default();
+        if stop.len() > policy.max_stop_sequences {
+            return Err(RequestError::BadRequest(format!(
+                "stop has {} sequences, the limit is {}",
+                stop.len(),
+                policy.max_stop_sequences
+            )));
+        }
+        if stop.iter().any(|s| s.is_empty()) {
+            return Err(RequestError::BadRequest("stop sequences must not be empty".into()));
+        }
+        let timeout = match self.timeout_s {
+            Some(t) if !(t.is_finite() && t > 0.0) => {
+                return Err(RequestError::BadRequest(format!(
+                    "timeout_s must be a positive number of seconds, got {t}"
+                )))
+            }
+            Some(t) => policy.request_timeout.min(std::time::Duration::from_secs_f64(t)),
+            None => policy.request_timeout,
+        };
+        Ok(ValidRequest {
+            id,
+            input,
+            max_tokens,
+            sampling,
+            stop,
+            stream: self.stream.unwrap_or(true),
+            timeout,
+            reply_to: self.reply_to,
+            ignore_eos: false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid(json: &str) -> Result<ValidRequest, RequestError> {
+        parse_request(json.as_bytes())?.validate(&RequestPolicy::default(), || "gen".into())
+    }
+
+    #[test]
+    fn prompt_becomes_a_user_message_with_defaults() {
+        let r = valid(r#"{"prompt":"hi"}"#).unwrap();
+        assert_eq!(r.id, "gen");
+        assert_eq!(r.input, PromptInput::Chat(vec![Message { role: "user".into(), content: "hi".into() }]));
+        assert_eq!(r.max_tokens, 256);
+        assert!(r.stream);
+    }
+
+    #[test]
+    fn unknown_fields_are_named_in_the_error() {
+        let err = valid(r#"{"prompt":"hi","temprature":0.5}"#).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::BadRequest);
+        assert!(err.to_string().contains("temprature"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_are_rejected_with_the_field() {
+        let err = valid(r#"{"prompt":"hi","max_tokens":"ten"}"#).unwrap_err();
+        assert!(err.to_string().contains("invalid type"), "{err}");
+    }
+
+    #[test]
+    fn max_tokens_over_the_cap_is_too_long_and_names_the_limit() {
+        let err = valid(r#"{"prompt":"hi","max_tokens":100000}"#).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::TooLong);
+        assert!(err.to_string().contains("max_tokens = 4096"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_sampling_values_are_bad_requests() {
+        for json in [
+            r#"{"prompt":"x","temperature":-1}"#,
+            r#"{"prompt":"x","top_p":1.5}"#,
+            r#"{"prompt":"x","min_p":2}"#,
+            r#"{"prompt":"x","max_tokens":0}"#,
+            r#"{"prompt":"x","messages":[]}"#,
+            r#"{}"#,
+        ] {
+            assert_eq!(valid(json).unwrap_err().code(), ErrorCode::BadRequest, "{json}");
+        }
+    }
+
+    #[test]
+    fn system_field_is_prepended_to_messages() {
+        let r = valid(r#"{"system":"be brief","messages":[{"role":"user","content":"a"}]}"#).unwrap();
+        let PromptInput::Chat(m) = r.input else { panic!() };
+        assert_eq!(m[0].role, "system");
+        assert_eq!(m[1].content, "a");
+    }
+
+    #[test]
+    fn per_request_timeout_only_lowers_the_configured_one() {
+        let r = valid(r#"{"prompt":"x","timeout_s":99999}"#).unwrap();
+        assert_eq!(r.timeout, RequestPolicy::default().request_timeout);
+        let r = valid(r#"{"prompt":"x","timeout_s":2}"#).unwrap();
+        assert_eq!(r.timeout.as_secs(), 2);
+    }
+
+    #[test]
+    fn events_serialize_to_the_wire_shape() {
+        let e = Event::Token { id: "r1".into(), seq: 0, text: "The".into(), token: 504 };
+        assert_eq!(e.to_json(), r#"{"type":"token","id":"r1","seq":0,"text":"The","token":504}"#);
+        let e = Event::error("r1", ErrorCode::Busy, "queue full");
+        assert_eq!(e.to_json(), r#"{"type":"error","id":"r1","code":"busy","message":"queue full"}"#);
+    }
+}
