@@ -7,6 +7,10 @@
 //! | [`model`] | a model package directory: ONNX file(s), tokenizer, configs, layout detection |
 //! | [`engine`] | one forward step: ONNX Runtime (`engine::ort`) or tract (`engine::tract`), KV cache |
 //! | [`generate`] | template → tokenize → prefill → sample → detokenize → stop; the one loop |
+//! | [`scheduler`] | bounded queue, the engine worker thread, cancellation, deadlines |
+//! | [`transport`] | Unix socket (NDJSON) and MQTT v5; bytes ↔ requests and events |
+//! | [`serve`] | the daemon: scheduler + transports until shutdown, then drain |
+//! | [`shutdown`] | the one shutdown signal every task watches |
 //! | [`bench`] | load/prefill/decode figures of one model on this machine |
 //! | [`paths`] | where the setup's files are found when nothing names them |
 
@@ -17,3 +21,7 @@ pub mod generate;
 pub mod model;
 pub mod paths;
 pub mod protocol;
+pub mod scheduler;
+pub mod serve;
+pub mod shutdown;
+pub mod transport;

@@ -102,6 +102,9 @@ pub struct Request {
     /// Where MQTT 3.1.1 clients (no Response Topic) want their events.
     #[serde(default)]
     pub reply_to: Option<String>,
+    /// Keep generating past end-of-sequence up to max_tokens (load tests, benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 /// Sampling settings after defaults and limits are applied.
@@ -152,7 +155,7 @@ pub struct ValidRequest {
     pub stream: bool,
     pub timeout: std::time::Duration,
     pub reply_to: Option<String>,
-    /// Generate `max_tokens` even past end-of-sequence (benchmarks; not on the wire).
+    /// Generate `max_tokens` even past end-of-sequence.
     pub ignore_eos: bool,
 }
 
@@ -438,7 +441,7 @@ impl Request {
             stream: self.stream.unwrap_or(true),
             timeout,
             reply_to: self.reply_to,
-            ignore_eos: false,
+            ignore_eos: self.ignore_eos,
         })
     }
 }

@@ -34,11 +34,10 @@ pub fn environment(library: &Path) -> Result<&'static Environment, EngineError> 
     let _guard = INIT.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((loaded, env)) = ENVIRONMENT.get() {
         if loaded != library {
-            log::warn!(
-                "ONNX Runtime is already loaded from {}; ignoring {}",
-                loaded.display(),
-                library.display()
-            );
+            return Err(EngineError::OrtLibrary {
+                path: library.to_path_buf(),
+                reason: format!("this process already loaded ONNX Runtime from {}", loaded.display()),
+            });
         }
         return Ok(env);
     }

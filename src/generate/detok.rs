@@ -63,3 +63,59 @@ impl IncrementalDecoder {
         Ok(full.get(prefix.len()..).unwrap_or_default().to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+
+    /// A byte-level tokenizer with no merges: every byte is its own token, so any
+    /// multi-byte character is split across tokens.
+    fn byte_tokenizer() -> Tokenizer {
+        let vocab: Vec<(String, u32)> = ByteLevel::alphabet()
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| (c.to_string(), i as u32))
+            .collect();
+        let bpe = BPE::builder().vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), vec![]).build().unwrap();
+        let mut tokenizer = Tokenizer::new(bpe);
+        tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, false, false)));
+        tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+        tokenizer
+    }
+
+    #[test]
+    fn split_characters_are_held_until_complete_and_pieces_add_up() {
+        let tokenizer = byte_tokenizer();
+        let text = "Hi 😀 你好, code: fn main() {}\n\tdone ✓";
+        let ids = tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+        assert!(ids.len() > text.chars().count(), "multi-byte characters must span tokens");
+        let mut decoder = IncrementalDecoder::new();
+        let mut pieces = Vec::new();
+        for &id in &ids {
+            let piece = decoder.push(&tokenizer, id).unwrap();
+            assert!(!piece.contains('\u{FFFD}'), "emitted a broken character: {piece:?}");
+            pieces.push(piece);
+        }
+        pieces.push(decoder.finish(&tokenizer).unwrap());
+        assert_eq!(pieces.concat(), tokenizer.decode(&ids, true).unwrap());
+        assert_eq!(pieces.concat(), text);
+        // The emoji's four bytes come out as one piece, on its last byte.
+        assert!(pieces.iter().any(|p| p == "😀"), "{pieces:?}");
+    }
+
+    #[test]
+    fn an_unfinished_character_at_the_end_is_flushed_by_finish() {
+        let tokenizer = byte_tokenizer();
+        let ids = tokenizer.encode("a😀", false).unwrap().get_ids().to_vec();
+        let mut decoder = IncrementalDecoder::new();
+        let mut out = String::new();
+        for &id in &ids[..ids.len() - 1] {
+            out.push_str(&decoder.push(&tokenizer, id).unwrap());
+        }
+        assert_eq!(out, "a");
+        assert!(!decoder.finish(&tokenizer).unwrap().is_empty());
+    }
+}

@@ -180,6 +180,11 @@ impl Generator {
         &self.tokenizer
     }
 
+    /// Renders `messages` with the model's chat template.
+    pub fn template_render(&self, messages: &[crate::protocol::Message], add_generation_prompt: bool) -> Result<String, GenerateError> {
+        self.template.as_ref().ok_or(GenerateError::NoTemplate)?.render(messages, add_generation_prompt)
+    }
+
     /// The text the model sees for `input`.
     pub fn prompt_text(&self, input: &PromptInput) -> Result<String, GenerateError> {
         match input {

@@ -1,0 +1,200 @@
+//! The bounded queue in front of the one engine worker.
+//!
+//! Transports `submit` validated requests; each gets a stream of events and a cancel token.
+//! The model runs on one named OS thread (never on a tokio worker), one request at a time,
+//! in arrival order. A full queue answers `busy` at once instead of waiting.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::engine::EngineInfo;
+use crate::generate::{CancelToken, Generator, RunControl};
+use crate::protocol::{ErrorCode, Event, FinishReason, ValidRequest};
+
+struct Job {
+    request: ValidRequest,
+    control: RunControl,
+    events: UnboundedSender<Event>,
+    key: u64,
+}
+
+/// What a transport holds for one accepted request.
+pub struct Submission {
+    pub id: String,
+    pub events: UnboundedReceiver<Event>,
+    pub cancel: CancelToken,
+}
+
+/// Counters for status messages and metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Accepted and not yet finished (waiting or running).
+    pub in_flight: AtomicUsize,
+    pub served: AtomicU64,
+    pub rejected_busy: AtomicU64,
+    /// Requests that ended cancelled (cancel message, disconnect, shutdown).
+    pub cancelled: AtomicU64,
+    pub timed_out: AtomicU64,
+    /// Milliseconds since `started` at the engine worker's last sign of life.
+    pub heartbeat_ms: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct Scheduler {
+    queue: SyncSender<Job>,
+    /// Cancel tokens of every accepted, unfinished request; shutdown cancels them all.
+    active: Arc<Mutex<HashMap<u64, CancelToken>>>,
+    next_key: Arc<AtomicU64>,
+    stats: Arc<Stats>,
+    engine: Arc<EngineInfo>,
+    model: Arc<String>,
+    started: Instant,
+}
+
+/// Runs on the worker thread when it ends.
+pub struct WorkerHandle {
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    /// Waits until the worker has finished every job it was given.
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Scheduler {
+    /// Starts the engine worker thread; `max_queue` requests may wait behind the running one.
+    pub fn start(generator: Generator, max_queue: usize) -> (Scheduler, WorkerHandle) {
+        let (queue, jobs) = mpsc::sync_channel::<Job>(max_queue);
+        let active: Arc<Mutex<HashMap<u64, CancelToken>>> = Arc::default();
+        let stats = Arc::new(Stats::default());
+        let started = Instant::now();
+        let scheduler = Scheduler {
+            queue,
+            active: active.clone(),
+            next_key: Arc::default(),
+            stats: stats.clone(),
+            engine: Arc::new(generator.engine_info().clone()),
+            model: Arc::new(generator.package().name.clone()),
+            started,
+        };
+        let thread = std::thread::Builder::new()
+            .name("emberd-engine".into())
+            .spawn(move || worker(generator, jobs, active, stats, started))
+            .expect("spawning the engine thread");
+        (scheduler, WorkerHandle { thread: Some(thread) })
+    }
+
+    /// Queues a request, or answers `busy` at once when the queue is full.
+    pub fn submit(&self, request: ValidRequest, accepted_at: Instant) -> Result<Submission, Event> {
+        let (events_tx, events) = unbounded_channel();
+        let cancel = CancelToken::new();
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let id = request.id.clone();
+        let control = RunControl {
+            cancel: cancel.clone(),
+            deadline: Some(accepted_at + request.timeout),
+            accepted_at,
+        };
+        self.active.lock().expect("active lock").insert(key, cancel.clone());
+        self.stats.in_flight.fetch_add(1, Ordering::AcqRel);
+        match self.queue.try_send(Job { request, control, events: events_tx, key }) {
+            Ok(()) => Ok(Submission { id, events, cancel }),
+            Err(e) => {
+                self.active.lock().expect("active lock").remove(&key);
+                self.stats.in_flight.fetch_sub(1, Ordering::AcqRel);
+                let (code, message) = match e {
+                    TrySendError::Full(_) => {
+                        self.stats.rejected_busy.fetch_add(1, Ordering::Relaxed);
+                        (ErrorCode::Busy, "the queue is full; try again later".to_string())
+                    }
+                    TrySendError::Disconnected(_) => (ErrorCode::ShuttingDown, "emberd is shutting down".to_string()),
+                };
+                Err(Event::error(id, code, message))
+            }
+        }
+    }
+
+    /// Cancels every accepted request; each still ends with its terminal event.
+    pub fn cancel_all(&self) {
+        for token in self.active.lock().expect("active lock").values() {
+            token.cancel();
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.stats.in_flight.load(Ordering::Acquire)
+    }
+
+    pub fn engine(&self) -> &EngineInfo {
+        &self.engine
+    }
+
+    pub fn model_name(&self) -> &str {
+        &self.model
+    }
+
+    /// Time since the engine worker last showed it is alive (between jobs and between steps).
+    pub fn since_heartbeat(&self) -> Duration {
+        let now = self.started.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.stats.heartbeat_ms.load(Ordering::Acquire)))
+    }
+}
+
+/// How often an idle worker reports that it is alive.
+const IDLE_HEARTBEAT: Duration = Duration::from_millis(500);
+
+fn worker(
+    mut generator: Generator,
+    jobs: mpsc::Receiver<Job>,
+    active: Arc<Mutex<HashMap<u64, CancelToken>>>,
+    stats: Arc<Stats>,
+    started: Instant,
+) {
+    let beat = |stats: &Stats| stats.heartbeat_ms.store(started.elapsed().as_millis() as u64, Ordering::Release);
+    loop {
+        beat(&stats);
+        let job = match jobs.recv_timeout(IDLE_HEARTBEAT) {
+            Ok(job) => job,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            // Every Scheduler handle is gone: no more work can arrive.
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let Job { request, control, events, key } = job;
+        let expired = control.deadline.is_some_and(|d| Instant::now() >= d);
+        if expired {
+            stats.timed_out.fetch_add(1, Ordering::Relaxed);
+            let _ = events.send(Event::error(
+                request.id.clone(),
+                ErrorCode::Timeout,
+                format!("the request waited longer than its timeout of {:.1}s in the queue", request.timeout.as_secs_f64()),
+            ));
+        } else {
+            let run = generator.run(&request, &control, &mut |event| {
+                beat(&stats);
+                events.send(event).is_ok()
+            });
+            match run.finish_reason {
+                Some(FinishReason::Cancelled) => stats.cancelled.fetch_add(1, Ordering::Relaxed),
+                Some(FinishReason::Timeout) => stats.timed_out.fetch_add(1, Ordering::Relaxed),
+                _ => 0,
+            };
+        }
+        active.lock().expect("active lock").remove(&key);
+        stats.in_flight.fetch_sub(1, Ordering::AcqRel);
+        stats.served.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,116 @@
+//! `emberd serve`: the scheduler plus every enabled transport, until shutdown.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::generate::Generator;
+use crate::scheduler::Scheduler;
+use crate::shutdown::Shutdown;
+use crate::transport::{mqtt, socket};
+
+/// How long in-flight requests may run on after shutdown begins before they are cancelled.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Socket(#[from] socket::SocketError),
+    #[error(transparent)]
+    Mqtt(#[from] mqtt::MqttError),
+    #[error("no transport is enabled; enable [socket] or [mqtt]")]
+    NoTransport,
+}
+
+/// What `serve` tells its caller once every transport is up.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    pub socket: Option<PathBuf>,
+    pub mqtt: Option<String>,
+    pub engine: String,
+    pub model: String,
+    /// Live counters of the scheduler (served, cancelled, queue depth...).
+    pub stats: Arc<crate::scheduler::Stats>,
+}
+
+/// Where the Unix socket comes from: a path to bind, or a listener systemd handed over.
+pub enum SocketSource {
+    Bind,
+    Inherited(std::os::unix::net::UnixListener),
+}
+
+/// Serves until `shutdown` fires, then drains: transports stop taking requests, requests in
+/// flight get `DRAIN_TIMEOUT` to finish, the rest are cancelled (each still ends with its
+/// terminal event), MQTT publishes `offline`, and the engine worker exits.
+pub async fn serve(
+    config: Config,
+    generator: Generator,
+    socket_source: SocketSource,
+    shutdown: Shutdown,
+    on_ready: impl FnOnce(Ready),
+) -> Result<(), ServeError> {
+    if !config.socket.enabled && !config.mqtt.enabled {
+        return Err(ServeError::NoTransport);
+    }
+    let (scheduler, worker) = Scheduler::start(generator, config.limits.max_queue);
+    let policy = Arc::new(config.request_policy());
+    let max_request_bytes = config.limits.max_request_bytes;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut ready = Ready {
+        socket: None,
+        mqtt: None,
+        engine: scheduler.engine().label(),
+        model: scheduler.model_name().to_string(),
+        stats: scheduler.stats().clone(),
+    };
+
+    if config.socket.enabled {
+        let (listener, path) = match socket_source {
+            SocketSource::Inherited(std_listener) => {
+                std_listener.set_nonblocking(true).map_err(|source| socket::SocketError::Io { path: config.socket.path.clone(), source })?;
+                let listener = tokio::net::UnixListener::from_std(std_listener)
+                    .map_err(|source| socket::SocketError::Io { path: config.socket.path.clone(), source })?;
+                // systemd owns an inherited socket file; leave it in place on exit.
+                (listener, None)
+            }
+            SocketSource::Bind => {
+                let mode = u32::from_str_radix(config.socket.mode.trim_start_matches("0o"), 8).unwrap_or(0o660);
+                (socket::bind(&config.socket.path, mode)?, Some(config.socket.path.clone()))
+            }
+        };
+        ready.socket = Some(config.socket.path.clone());
+        tasks.spawn(
+            socket::Listener {
+                listener,
+                path,
+                scheduler: scheduler.clone(),
+                policy: policy.clone(),
+                max_request_bytes,
+                shutdown: shutdown.clone(),
+            }
+            .run(),
+        );
+    }
+    if config.mqtt.enabled {
+        let transport = mqtt::Transport::new(&config.mqtt, scheduler.clone(), policy.clone(), max_request_bytes, shutdown.clone())?;
+        ready.mqtt = Some(format!("{}:{}", config.mqtt.host, config.mqtt.port));
+        tasks.spawn(transport.run());
+    }
+    log::info!("ready: model {} on {}", ready.model, ready.engine);
+    on_ready(ready);
+
+    let mut shutdown = shutdown;
+    shutdown.wait().await;
+    log::info!("shutting down: draining {} request(s)", scheduler.queue_depth());
+    let drain_until = Instant::now() + DRAIN_TIMEOUT;
+    while scheduler.queue_depth() > 0 && Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    scheduler.cancel_all();
+    while tasks.join_next().await.is_some() {}
+    drop(scheduler);
+    let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+    log::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,335 @@
+//! MQTT v5 (rumqttc): requests on `{prefix}/{device}/request` (and on
+//! `$share/{group}/{prefix}/request` when a share group is set), events to the request's
+//! Response Topic with its Correlation Data, cancels on `{prefix}/{device}/cancel`, a
+//! retained status on `{prefix}/{device}/status` with a Last Will of `offline`.
+//!
+//! One task owns rumqttc's `EventLoop` and only polls it; replies go out through clones of
+//! the `AsyncClient`, from one task per request.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions};
+
+use crate::config::MqttConfig;
+use crate::generate::CancelToken;
+use crate::protocol::{parse_request, ErrorCode, Event, RequestPolicy};
+use crate::scheduler::Scheduler;
+use crate::shutdown::Shutdown;
+
+/// Longest wait between reconnect attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long shutdown keeps polling so the last events and `offline` reach the broker.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// The broker keeps our subscriptions and queued QoS 1 requests this long while we are away.
+const SESSION_EXPIRY_S: u32 = 24 * 3600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error("mqtt: cannot read password file {path}: {source}")]
+    Password { path: std::path::PathBuf, source: std::io::Error },
+    #[error("mqtt: TLS is not supported by this build")]
+    TlsUnsupported,
+}
+
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub request: String,
+    pub shared_request: Option<String>,
+    pub cancel: String,
+    pub status: String,
+    base: String,
+}
+
+impl Topics {
+    pub fn new(config: &MqttConfig) -> Self {
+        let base = format!("{}/{}", config.prefix, config.device_id);
+        Topics {
+            request: format!("{base}/request"),
+            shared_request: config
+                .share_group
+                .as_ref()
+                .map(|g| format!("$share/{g}/{}/request", config.prefix)),
+            cancel: format!("{base}/cancel"),
+            status: format!("{base}/status"),
+            base,
+        }
+    }
+
+    /// Where events go when the request names no Response Topic and no `reply_to`.
+    pub fn default_response(&self, id: &str) -> String {
+        format!("{}/response/{id}", self.base)
+    }
+
+    /// Where errors about unreadable requests go when there is no reply address at all.
+    pub fn errors(&self) -> String {
+        format!("{}/errors", self.base)
+    }
+}
+
+pub struct Transport {
+    client: AsyncClient,
+    eventloop: EventLoop,
+    topics: Topics,
+    scheduler: Scheduler,
+    policy: Arc<RequestPolicy>,
+    max_request_bytes: usize,
+    shutdown: Shutdown,
+    running: Arc<Mutex<HashMap<String, CancelToken>>>,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+pub fn options(config: &MqttConfig, max_request_bytes: usize, topics: &Topics, offline: Vec<u8>) -> Result<MqttOptions, MqttError> {
+    let mut options = MqttOptions::new(config.device_id.clone(), config.host.clone(), config.port);
+    options
+        .set_keep_alive(Duration::from_secs(config.keep_alive_s.max(5)))
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(SESSION_EXPIRY_S))
+        // Requests may be up to max_request_bytes plus topic and properties.
+        .set_max_packet_size(Some((max_request_bytes + 4096) as u32))
+        .set_last_will(LastWill::new(topics.status.clone(), offline, QoS::AtLeastOnce, true, None));
+    if let Some(user) = &config.username {
+        let password = match &config.password_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|source| MqttError::Password { path: path.clone(), source })?
+                .trim_end_matches(['\n', '\r'])
+                .to_string(),
+            None => String::new(),
+        };
+        options.set_credentials(user.clone(), password);
+    }
+    if config.tls.is_some() {
+        return Err(MqttError::TlsUnsupported);
+    }
+    Ok(options)
+}
+
+/// The retained status message.
+pub fn status_json(scheduler: &Scheduler, online: bool) -> Vec<u8> {
+    let engine = scheduler.engine();
+    serde_json::json!({
+        "state": if online { "online" } else { "offline" },
+        "model": scheduler.model_name(),
+        "engine": engine.engine,
+        "provider": engine.provider,
+        "fallback_reason": engine.fallback_reason,
+        "queue_depth": scheduler.queue_depth(),
+        "served": scheduler.stats().served.load(Ordering::Relaxed),
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Where one request's events go.
+#[derive(Clone)]
+struct ReplyTo {
+    topic: String,
+    correlation: Option<Bytes>,
+}
+
+impl Transport {
+    pub fn new(
+        config: &MqttConfig,
+        scheduler: Scheduler,
+        policy: Arc<RequestPolicy>,
+        max_request_bytes: usize,
+        shutdown: Shutdown,
+    ) -> Result<Self, MqttError> {
+        let topics = Topics::new(config);
+        let offline = status_json(&scheduler, false);
+        let options = options(config, max_request_bytes, &topics, offline)?;
+        let (client, eventloop) = AsyncClient::new(options, 64);
+        Ok(Transport {
+            client,
+            eventloop,
+            topics,
+            scheduler,
+            policy,
+            max_request_bytes,
+            shutdown,
+            running: Arc::default(),
+        })
+    }
+
+    /// Polls the connection until shutdown, then publishes `offline` and flushes.
+    pub async fn run(mut self) {
+        let mut backoff = Duration::from_millis(100);
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => break,
+                polled = self.eventloop.poll() => match polled {
+                    Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
+                        backoff = Duration::from_millis(100);
+                        log::info!("mqtt: connected (session present: {})", ack.session_present);
+                        self.on_connect(ack.session_present);
+                    }
+                    Ok(MqttEvent::Incoming(Packet::Publish(publish))) => self.on_publish(publish),
+                    Ok(_) => {}
+                    Err(e) => {
+                        // rumqttc reconnects on the next poll; without a pause it would spin.
+                        log::warn!("mqtt: connection error: {e}; retrying in {backoff:?}");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = shutdown.wait() => break,
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                },
+            }
+        }
+        self.finish().await;
+    }
+
+    fn on_connect(&self, session_present: bool) {
+        let client = self.client.clone();
+        let topics = self.topics.clone();
+        let status = status_json(&self.scheduler, true);
+        tokio::spawn(async move {
+            if !session_present {
+                let mut subscriptions = vec![topics.request.clone(), topics.cancel.clone()];
+                subscriptions.extend(topics.shared_request.clone());
+                for topic in subscriptions {
+                    if let Err(e) = client.subscribe(topic.clone(), QoS::AtLeastOnce).await {
+                        log::warn!("mqtt: subscribing to {topic} failed: {e}");
+                    }
+                }
+            }
+            if let Err(e) = client.publish(topics.status.clone(), QoS::AtLeastOnce, true, status).await {
+                log::warn!("mqtt: publishing status failed: {e}");
+            }
+        });
+    }
+
+    fn on_publish(&self, publish: Publish) {
+        let accepted_at = Instant::now();
+        let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+        let properties = publish.properties.clone().unwrap_or_default();
+        let reply = properties.response_topic.clone().map(|topic| ReplyTo { topic, correlation: properties.correlation_data.clone() });
+        if publish.payload.len() > self.max_request_bytes {
+            let message = format!(
+                "request of {} bytes exceeds max_request_bytes = {}",
+                publish.payload.len(),
+                self.max_request_bytes
+            );
+            let to = reply.unwrap_or(ReplyTo { topic: self.topics.errors(), correlation: None });
+            self.send_one(to, Event::error("", ErrorCode::TooLong, message));
+            return;
+        }
+        let request = match parse_request(&publish.payload) {
+            Ok(r) => r,
+            Err(e) => {
+                let to = reply.unwrap_or(ReplyTo { topic: self.topics.errors(), correlation: None });
+                self.send_one(to, Event::error("", e.code(), e.to_string()));
+                return;
+            }
+        };
+        if request.is_cancel() || topic == self.topics.cancel {
+            let token = request.id.as_deref().and_then(|id| self.running.lock().expect("running lock").get(id).cloned());
+            match token {
+                Some(token) => token.cancel(),
+                None => log::info!("mqtt: cancel for unknown request {:?}", request.id),
+            }
+            return;
+        }
+        let given_id = request.id.clone();
+        let fallback_reply = request.reply_to.clone();
+        let valid = match request.validate(&self.policy, || format!("mqtt-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed))) {
+            Ok(v) => v,
+            Err(e) => {
+                let id = given_id.unwrap_or_default();
+                let to = reply.or_else(|| fallback_reply.map(|topic| ReplyTo { topic, correlation: None })).unwrap_or_else(|| {
+                    ReplyTo { topic: if id.is_empty() { self.topics.errors() } else { self.topics.default_response(&id) }, correlation: None }
+                });
+                self.send_one(to, Event::error(id, e.code(), e.to_string()));
+                return;
+            }
+        };
+        let to = reply
+            .or_else(|| valid.reply_to.clone().map(|topic| ReplyTo { topic, correlation: None }))
+            .unwrap_or_else(|| ReplyTo { topic: self.topics.default_response(&valid.id), correlation: None });
+        if self.running.lock().expect("running lock").contains_key(&valid.id) {
+            let id = valid.id.clone();
+            self.send_one(to, Event::error(id.clone(), ErrorCode::BadRequest, format!("a request with id {id:?} is still running")));
+            return;
+        }
+        match self.scheduler.submit(valid, accepted_at) {
+            Err(event) => self.send_one(to, event),
+            Ok(mut submission) => {
+                let running = self.running.clone();
+                running.lock().expect("running lock").insert(submission.id.clone(), submission.cancel.clone());
+                let client = self.client.clone();
+                tokio::spawn(async move {
+                    while let Some(event) = submission.events.recv().await {
+                        let terminal = event.is_terminal();
+                        publish_event(&client, &to, &event).await;
+                        if terminal {
+                            break;
+                        }
+                    }
+                    running.lock().expect("running lock").remove(&submission.id);
+                });
+            }
+        }
+    }
+
+    fn send_one(&self, to: ReplyTo, event: Event) {
+        let client = self.client.clone();
+        tokio::spawn(async move { publish_event(&client, &to, &event).await });
+    }
+
+    /// Publishes `offline`, disconnects, and polls until the broker has everything.
+    async fn finish(mut self) {
+        let offline = status_json(&self.scheduler, false);
+        let client = self.client.clone();
+        let status = self.topics.status.clone();
+        let running = self.running.clone();
+        let flush = async {
+            // Wait for the streams still running (the scheduler's drain ends them).
+            let deadline = Instant::now() + FLUSH_TIMEOUT * 6;
+            let drained = async {
+                while !running.lock().expect("running lock").is_empty() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let _ = client.publish(status, QoS::AtLeastOnce, true, offline).await;
+                let _ = client.disconnect().await;
+            };
+            tokio::pin!(drained);
+            let mut drained_done = false;
+            loop {
+                tokio::select! {
+                    _ = &mut drained, if !drained_done => drained_done = true,
+                    polled = self.eventloop.poll() => match polled {
+                        Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+                        Ok(_) => {}
+                        Err(_) => break,
+                    },
+                }
+            }
+        };
+        if tokio::time::timeout(FLUSH_TIMEOUT * 7, flush).await.is_err() {
+            log::warn!("mqtt: the broker did not acknowledge the last messages in time");
+        }
+    }
+}
+
+async fn publish_event(client: &AsyncClient, to: &ReplyTo, event: &Event) {
+    let properties = PublishProperties {
+        correlation_data: to.correlation.clone(),
+        content_type: Some("application/json".into()),
+        payload_format_indicator: Some(1),
+        ..PublishProperties::default()
+    };
+    if let Err(e) = client
+        .publish_with_properties(to.topic.clone(), QoS::AtLeastOnce, false, event.to_json(), properties)
+        .await
+    {
+        log::warn!("mqtt: publishing to {} failed: {e}", to.topic);
+    }
+}

@@ -1,0 +1,58 @@
+//! Shared helpers: where the prepared models and the ONNX Runtime library are.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use emberd::engine::{Backend, EngineOptions};
+use emberd::generate::Generator;
+use emberd::model::ModelPackage;
+
+pub const TINY_LAYOUTS: &[&str] = &["optimum", "optimum-merged", "genai", "q4"];
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn must_exist(path: PathBuf) -> PathBuf {
+    assert!(path.exists(), "{} is missing: run `bash models/prepare.sh` first", path.display());
+    path
+}
+
+pub fn tiny_dir(layout: &str) -> PathBuf {
+    must_exist(repo().join("models/test/generated").join(layout))
+}
+
+pub fn default_model_dir() -> PathBuf {
+    must_exist(repo().join("models/smollm2-135m-instruct"))
+}
+
+pub fn ort_library() -> PathBuf {
+    match std::env::var_os("ORT_DYLIB_PATH") {
+        Some(p) => PathBuf::from(p),
+        None => must_exist(repo().join("vendor/onnxruntime/lib/libonnxruntime.so")),
+    }
+}
+
+pub fn engine_options(backend: Backend) -> EngineOptions {
+    EngineOptions { backend, providers: vec!["cpu".into()], ort_library: Some(ort_library()), threads: 2 }
+}
+
+pub fn generator(dir: PathBuf, backend: Backend) -> Generator {
+    let package = ModelPackage::load(&dir).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
+    Generator::load(package, &engine_options(backend)).unwrap_or_else(|e| panic!("engine for {}: {e}", dir.display()))
+}
+
+pub fn read_json(path: PathBuf) -> serde_json::Value {
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn ids(value: &serde_json::Value) -> Vec<u32> {
+    value.as_array().expect("an id list").iter().map(|v| v.as_u64().unwrap() as u32).collect()
+}
+
+/// Largest absolute difference between two logit vectors.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "logit vectors differ in length");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}

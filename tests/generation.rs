@@ -1,0 +1,236 @@
+//! The generation core against real models and the real ONNX Runtime library.
+
+mod common;
+
+use common::*;
+use emberd::engine::Backend;
+use emberd::generate::RunControl;
+use emberd::model::{Layout, ModelPackage};
+use emberd::protocol::{ErrorCode, Event, FinishReason, Message, PromptInput, RequestPolicy, SamplingParams, ValidRequest};
+
+fn request(input: PromptInput, max_tokens: u32) -> ValidRequest {
+    ValidRequest {
+        id: "t".into(),
+        input,
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop: Vec::new(),
+        stream: true,
+        timeout: std::time::Duration::from_secs(600),
+        reply_to: None,
+        ignore_eos: false,
+    }
+}
+
+fn collect(generator: &mut emberd::generate::Generator, req: &ValidRequest) -> Vec<Event> {
+    let mut events = Vec::new();
+    generator.run(req, &RunControl::new(), &mut |e| {
+        events.push(e);
+        true
+    });
+    events
+}
+
+fn check_reference_logits(layout: &str, backend: Backend, tolerance: f32) -> f32 {
+    let dir = tiny_dir(layout);
+    let reference = read_json(dir.join("reference.json"));
+    let mut generator = generator(dir, backend);
+    let mut worst = 0.0f32;
+    for case in reference["cases"].as_array().unwrap() {
+        let prompt = ids(&case["prompt_ids"]);
+        let expected = ids(&case["greedy_ids"]);
+        let (got, logits) = generator.greedy_trace(&prompt, expected.len()).unwrap();
+        assert_eq!(got, expected, "{layout} on {backend:?}: greedy ids differ");
+        for (step, want) in case["step_logits"].as_array().unwrap().iter().enumerate() {
+            let want: Vec<f32> = want.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+            let diff = max_abs_diff(&logits[step], &want);
+            assert!(diff <= tolerance, "{layout} on {backend:?} step {step}: max |Δlogit| {diff} > {tolerance}");
+            worst = worst.max(diff);
+        }
+    }
+    worst
+}
+
+#[test]
+fn tiny_models_of_every_layout_match_their_reference_on_onnx_runtime() {
+    for layout in TINY_LAYOUTS {
+        let worst = check_reference_logits(layout, Backend::Ort, 1e-4);
+        eprintln!("ort {layout}: max |Δlogit| {worst:e}");
+    }
+}
+
+#[test]
+fn layouts_are_detected_from_the_package() {
+    let expect = [
+        ("optimum", Layout::Optimum),
+        ("optimum-merged", Layout::OptimumMerged),
+        ("genai", Layout::Genai),
+        ("q4", Layout::Optimum),
+    ];
+    for (dir, layout) in expect {
+        let p = ModelPackage::load(&tiny_dir(dir)).unwrap();
+        assert_eq!(p.layout, layout, "{dir}");
+        assert_eq!((p.layers, p.kv_heads, p.head_dim, p.vocab_size), (2, 2, 16, 384), "{dir}");
+    }
+    let genai = ModelPackage::load(&tiny_dir("genai")).unwrap();
+    assert!(genai.io.position_ids.is_none(), "the genai test model has no position_ids input");
+    assert_eq!(genai.eos_ids, vec![2, 0], "several eos ids come from genai_config.json");
+    let merged = ModelPackage::load(&tiny_dir("optimum-merged")).unwrap();
+    assert_eq!(merged.io.use_cache_branch.as_deref(), Some("use_cache_branch"));
+    let default = ModelPackage::load(&default_model_dir()).unwrap();
+    assert_eq!((default.layers, default.kv_heads, default.head_dim, default.vocab_size), (30, 3, 64, 49152));
+    assert!(default.context_len >= 2048);
+}
+
+#[test]
+fn default_model_greedy_ids_equal_onnx_runtime_python() {
+    let dir = default_model_dir();
+    let reference = read_json(dir.join("reference.json"));
+    let mut generator = generator(dir, Backend::Ort);
+    let policy = RequestPolicy::default();
+    for case in reference["prompts"].as_array().unwrap() {
+        let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+        let system = case["system"].as_str().map(str::to_string);
+        let mut req = emberd::protocol::Request { messages: Some(messages), system, ..Default::default() };
+        req.max_tokens = Some(64);
+        let valid = req.validate(&policy, || "r".into()).unwrap();
+        let prompt = generator.prompt_ids(&valid.input).unwrap();
+        assert_eq!(generator.prompt_text(&valid.input).unwrap(), case["text"].as_str().unwrap());
+        assert_eq!(prompt, ids(&case["prompt_ids"]), "prompt ids differ from Hugging Face tokenization");
+        let expected = ids(&case["greedy_ids"]);
+        let n = expected.len().min(64);
+        assert!(n >= 32, "the reference holds at least 32 tokens");
+        let (got, _) = generator.greedy_trace(&prompt, n).unwrap();
+        assert_eq!(got[..n], expected[..n], "greedy ids differ for {:?}", case["text"]);
+    }
+}
+
+#[test]
+fn streaming_pieces_add_up_to_the_done_text_and_stop_at_eos_or_length() {
+    let mut generator = generator(default_model_dir(), Backend::Ort);
+    let chat = PromptInput::Chat(vec![Message { role: "user".into(), content: "Name three colors.".into() }]);
+    let events = collect(&mut generator, &request(chat.clone(), 48));
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Token { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(!streamed.is_empty());
+    let Some(Event::Done { finish_reason, usage, timings, seq, .. }) = events.last() else { panic!("{events:?}") };
+    assert!(matches!(finish_reason, FinishReason::Stop | FinishReason::Length));
+    assert!(usage.prompt_tokens > 10 && usage.completion_tokens > 0 && usage.completion_tokens <= 48);
+    assert_eq!(*seq as usize, events.len() - 1, "seq numbers every event");
+    assert!(timings.ttft_ms > 0.0 && timings.engine == "ort/cpu");
+    assert_eq!(events.iter().filter(|e| e.is_terminal()).count(), 1);
+
+    // The same request without streaming: one done event with the same text.
+    let mut whole = request(chat, 48);
+    whole.stream = false;
+    let events = collect(&mut generator, &whole);
+    assert_eq!(events.len(), 1);
+    let Event::Done { text, .. } = &events[0] else { panic!() };
+    assert_eq!(text.as_deref(), Some(streamed.as_str()));
+}
+
+#[test]
+fn a_stop_sequence_ends_generation_and_is_not_emitted() {
+    let mut generator = generator(default_model_dir(), Backend::Ort);
+    let chat = PromptInput::Chat(vec![Message { role: "user".into(), content: "Tell me about Paris, the capital of France.".into() }]);
+    // The greedy reply starts "Bonjour, I'm delighted..."; stop on a string inside it.
+    let mut req = request(chat, 64);
+    req.stop = vec!["delighted".into()];
+    req.stream = false;
+    let events = collect(&mut generator, &req);
+    let Some(Event::Done { text, finish_reason, .. }) = events.last() else { panic!("{events:?}") };
+    assert_eq!(*finish_reason, FinishReason::StopSequence);
+    assert_eq!(text.as_deref(), Some("Bonjour, I'm "));
+}
+
+#[test]
+fn same_seed_gives_the_same_text_and_max_tokens_is_respected() {
+    let mut generator = generator(tiny_dir("optimum"), Backend::Ort);
+    let mut req = request(PromptInput::Raw("hello world".into()), 20);
+    req.sampling = SamplingParams { temperature: 1.0, top_k: 50, top_p: 0.95, min_p: 0.0, repetition_penalty: 1.1, seed: Some(7) };
+    req.ignore_eos = true;
+    req.stream = false;
+    let first = collect(&mut generator, &req);
+    let second = collect(&mut generator, &req);
+    let text = |e: &[Event]| match e.last() {
+        Some(Event::Done { text, usage, .. }) => (text.clone(), usage.completion_tokens),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(text(&first), text(&second));
+    assert_eq!(text(&first).1, 20);
+}
+
+#[test]
+fn a_prompt_longer_than_the_context_is_too_long_not_a_panic() {
+    let mut generator = generator(tiny_dir("optimum"), Backend::Ort);
+    let long = "lorem ipsum dolor sit amet ".repeat(200);
+    let events = collect(&mut generator, &request(PromptInput::Raw(long), 4));
+    match &events[..] {
+        [Event::Error { code: ErrorCode::TooLong, message, .. }] => assert!(message.contains("512"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    // The generator still serves afterwards.
+    let events = collect(&mut generator, &request(PromptInput::Raw("hi".into()), 2));
+    assert!(matches!(events.last(), Some(Event::Done { .. })));
+}
+
+#[test]
+fn cancellation_between_steps_ends_with_done_cancelled() {
+    let mut generator = generator(tiny_dir("optimum"), Backend::Ort);
+    let mut req = request(PromptInput::Raw("hi".into()), 400);
+    req.ignore_eos = true;
+    let control = RunControl::new();
+    let mut events = Vec::new();
+    generator.run(&req, &control, &mut |e| {
+        if matches!(e, Event::Token { seq: 2, .. }) {
+            control.cancel.cancel();
+        }
+        events.push(e);
+        true
+    });
+    let Some(Event::Done { finish_reason, usage, .. }) = events.last() else { panic!() };
+    assert_eq!(*finish_reason, FinishReason::Cancelled);
+    assert!(usage.completion_tokens < 10, "stopped within a step: {usage:?}");
+}
+
+#[test]
+fn bad_model_directories_get_errors_that_name_the_problem() {
+    let missing = ModelPackage::load(std::path::Path::new("/nonexistent/model")).unwrap_err();
+    assert!(missing.to_string().contains("/nonexistent/model"), "{missing}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let src = tiny_dir("optimum");
+    for f in ["config.json", "generation_config.json", "tokenizer_config.json", "emberd.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::write(dir.path().join("model.onnx"), b"this is not an onnx file at all").unwrap();
+    let corrupt = ModelPackage::load(dir.path()).unwrap_err();
+    assert!(corrupt.to_string().contains("model.onnx"), "{corrupt}");
+
+    std::fs::copy(src.join("model.onnx"), dir.path().join("model.onnx")).unwrap();
+    let no_tokenizer = ModelPackage::load(dir.path()).unwrap_err();
+    assert!(no_tokenizer.to_string().contains("tokenizer.json"), "{no_tokenizer}");
+
+    std::fs::write(dir.path().join("emberd.json"), r#"{"format":1,"files":{"ort":"gone.onnx"}}"#).unwrap();
+    let dangling = ModelPackage::load(dir.path()).unwrap_err();
+    assert!(dangling.to_string().contains("gone.onnx"), "{dangling}");
+}
+
+#[test]
+fn the_chat_template_renders_like_hugging_face() {
+    let fixtures = read_json(repo().join("tests/fixtures/templates.json"));
+    let generator = generator(default_model_dir(), Backend::Ort);
+    let cases = fixtures["cases"].as_array().unwrap();
+    assert!(cases.len() >= 4);
+    for case in cases {
+        let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+        let add = case["add_generation_prompt"].as_bool().unwrap();
+        let rendered = generator.template_render(&messages, add).unwrap();
+        assert_eq!(rendered, case["expected"].as_str().unwrap(), "{messages:?}");
+    }
+}
