@@ -1,0 +1,487 @@
+#!/usr/bin/env python3
+"""Convert a Llama-family GGUF (byte-level BPE vocabulary) into an emberd model package.
+
+    python models/convert_gguf.py --gguf X.gguf --out DIR
+
+Writes into DIR: model.onnx (ONNX Runtime and tract), emberd.json, tokenizer.json,
+tokenizer_config.json, generation_config.json, config.json and reference.json (greedy
+generations from onnxruntime). Q4_0/Q4_1 weights become 4-bit MatMulNBits with no loss,
+Q8_0 weights become a lossless pair of 4-bit planes (see llama_onnx.py), F16/F32 stay f32, other
+quantization types are dequantized to f32.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_onnx as lo  # noqa: E402
+
+FORMAT = 1
+
+# llama.cpp pre-tokenizer names -> Hugging Face pre_tokenizer objects
+_GPT2_BYTELEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+_LLAMA3_SPLIT = {
+    "type": "Split",
+    "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+    "behavior": "Isolated", "invert": False}
+PRE_TOKENIZERS = {
+    # SmolLM / StarCoder: every digit on its own, then the GPT-2 regex
+    "smollm": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, _GPT2_BYTELEVEL]},
+    "starcoder": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, _GPT2_BYTELEVEL]},
+    "gpt2": _GPT2_BYTELEVEL,
+    "default": _GPT2_BYTELEVEL,
+    "llama-bpe": {"type": "Sequence", "pretokenizers": [
+        _LLAMA3_SPLIT, {**_GPT2_BYTELEVEL, "use_regex": False}]},
+}
+
+TOKEN_TYPE_CONTROL = 3
+TOKEN_TYPE_USER_DEFINED = 4
+
+
+def sha256_file(path, bufsize=1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(bufsize)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- GGUF reading
+def _f16(a):
+    return np.ascontiguousarray(a).view(np.float16).astype(np.float32)
+
+
+def _weight_from_tensor(t):
+    """GGUF tensor -> lo.F32W/Q41W/Q80W in [N, K] row layout."""
+    import gguf
+    from gguf import GGMLQuantizationType as QT
+    tt = t.tensor_type
+    raw = np.asarray(t.data)
+    if tt == QT.F32:
+        return lo.F32W(raw.astype(np.float32).reshape(int(t.shape[1]), int(t.shape[0])))
+    if tt == QT.F16:
+        return lo.F32W(raw.astype(np.float32).reshape(int(t.shape[1]), int(t.shape[0])))
+    N, K = int(t.shape[1]), int(t.shape[0])
+    nb = K // lo.QK
+    if tt == QT.Q4_1:
+        blk = raw.reshape(N, nb, 20)
+        d, m, qs = _f16(blk[:, :, 0:2]), _f16(blk[:, :, 2:4]), blk[:, :, 4:20]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.uint8)   # j, j+16
+        return lo.Q41W(d.reshape(N, nb), m.reshape(N, nb), q)
+    if tt == QT.Q4_0:
+        blk = raw.reshape(N, nb, 18)
+        d, qs = _f16(blk[:, :, 0:2]).reshape(N, nb), blk[:, :, 2:18]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.uint8)
+        return lo.Q41W(d, -8.0 * d, q)                                          # d*(q-8)
+    if tt == QT.Q8_0:
+        blk = raw.reshape(N, nb, 34)
+        d, qs = _f16(blk[:, :, 0:2]).reshape(N, nb), blk[:, :, 2:34]
+        return lo.Q80W(d, np.ascontiguousarray(qs).view(np.int8))
+    print(f"  note: {t.name} is {tt.name}; stored dequantized (f32)", file=sys.stderr)
+    w = gguf.quants.dequantize(raw, tt)
+    return lo.F32W(np.asarray(w, np.float32).reshape(N, K))
+
+
+def unpermute_rows(w, n_head: int):
+    """Undo llama.cpp's Q/K row permutation (interleaved rotary pairs -> rotate-half halves).
+
+    In the GGUF, row h*hd + 2j + s of a head holds Hugging Face row h*hd + s*hd/2 + j.
+    """
+    n = w.shape[0]
+    hd = n // n_head
+    h, s, j = np.meshgrid(np.arange(n_head), np.arange(2), np.arange(hd // 2), indexing="ij")
+    idx = (h * hd + 2 * j + s).reshape(-1)
+    return w.take_rows(idx)
+
+
+def _field(r, key, default=None):
+    f = r.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def read_gguf(path):
+    import gguf
+    r = gguf.GGUFReader(str(path))
+    arch = _field(r, "general.architecture")
+    if arch not in ("llama", "mistral"):
+        raise SystemExit(f"{path}: architecture {arch!r} is not Llama-family; only llama is supported")
+    a = arch
+    nh = int(_field(r, f"{a}.attention.head_count"))
+    nkv = int(_field(r, f"{a}.attention.head_count_kv", nh))
+    H = int(_field(r, f"{a}.embedding_length"))
+    hd = int(_field(r, f"{a}.attention.key_length", H // nh))
+    rope_dim = int(_field(r, f"{a}.rope.dimension_count", hd))
+    if rope_dim != hd:
+        raise SystemExit(f"{path}: partial rotary (rope dim {rope_dim} != head dim {hd}) is not supported")
+    if _field(r, f"{a}.rope.scaling.type") not in (None, "none"):
+        raise SystemExit(f"{path}: rope scaling {_field(r, f'{a}.rope.scaling.type')!r} is not supported")
+    tensors = {t.name: t for t in r.tensors}
+    toks = _field(r, "tokenizer.ggml.tokens")
+    vocab = int(_field(r, f"{a}.vocab_size", len(toks)))
+    cfg = lo.LlamaConfig(
+        num_hidden_layers=int(_field(r, f"{a}.block_count")),
+        hidden_size=H, num_attention_heads=nh, num_key_value_heads=nkv, head_dim=hd,
+        intermediate_size=int(_field(r, f"{a}.feed_forward_length")),
+        vocab_size=vocab,
+        rope_theta=float(_field(r, f"{a}.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(np.float32(_field(r, f"{a}.attention.layer_norm_rms_epsilon", 1e-5))),
+        max_position_embeddings=int(_field(r, f"{a}.context_length", 2048)),
+        tie_word_embeddings="output.weight" not in tensors,
+    )
+    W = {}
+    W["model.embed_tokens.weight"] = _weight_from_tensor(tensors["token_embd.weight"])
+    W["model.norm.weight"] = np.asarray(tensors["output_norm.weight"].data, np.float32)
+    if "output.weight" in tensors:
+        W["lm_head.weight"] = _weight_from_tensor(tensors["output.weight"])
+    names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj"}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        W[f"{p}.input_layernorm.weight"] = np.asarray(tensors[f"blk.{i}.attn_norm.weight"].data, np.float32)
+        W[f"{p}.post_attention_layernorm.weight"] = np.asarray(tensors[f"blk.{i}.ffn_norm.weight"].data,
+                                                               np.float32)
+        for g_name, hf in names.items():
+            w = _weight_from_tensor(tensors[f"blk.{i}.{g_name}.weight"])
+            if g_name == "attn_q":
+                w = unpermute_rows(w, nh)
+            elif g_name == "attn_k":
+                w = unpermute_rows(w, nkv)
+            W[f"{p}.{hf}.weight"] = w
+    tok = {
+        "model": _field(r, "tokenizer.ggml.model"),
+        "pre": _field(r, "tokenizer.ggml.pre", "default"),
+        "tokens": toks,
+        "types": [int(x) for x in _field(r, "tokenizer.ggml.token_type", [1] * len(toks))],
+        "merges": _field(r, "tokenizer.ggml.merges", []),
+        "bos": _field(r, "tokenizer.ggml.bos_token_id"),
+        "eos": _field(r, "tokenizer.ggml.eos_token_id"),
+        "unk": _field(r, "tokenizer.ggml.unknown_token_id"),
+        "pad": _field(r, "tokenizer.ggml.padding_token_id"),
+        "eot": _field(r, "tokenizer.ggml.eot_token_id"),
+        "add_bos": bool(_field(r, "tokenizer.ggml.add_bos_token", False)),
+        "chat_template": _field(r, "tokenizer.chat_template"),
+    }
+    meta = {"name": _field(r, "general.name", Path(path).stem)}
+    return cfg, W, tok, meta
+
+
+# ----------------------------------------------------------------------------- tokenizer files
+def tokenizer_json(tok) -> dict:
+    if tok["model"] != "gpt2":
+        raise SystemExit(f"tokenizer model {tok['model']!r} is not byte-level BPE (gpt2); not supported")
+    pre = PRE_TOKENIZERS.get(tok["pre"])
+    if pre is None:
+        raise SystemExit(f"pre-tokenizer {tok['pre']!r} unknown; known: {sorted(PRE_TOKENIZERS)}")
+    added = []
+    for i, (t, ty) in enumerate(zip(tok["tokens"], tok["types"])):
+        if ty in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED):
+            added.append({"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": ty != TOKEN_TYPE_CONTROL, "special": ty == TOKEN_TYPE_CONTROL})
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": pre,
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
+                           "use_regex": True},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tok["tokens"])},
+                  "merges": list(tok["merges"])},
+    }
+
+
+def _tok_str(tok, i):
+    return None if i is None else tok["tokens"][int(i)]
+
+
+def tokenizer_config(tok, max_len) -> dict:
+    specials = {i: t for i, (t, ty) in enumerate(zip(tok["tokens"], tok["types"]))
+                if ty == TOKEN_TYPE_CONTROL}
+    cfg = {
+        "add_bos_token": tok["add_bos"],
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "bos_token": _tok_str(tok, tok["bos"]),
+        "eos_token": _tok_str(tok, tok["eos"]),
+        "pad_token": _tok_str(tok, tok["pad"] if tok["pad"] is not None else tok["eos"]),
+        "unk_token": _tok_str(tok, tok["unk"]),
+        "chat_template": tok["chat_template"],
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_len,
+        "tokenizer_class": "GPT2Tokenizer",
+        "added_tokens_decoder": {str(i): {"content": t, "lstrip": False, "normalized": False,
+                                          "rstrip": False, "single_word": False, "special": True}
+                                 for i, t in specials.items()},
+        "additional_special_tokens": [t for t in specials.values()
+                                      if t not in (_tok_str(tok, tok["bos"]), _tok_str(tok, tok["eos"]),
+                                                   _tok_str(tok, tok["unk"]))],
+    }
+    return cfg
+
+
+def eos_ids(tok):
+    ids = [int(tok["eos"])]
+    for extra in (tok.get("eot"),):
+        if extra is not None and int(extra) not in ids:
+            ids.append(int(extra))
+    # <|endoftext|> also ends a turn for the ChatML-style models (SmolLM2)
+    if "<|endoftext|>" in tok["tokens"]:
+        i = tok["tokens"].index("<|endoftext|>")
+        if i not in ids and tok["types"][i] == TOKEN_TYPE_CONTROL:
+            ids.append(i)
+    return ids
+
+
+def config_json(cfg: lo.LlamaConfig, tok) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "rms_norm_eps": float(f"{cfg.rms_norm_eps:.6g}"),
+        "bos_token_id": None if tok["bos"] is None else int(tok["bos"]),
+        "eos_token_id": int(tok["eos"]),
+        "pad_token_id": None if tok["pad"] is None else int(tok["pad"]),
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "torch_dtype": "float32",
+    }
+
+
+def generation_config(tok) -> dict:
+    ids = eos_ids(tok)
+    return {"bos_token_id": None if tok["bos"] is None else int(tok["bos"]),
+            "eos_token_id": ids[0] if len(ids) == 1 else ids,
+            "pad_token_id": None if tok["pad"] is None else int(tok["pad"]),
+            "do_sample": False}
+
+
+# ----------------------------------------------------------------------------- chat template
+def render_chat(template: str, messages, add_generation_prompt=True, bos_token="", eos_token=""):
+    """Hugging Face semantics: trim_blocks, lstrip_blocks, raise_exception defined."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(msg):
+        raise jinja2.exceptions.TemplateError(msg)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            bos_token=bos_token, eos_token=eos_token)
+
+
+# ----------------------------------------------------------------------------- running (ORT)
+def ort_session(model_path, threads=2):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+
+
+class OrtDecoder:
+    """Prefill-then-step driver for the Optimum / merged / genai layouts (batch 1)."""
+
+    def __init__(self, sess, cfg: lo.LlamaConfig):
+        self.s, self.cfg = sess, cfg
+        self.in_names = {i.name for i in sess.get_inputs()}
+        self.out_names = [o.name for o in sess.get_outputs()]
+
+    def empty_past(self):
+        c = self.cfg
+        z = np.zeros((1, c.num_key_value_heads, 0, c.head_dim), np.float32)
+        return [(z, z) for _ in range(c.num_hidden_layers)]
+
+    def forward(self, ids, past):
+        ids = np.asarray(ids, np.int64).reshape(1, -1)
+        P, S = past[0][0].shape[2], ids.shape[1]
+        feed = {"input_ids": ids, "attention_mask": np.ones((1, P + S), np.int64)}
+        if "position_ids" in self.in_names:
+            feed["position_ids"] = np.arange(P, P + S, dtype=np.int64).reshape(1, S)
+        if "use_cache_branch" in self.in_names:
+            feed["use_cache_branch"] = np.array([P > 0])
+        for i, (k, v) in enumerate(past):
+            feed[f"past_key_values.{i}.key"] = k
+            feed[f"past_key_values.{i}.value"] = v
+        outs = dict(zip(self.out_names, self.s.run(None, feed)))
+        new = [(outs[f"present.{i}.key"], outs[f"present.{i}.value"]) for i in range(len(past))]
+        return outs["logits"], new
+
+    def greedy(self, prompt_ids, steps, eos=()):
+        """Returns (generated ids, list of last-position logits per step, prefill first)."""
+        past = self.empty_past()
+        logits, past = self.forward(prompt_ids, past)
+        out, step_logits = [], []
+        for _ in range(steps):
+            last = logits[0, -1]
+            step_logits.append(last.copy())
+            t = int(np.argmax(last))
+            out.append(t)
+            if t in eos:
+                break
+            logits, past = self.forward([t], past)
+        return out, step_logits
+
+
+REFERENCE_PROMPTS = [
+    {"system": None, "messages": [{"role": "user", "content": "Tell me about Paris, the capital of France."}]},
+    {"system": "You are a helpful assistant who explains things simply.",
+     "messages": [{"role": "user", "content": "Why is the sky blue?"}]},
+    {"system": None, "messages": [{"role": "user", "content": "Give me three tips for staying healthy."}]},
+    {"system": None, "messages": [
+        {"role": "user", "content": "Hi! Can you help me with a recipe?"},
+        {"role": "assistant", "content": "Of course! What would you like to cook?"},
+        {"role": "user", "content": "How do I make a simple tomato soup?"}]},
+]
+
+
+def _top(step_logits, k=5):
+    out = []
+    for l in step_logits:
+        idx = np.argsort(-l, kind="stable")[:k]
+        out.append([[int(i), round(float(l[i]), 4)] for i in idx])
+    return out
+
+
+def write_reference(out: Path, model_file: str, cfg, tok, exact_weights=None, exact_opts=None, max_new=64):
+    """reference.json: greedy generations with onnxruntime on `model_file`; with `exact_weights`
+    also `greedy_ids_exact` from the same weights at MatMulNBits accuracy_level 0 (no int8
+    activation quantization: what tract computes)."""
+    from tokenizers import Tokenizer
+    tk = Tokenizer.from_file(str(out / "tokenizer.json"))
+    eos = set(eos_ids(tok))
+    prompts = []
+    for p in REFERENCE_PROMPTS:
+        msgs = ([{"role": "system", "content": p["system"]}] if p["system"] else []) + p["messages"]
+        text = render_chat(tok["chat_template"], msgs, True, _tok_str(tok, tok["bos"]) or "",
+                           _tok_str(tok, tok["eos"]) or "")
+        ids = tk.encode(text, add_special_tokens=False).ids
+        prompts.append({"messages": p["messages"], "system": p["system"], "text": text, "prompt_ids": ids})
+    dec = OrtDecoder(ort_session(out / model_file), cfg)
+    for p in prompts:
+        gen, lg = dec.greedy(p["prompt_ids"], max_new, eos)
+        p.update(greedy_ids=gen, greedy_text=tk.decode(gen, skip_special_tokens=False),
+                 stopped_at_eos=bool(gen and gen[-1] in eos), step_top=_top(lg))
+    del dec
+    if exact_weights is not None:
+        tmp = out / ".exact.tmp.onnx"
+        lo.save_model(lo.build_model(cfg, exact_weights, exact_opts or lo.BuildOptions(accuracy_level=0)), tmp)
+        dec = OrtDecoder(ort_session(tmp), cfg)
+        for p in prompts:
+            gen, lg = dec.greedy(p["prompt_ids"], max_new, eos)
+            p.update(greedy_ids_exact=gen, greedy_text_exact=tk.decode(gen, skip_special_tokens=False),
+                     step_top_exact=_top(lg))
+        del dec
+        tmp.unlink()
+    ref = {"engine": "onnxruntime (Python), CPU, greedy, batch 1, prefill then 1-token steps",
+           "model_file": model_file, "max_new_tokens": max_new, "eos_token_ids": sorted(eos),
+           "note": "greedy_ids: model_file as shipped (MatMulNBits accuracy_level 4, int8 activations "
+                   "in ONNX Runtime). greedy_ids_exact: same weights, accuracy_level 0 (f32 "
+                   "activations), which is what tract computes. Runs stop at an eos id (included). "
+                   "step_top[_exact]: per generated token, the 5 best [id, logit] of that step "
+                   "(prefill first), for tolerance-aware comparisons: greedy runs on other CPUs "
+                   "may part ways where the top two logits are close.",
+           "prompts": prompts}
+    (out / "reference.json").write_text(json.dumps(ref, indent=1, ensure_ascii=False) + "\n")
+    return ref
+
+
+# ----------------------------------------------------------------------------- package
+def write_json(path: Path, obj):
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def tract_loadable(opts: lo.BuildOptions) -> bool:
+    """tract 0.23.9 runs MatMulNBits with bits 4 (and 2) only and cannot slice its packed weights."""
+    return opts.q8 in ("split4", "f32")
+
+
+def convert(gguf_path, out, name=None, opts: lo.BuildOptions = None, reference=True, log=print):
+    gguf_path, out = Path(gguf_path), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    log(f"[convert] reading {gguf_path.name}")
+    cfg, W, tok, meta = read_gguf(gguf_path)
+    opts = opts or lo.BuildOptions()
+    name = name or gguf_path.stem.lower()
+    log(f"[convert] {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}/"
+        f"{cfg.num_key_value_heads}, vocab {cfg.vocab_size}; building graph "
+        f"(linear={opts.linear}, q8={opts.q8}, accuracy_level={opts.accuracy_level})")
+    opts.doc = f"emberd package {name} from {gguf_path.name}"
+    lo.save_model(lo.build_model(cfg, W, opts), out / "model.onnx")
+    files = {"ort": "model.onnx", "tract": "model.onnx"}
+    log(f"[convert] wrote model.onnx ({(out / 'model.onnx').stat().st_size / 1e6:.1f} MB)")
+    if not tract_loadable(opts):
+        # tract 0.23.9 has 4-bit MatMulNBits only: a second file with the Q8_0 weights split
+        t_opts = dataclasses.replace(opts, q8="split4")
+        lo.save_model(lo.build_model(cfg, W, t_opts), out / "model.tract.onnx")
+        files["tract"] = "model.tract.onnx"
+        log(f"[convert] wrote model.tract.onnx ({(out / 'model.tract.onnx').stat().st_size / 1e6:.1f} MB)")
+    write_json(out / "tokenizer.json", tokenizer_json(tok))
+    write_json(out / "tokenizer_config.json", tokenizer_config(tok, cfg.max_position_embeddings))
+    write_json(out / "config.json", config_json(cfg, tok))
+    write_json(out / "generation_config.json", generation_config(tok))
+    manifest = {"format": FORMAT, "name": name, "files": files,
+                "layout": "optimum",
+                "source": {"gguf": gguf_path.name, "sha256": sha256_file(gguf_path)},
+                "weights": {"linear": opts.linear, "q8": opts.q8, "accuracy_level": opts.accuracy_level}}
+    write_json(out / "emberd.json", manifest)
+    t1 = time.time()
+    log(f"[convert] package written in {t1 - t0:.1f} s")
+    if reference:
+        log("[convert] greedy reference generations (onnxruntime)")
+        ref = write_reference(out, "model.onnx", cfg, tok, exact_weights=W if opts.accuracy_level else None,
+                              exact_opts=dataclasses.replace(opts, accuracy_level=0, accuracy_overrides={}))
+        for p in ref["prompts"]:
+            log(f"    {p['messages'][-1]['content'][:40]!r} -> {p['greedy_text'][:70]!r}...")
+        log(f"[convert] reference.json in {time.time() - t1:.1f} s")
+    return cfg, tok
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", required=True, help="input GGUF file (Llama family, byte-level BPE vocab)")
+    ap.add_argument("--out", required=True, help="output package directory")
+    ap.add_argument("--name", help="package name (default: GGUF file stem)")
+    ap.add_argument("--linear", default="nbits", choices=["nbits", "f32"], help="form of 4-bit weights")
+    ap.add_argument("--q8", default="split4", choices=["split4", "nbits8", "f32"], help="form of Q8_0 weights")
+    ap.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level (ORT)")
+    ap.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up projections separate")
+    ap.add_argument("--no-reference", action="store_true", help="skip reference.json generation")
+    a = ap.parse_args(argv)
+    opts = lo.BuildOptions(linear=a.linear, q8=a.q8, accuracy_level=a.accuracy_level, fuse=not a.no_fuse)
+    convert(a.gguf, a.out, a.name, opts, reference=not a.no_reference)
+
+
+if __name__ == "__main__":
+    main()

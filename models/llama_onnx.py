@@ -1,0 +1,540 @@
+"""Build Llama-family decoder graphs with a KV cache as ONNX, for ONNX Runtime and tract.
+
+The weights come in as the containers below (rows = output features, blocks of 32 along the
+input dimension, the way GGUF stores them) already in Hugging Face row order (rotate-half
+rotary). Three I/O layouts:
+
+* ``optimum``: inputs input_ids [batch, seq] int64, attention_mask [batch, past+seq] int64,
+  position_ids [batch, seq] int64, past_key_values.{i}.key|value [batch, kv_heads, past, head_dim]
+  f32; outputs logits [batch, seq, vocab] f32, present.{i}.key|value [batch, kv_heads, past+seq,
+  head_dim] f32.
+* ``merged``: as optimum plus a bool input use_cache_branch [1] and an If over two branches
+  (Optimum's merged decoder). Both branches concatenate the past, which is empty by contract
+  when the flag is false, so their output shapes agree (tract requires that).
+* ``genai``: as optimum without position_ids; positions come from cumsum(attention_mask) - 1.
+
+Weight forms (see README.md for the measurements behind the defaults):
+
+* Q4_1 linear ``nbits``: ``x @ W.T = x @ (d*(q-8)).T + blocksum(x) @ (m+8d).T``: a
+  com.microsoft MatMulNBits (bits 4, block 32, default zero point 8) plus a small MatMul over
+  per-block sums of x. No loss against the GGUF weights. ``f32``: dequantized MatMul.
+* Q8_0 output layer/embedding (tied): ``split4``: q = 16*h + l with h in [-8, 7], l in [0, 15];
+  two 4-bit MatMulNBits, one on h+8 with scale 16d and zero point 8, one on l with scale d and
+  zero point 0, added. Lossless, runs on both engines (tract has 4-bit MatMulNBits only; it
+  panics on a single MatMulNBits over [x, x] with both planes, so they stay separate). ``nbits8``: 8-bit MatMulNBits (ORT only).
+  ``f32``: dequantized MatMul. The embedding gathers rows of the same packed bytes and unpacks
+  them in the graph (Gather + arithmetic), so the tied matrix is stored once.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+QK = 32  # block size of Q4_1 and Q8_0
+MAIN_OPSET = 17
+FLOAT_MIN = float(np.finfo(np.float32).min)
+
+
+# ----------------------------------------------------------------------------- weights
+@dataclasses.dataclass
+class F32W:
+    a: np.ndarray  # [N, K] float32
+
+    @property
+    def shape(self):
+        return self.a.shape
+
+    def dequant(self) -> np.ndarray:
+        return self.a.astype(np.float32)
+
+    def take_rows(self, idx):
+        return F32W(self.a[idx])
+
+
+@dataclasses.dataclass
+class Q41W:
+    """Q4_1 blocks: w = d*q + m, q in [0, 15]."""
+    d: np.ndarray  # [N, nb] float32 (from f16)
+    m: np.ndarray  # [N, nb] float32 (from f16)
+    q: np.ndarray  # [N, nb, 32] uint8
+
+    @property
+    def shape(self):
+        return (self.q.shape[0], self.q.shape[1] * QK)
+
+    def dequant(self) -> np.ndarray:
+        w = self.d[:, :, None] * self.q.astype(np.float32) + self.m[:, :, None]
+        return w.reshape(self.shape).astype(np.float32)
+
+    def take_rows(self, idx):
+        return Q41W(self.d[idx], self.m[idx], self.q[idx])
+
+
+@dataclasses.dataclass
+class Q80W:
+    """Q8_0 blocks: w = d*q, q in [-128, 127]."""
+    d: np.ndarray  # [N, nb] float32 (from f16)
+    q: np.ndarray  # [N, nb, 32] int8
+
+    @property
+    def shape(self):
+        return (self.q.shape[0], self.q.shape[1] * QK)
+
+    def dequant(self) -> np.ndarray:
+        return (self.d[:, :, None] * self.q.astype(np.float32)).reshape(self.shape).astype(np.float32)
+
+    def take_rows(self, idx):
+        return Q80W(self.d[idx], self.q[idx])
+
+
+def concat_rows(ws):
+    """Stack weights of the same kind along N (for fused QKV / gate-up projections)."""
+    k = type(ws[0])
+    if not all(type(w) is k for w in ws):
+        ws = [F32W(w.dequant()) for w in ws]
+        k = F32W
+    if k is F32W:
+        return F32W(np.concatenate([w.a for w in ws], 0))
+    if k is Q41W:
+        return Q41W(*(np.concatenate([getattr(w, f) for w in ws], 0) for f in ("d", "m", "q")))
+    return Q80W(*(np.concatenate([getattr(w, f) for w in ws], 0) for f in ("d", "q")))
+
+
+def pack_nibbles(v: np.ndarray) -> np.ndarray:
+    """[..., 32] values 0..15 -> [..., 16] bytes, element 2i in the low nibble (MatMulNBits)."""
+    v = v.astype(np.uint8)
+    return (v[..., 0::2] | (v[..., 1::2] << 4)).astype(np.uint8)
+
+
+@dataclasses.dataclass
+class LlamaConfig:
+    num_hidden_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = True
+
+
+@dataclasses.dataclass
+class BuildOptions:
+    layout: str = "optimum"        # optimum | merged | genai
+    linear: str = "nbits"          # for Q4_1 weights: nbits | f32
+    q8: str = "split4"             # for Q8_0 weights: split4 | nbits8 | f32
+    accuracy_level: int = 4        # MatMulNBits accuracy_level (ORT; tract ignores it)
+    fuse: bool = True              # fuse q/k/v and gate/up projections
+    blocksum: str = "reduce"       # Q4_1 correction's block sums: reduce (Reshape+ReduceSum) | matmul
+    accuracy_overrides: dict = dataclasses.field(default_factory=dict)  # name substring -> level
+    doc: str = ""
+
+    def acc_for(self, name: str) -> int:
+        for sub, lvl in self.accuracy_overrides.items():
+            if sub in name:
+                return lvl
+        return self.accuracy_level
+
+
+# ----------------------------------------------------------------------------- graph helper
+class G:
+    def __init__(self, prefix=""):
+        self.nodes: List[onnx.NodeProto] = []
+        self.inits: List[onnx.TensorProto] = []
+        self._n = 0
+        self.prefix = prefix
+        self._consts: Dict[tuple, str] = {}
+
+    def name(self, base):
+        self._n += 1
+        return f"{self.prefix}{base}_{self._n}"
+
+    def op(self, op_type, inputs, n_out=1, name=None, domain=None, out=None, **attrs):
+        # a node writing a named tensor (graph outputs) takes that name: tract reports outputs by
+        # node name, so `present.3.key` is found under its ONNX name there too
+        nm = name or (out if isinstance(out, str) else None) or self.name(op_type)
+        outs = out if out is not None else [f"{nm}_out{i}" for i in range(n_out)]
+        if isinstance(outs, str):
+            outs = [outs]
+        kw = dict(attrs)
+        if domain:
+            kw["domain"] = domain
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=nm, **kw))
+        return outs[0] if len(outs) == 1 else outs
+
+    def init(self, name, arr):
+        arr = np.asarray(arr)
+        self.inits.append(numpy_helper.from_array(arr if arr.flags.c_contiguous else arr.copy(), name))
+        return name
+
+    def const(self, value, dtype=np.int64):
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.init(self.name("const"), arr)
+        return self._consts[key]
+
+
+# ----------------------------------------------------------------------------- linear layers
+class Linear:
+    """Emits the nodes for y = x @ W.T for one weight (possibly fused) in the chosen form."""
+
+    def __init__(self, g: G, w, name: str, opts: BuildOptions):
+        self.g, self.w, self.name, self.opts = g, w, name, opts
+        N, K = w.shape
+        self.N, self.K = N, K
+        if isinstance(w, Q41W) and opts.linear == "nbits":
+            self.kind = "q4"
+            g.init(f"{name}.qweight", pack_nibbles(w.q))                       # [N, nb, 16]
+            g.init(f"{name}.scales", w.d.astype(np.float32))                   # [N, nb]
+            corr = (w.m + 8.0 * w.d).T.astype(np.float32)                      # [nb, N]
+            self.has_corr = bool(np.any(corr != 0))   # Q4_0 (m = -8d) needs no correction
+            if self.has_corr:
+                g.init(f"{name}.blockcorr", corr.copy())
+        elif isinstance(w, Q80W) and opts.q8 == "split4":
+            self.kind = "q8split4"
+            q = w.q.astype(np.int16)
+            h = np.floor_divide(q, 16)          # [-8, 7]
+            l = q - 16 * h                      # [0, 15]
+            nb = w.d.shape[1]
+            # two MatMulNBits: h+8 (scale 16d, default zero point 8) and l (scale d, zero point 0)
+            g.init(f"{name}.qweight_hi", pack_nibbles(h + 8))
+            g.init(f"{name}.scales_hi", (16.0 * w.d).astype(np.float32))
+            g.init(f"{name}.qweight_lo", pack_nibbles(l))
+            g.init(f"{name}.scales_lo", w.d.astype(np.float32))
+            g.init(f"{name}.zero_points_lo", np.zeros((N, (nb + 1) // 2), np.uint8))
+        elif isinstance(w, Q80W) and opts.q8 == "nbits8":
+            self.kind = "q8nbits8"
+            g.init(f"{name}.qweight", (w.q.astype(np.int16) + 128).astype(np.uint8))  # [N, nb, 32]
+            g.init(f"{name}.scales", w.d.astype(np.float32))
+        else:
+            self.kind = "f32"
+            g.init(f"{name}.weight_t", w.dequant().T.copy())                    # [K, N]
+
+    def __call__(self, x):
+        g, o = self.g, self.opts
+        if self.kind == "f32":
+            return g.op("MatMul", [x, f"{self.name}.weight_t"])
+        if self.kind == "q4":
+            y = g.op("MatMulNBits", [x, f"{self.name}.qweight", f"{self.name}.scales"],
+                     domain="com.microsoft", K=self.K, N=self.N, bits=4, block_size=QK,
+                     accuracy_level=o.acc_for(self.name))
+            if not self.has_corr:
+                return y
+            nb = self.K // QK
+            if o.blocksum == "matmul":   # per-block sums as x @ 0/1 indicator [K, nb]
+                ind = np.repeat(np.eye(nb, dtype=np.float32), QK, axis=0)
+                bs = g.op("MatMul", [x, g.const(ind, np.float32)])
+            else:
+                xb = g.op("Reshape", [x, g.const([0, 0, nb, QK])])
+                bs = g.op("ReduceSum", [xb, g.const([-1])], keepdims=0)
+            corr = g.op("MatMul", [bs, f"{self.name}.blockcorr"])
+            return g.op("Add", [y, corr])
+        if self.kind == "q8split4":
+            hi = g.op("MatMulNBits", [x, f"{self.name}.qweight_hi", f"{self.name}.scales_hi"],
+                      domain="com.microsoft", K=self.K, N=self.N, bits=4, block_size=QK,
+                      accuracy_level=o.acc_for(self.name))
+            lo_ = g.op("MatMulNBits", [x, f"{self.name}.qweight_lo", f"{self.name}.scales_lo",
+                                       f"{self.name}.zero_points_lo"],
+                       domain="com.microsoft", K=self.K, N=self.N, bits=4, block_size=QK,
+                       accuracy_level=o.acc_for(self.name))
+            return g.op("Add", [hi, lo_])
+        if self.kind == "q8nbits8":
+            return g.op("MatMulNBits", [x, f"{self.name}.qweight", f"{self.name}.scales"],
+                        domain="com.microsoft", K=self.K, N=self.N, bits=8, block_size=QK,
+                        accuracy_level=o.acc_for(self.name))
+        raise AssertionError(self.kind)
+
+    def gather_rows(self, ids):
+        """Embedding lookup on the stored form: rows `ids` of W (dequantized, f32)."""
+        g, nm = self.g, self.name
+        if self.kind == "f32":
+            # weight_t is [K, N]; a separate row-major copy would double the size, so only
+            # untied f32 embeddings use this path with their own table (see build()).
+            raise AssertionError("gather_rows on f32 weight")
+        if self.kind == "q8nbits8":
+            qb = g.op("Gather", [f"{nm}.qweight", ids], axis=0)               # [B,S,nb,32] u8
+            qf = g.op("Sub", [g.op("Cast", [qb], to=TensorProto.FLOAT), g.const(128.0, np.float32)])
+            sc = g.op("Unsqueeze", [g.op("Gather", [f"{nm}.scales", ids], axis=0), g.const([-1])])
+            return g.op("Reshape", [g.op("Mul", [qf, sc]), g.const([0, 0, self.K])])
+        if self.kind == "q8split4":
+            def unpack(packed, scales, zp):
+                qb = g.op("Gather", [packed, ids], axis=0)                        # [B,S,nb,16] u8
+                b = g.op("Cast", [qb], to=TensorProto.FLOAT)
+                hi = g.op("Floor", [g.op("Mul", [b, g.const(1.0 / 16.0, np.float32)])])
+                lo_ = g.op("Sub", [b, g.op("Mul", [hi, g.const(16.0, np.float32)])])
+                pair = g.op("Concat", [g.op("Unsqueeze", [lo_, g.const([-1])]),
+                                       g.op("Unsqueeze", [hi, g.const([-1])])], axis=-1)
+                v = g.op("Reshape", [pair, g.const([0, 0, -1, QK])])              # [B,S,nb',32]
+                sc = g.op("Unsqueeze", [g.op("Gather", [scales, ids], axis=0), g.const([-1])])
+                return g.op("Mul", [g.op("Sub", [v, zp]), sc])
+            hi = unpack(f"{nm}.qweight_hi", f"{nm}.scales_hi", g.const(8.0, np.float32))
+            lo_ = unpack(f"{nm}.qweight_lo", f"{nm}.scales_lo", g.const(0.0, np.float32))
+            return g.op("Reshape", [g.op("Add", [hi, lo_]), g.const([0, 0, self.K])])
+        raise AssertionError(f"gather_rows on {self.kind}")
+
+
+# ----------------------------------------------------------------------------- the decoder
+def _exact_q_scale(hd):
+    """1/sqrt(head_dim) when it is a power of two (then folded into the Q weights, exactly)."""
+    s = 1.0 / np.sqrt(hd)
+    return s if float(np.exp2(np.round(np.log2(s)))) == s else None
+
+
+def scale_rows(w, s):
+    """w * s for a power-of-two s: exact on every form (scales, mins, f32 values)."""
+    if isinstance(w, F32W):
+        return F32W((w.a * np.float32(s)).astype(np.float32))
+    if isinstance(w, Q41W):
+        return Q41W(w.d * np.float32(s), w.m * np.float32(s), w.q)
+    return Q80W(w.d * np.float32(s), w.q)
+
+
+def _rms_norm(g: G, x, weight_name, eps):
+    # Pow/ReduceMean/Add/Sqrt/Div/Mul: the pattern ONNX Runtime fuses into (Skip)SimplifiedLayerNorm
+    ms = g.op("ReduceMean", [g.op("Pow", [x, g.const(2.0, np.float32)])], axes=[-1], keepdims=1)
+    r = g.op("Sqrt", [g.op("Add", [ms, g.const(eps, np.float32)])])
+    return g.op("Mul", [g.op("Div", [x, r]), weight_name])
+
+
+def _rotate(g: G, x, cos, sin, half):
+    x1 = g.op("Slice", [x, g.const([0]), g.const([half]), g.const([-1])])
+    x2 = g.op("Slice", [x, g.const([half]), g.const([2 * half]), g.const([-1])])
+    rot = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rot, sin])])
+
+
+def _decoder_body(g: G, cfg: LlamaConfig, opts: BuildOptions, lin: dict, embed_fn, names: dict,
+                  use_past: bool):
+    """Emit the decoder nodes. `names` maps logical I/O to tensor names in this (sub)graph."""
+    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    grp = nh // nkv
+    ids, am = names["input_ids"], names["attention_mask"]
+
+    # lengths: T = attention_mask length (past + seq), S = seq, past = T - S
+    T = g.op("Gather", [g.op("Shape", [am]), g.const(1)], axis=0)
+    S = g.op("Gather", [g.op("Shape", [ids]), g.const(1)], axis=0)
+    P = g.op("Sub", [T, S])
+
+    # positions
+    if names.get("position_ids"):
+        pos = names["position_ids"]
+    else:  # genai: cumsum(mask) - 1 over the last S columns; padded slots -> 1 (as HF does)
+        cs = g.op("Sub", [g.op("CumSum", [am, g.const(1)]), g.const(1)])
+        last = g.op("Slice", [cs, g.op("Unsqueeze", [P, g.const([0])]),
+                              g.op("Unsqueeze", [T, g.const([0])]), g.const([1])])
+        am_last = g.op("Slice", [am, g.op("Unsqueeze", [P, g.const([0])]),
+                                 g.op("Unsqueeze", [T, g.const([0])]), g.const([1])])
+        pos = g.op("Where", [g.op("Equal", [am_last, g.const(0)]), g.const(1), last])
+
+    # rotary tables [B, S, 1, hd]
+    inv_freq = (1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
+                ).astype(np.float32)
+    fr = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", [pos], to=TensorProto.FLOAT), g.const([-1])]),
+                      g.const(inv_freq, np.float32)])
+    emb = g.op("Concat", [fr, fr], axis=-1)
+    cos = g.op("Unsqueeze", [g.op("Cos", [emb]), g.const([2])])
+    sin = g.op("Unsqueeze", [g.op("Sin", [emb]), g.const([2])])
+    if opts.fuse:
+        heads = np.array([1.0] * (nh + nkv) + [0.0] * nkv, np.float32).reshape(-1, 1)
+        sign = np.array([-1.0] * (hd // 2) + [1.0] * (hd // 2), np.float32)
+        cos_all = g.op("Add", [g.op("Mul", [cos, g.const(heads, np.float32)]),
+                               g.const(1.0 - heads, np.float32)])                  # [B,S,H',hd]
+        sin_all = g.op("Mul", [sin, g.const(heads * sign[None, :], np.float32)])   # signed, 0 for v
+
+    # mask [B, 1, 1, S, T]: key j visible to query i iff j <= P + i and attention_mask[b, j] != 0
+    qpos = g.op("Range", [P, T, g.const(1)])
+    kpos = g.op("Range", [g.const(0), T, g.const(1)])
+    causal = g.op("LessOrEqual", [g.op("Unsqueeze", [kpos, g.const([0])]),
+                                  g.op("Unsqueeze", [qpos, g.const([1])])])      # [S, T]
+    pad = g.op("Unsqueeze", [g.op("Cast", [am], to=TensorProto.BOOL), g.const([1, 2, 3])])
+    mask = g.op("And", [pad, g.op("Unsqueeze", [causal, g.const([0, 1, 2])])])  # [B,1,1,S,T]
+
+    x = embed_fn(g, ids)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        h = _rms_norm(g, x, f"{p}.input_layernorm.weight", cfg.rms_norm_eps)
+        if opts.fuse:
+            # one rotary over all q/k/v heads of the fused projection (v heads: cos 1, sin 0)
+            qkv = g.op("Reshape", [lin[f"{p}.qkv"](h), g.const([0, 0, nh + 2 * nkv, hd])])
+            x1, x2 = g.op("Split", [qkv, g.const([hd // 2, hd // 2])], n_out=2, axis=-1)
+            rot = g.op("Concat", [x2, x1], axis=-1)
+            qkv = g.op("Add", [g.op("Mul", [qkv, cos_all]), g.op("Mul", [rot, sin_all])])
+            q, k, v = g.op("Split", [qkv, g.const([nh, nkv, nkv])], n_out=3, axis=2)
+        else:
+            q, k, v = lin[f"{p}.q"](h), lin[f"{p}.k"](h), lin[f"{p}.v"](h)
+            q = g.op("Reshape", [q, g.const([0, 0, nh, hd])])
+            k = g.op("Reshape", [k, g.const([0, 0, nkv, hd])])
+            v = g.op("Reshape", [v, g.const([0, 0, nkv, hd])])
+            q = _rotate(g, q, cos, sin, hd // 2)
+            k = _rotate(g, k, cos, sin, hd // 2)
+        k = g.op("Transpose", [k], perm=[0, 2, 1, 3])          # [B, nkv, S, hd]
+        v = g.op("Transpose", [v], perm=[0, 2, 1, 3])
+        if use_past:
+            k = g.op("Concat", [names[f"past_key.{i}"], k], axis=2, out=names[f"present_key.{i}"])
+            v = g.op("Concat", [names[f"past_value.{i}"], v], axis=2, out=names[f"present_value.{i}"])
+        else:
+            k = g.op("Identity", [k], out=names[f"present_key.{i}"])
+            v = g.op("Identity", [v], out=names[f"present_value.{i}"])
+        # grouped-query attention without copying K/V: q as [B, nkv, grp, S, hd]
+        q5 = g.op("Transpose", [g.op("Reshape", [q, g.const([0, 0, nkv, grp, hd])])],
+                  perm=[0, 2, 3, 1, 4])
+        if not _exact_q_scale(hd):
+            q5 = g.op("Mul", [q5, g.const(1.0 / np.sqrt(hd), np.float32)])
+        kt = g.op("Unsqueeze", [g.op("Transpose", [k], perm=[0, 1, 3, 2]), g.const([2])])  # [B,nkv,1,hd,T]
+        v5 = g.op("Unsqueeze", [v, g.const([2])])                                           # [B,nkv,1,T,hd]
+        sc = g.op("MatMul", [q5, kt])                                                        # [B,nkv,grp,S,T]
+        sc = g.op("Where", [mask, sc, g.const(FLOAT_MIN, np.float32)])
+        pr = g.op("Softmax", [sc], axis=-1)
+        at = g.op("MatMul", [pr, v5])                                                        # [B,nkv,grp,S,hd]
+        at = g.op("Reshape", [g.op("Transpose", [at], perm=[0, 3, 1, 2, 4]), g.const([0, 0, nh * hd])])
+        x = g.op("Add", [x, lin[f"{p}.o"](at)])
+
+        h = _rms_norm(g, x, f"{p}.post_attention_layernorm.weight", cfg.rms_norm_eps)
+        if opts.fuse:
+            gu = lin[f"{p}.gate_up"](h)
+            gt, up = g.op("Split", [gu, g.const([cfg.intermediate_size] * 2)], n_out=2, axis=-1)
+        else:
+            gt, up = lin[f"{p}.gate"](h), lin[f"{p}.up"](h)
+        act = g.op("Mul", [g.op("Mul", [gt, g.op("Sigmoid", [gt])]), up])
+        x = g.op("Add", [x, lin[f"{p}.down"](act)])
+
+    x = _rms_norm(g, x, "model.norm.weight", cfg.rms_norm_eps)
+    return g.op("Identity", [lin["lm_head"](x)], out=names["logits"])
+
+
+def build_model(cfg: LlamaConfig, weights: dict, opts: BuildOptions) -> onnx.ModelProto:
+    """weights: HF-order names -> F32W/Q41W/Q80W (linears, [N, K]) or np.ndarray (norms).
+
+    Keys: model.embed_tokens.weight, model.norm.weight, lm_head.weight (absent when tied),
+    model.layers.{i}.{input_layernorm,post_attention_layernorm}.weight,
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight, model.layers.{i}.mlp.{gate,up,down}_proj.weight
+    """
+    g = G()
+    L = cfg.num_hidden_layers
+    lin: Dict[str, Linear] = {}
+    qs = _exact_q_scale(cfg.head_dim)
+    if qs is not None:  # fold the attention scale into the Q projection (exact: power of two)
+        weights = dict(weights)
+        for i in range(L):
+            k = f"model.layers.{i}.self_attn.q_proj.weight"
+            weights[k] = scale_rows(weights[k], qs)
+    for i in range(L):
+        p = f"model.layers.{i}"
+        a, m = f"{p}.self_attn", f"{p}.mlp"
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            g.init(f"{p}.{n}.weight", np.asarray(weights[f"{p}.{n}.weight"], np.float32))
+        if opts.fuse:
+            lin[f"{p}.qkv"] = Linear(g, concat_rows([weights[f"{a}.{x}_proj.weight"] for x in "qkv"]),
+                                     f"{a}.qkv_proj", opts)
+            lin[f"{p}.gate_up"] = Linear(g, concat_rows([weights[f"{m}.gate_proj.weight"],
+                                                         weights[f"{m}.up_proj.weight"]]),
+                                         f"{m}.gate_up_proj", opts)
+        else:
+            for x in "qkv":
+                lin[f"{p}.{x}"] = Linear(g, weights[f"{a}.{x}_proj.weight"], f"{a}.{x}_proj", opts)
+            lin[f"{p}.gate"] = Linear(g, weights[f"{m}.gate_proj.weight"], f"{m}.gate_proj", opts)
+            lin[f"{p}.up"] = Linear(g, weights[f"{m}.up_proj.weight"], f"{m}.up_proj", opts)
+        lin[f"{p}.o"] = Linear(g, weights[f"{a}.o_proj.weight"], f"{a}.o_proj", opts)
+        lin[f"{p}.down"] = Linear(g, weights[f"{m}.down_proj.weight"], f"{m}.down_proj", opts)
+    g.init("model.norm.weight", np.asarray(weights["model.norm.weight"], np.float32))
+
+    emb_w = weights["model.embed_tokens.weight"]
+    tied = "lm_head.weight" not in weights
+    head = Linear(g, emb_w if tied else weights["lm_head.weight"], "lm_head", opts)
+    lin["lm_head"] = head
+    if tied and head.kind != "f32":
+        def embed_fn(gg, ids):
+            return head.gather_rows(ids)
+    elif not tied and isinstance(emb_w, Q80W) and opts.q8 in ("split4", "nbits8"):
+        lin["embed"] = Linear(g, emb_w, "model.embed_tokens", opts)  # only its gather path is used
+
+        def embed_fn(gg, ids):
+            return lin["embed"].gather_rows(ids)
+    else:
+        if not tied:
+            g.init("model.embed_tokens.weight", emb_w.dequant() if hasattr(emb_w, "dequant")
+                   else np.asarray(emb_w, np.float32))
+
+        def embed_fn(gg, ids):
+            # tied f32 head: gather from the transposed table (engines fold the Transpose)
+            tbl = gg.op("Transpose", ["lm_head.weight_t"], perm=[1, 0]) if tied else "model.embed_tokens.weight"
+            return gg.op("Gather", [tbl, ids], axis=0)
+
+    nkv, hd, V = cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size
+    B, Sd, Pd, Td = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [B, Sd]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [B, Td])]
+    if opts.layout != "genai":
+        inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, [B, Sd]))
+    for i in range(L):
+        for kv in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", TensorProto.FLOAT,
+                                                        [B, nkv, Pd, hd]))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [B, Sd, V])]
+    for i in range(L):
+        for kv in ("key", "value"):
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", TensorProto.FLOAT,
+                                                         [B, nkv, Td, hd]))
+
+    def io_names(prefix=""):
+        n = {"input_ids": "input_ids", "attention_mask": "attention_mask",
+             "position_ids": None if opts.layout == "genai" else "position_ids",
+             "logits": prefix + "logits"}
+        for i in range(L):
+            n[f"past_key.{i}"] = f"past_key_values.{i}.key"
+            n[f"past_value.{i}"] = f"past_key_values.{i}.value"
+            n[f"present_key.{i}"] = f"{prefix}present.{i}.key"
+            n[f"present_value.{i}"] = f"{prefix}present.{i}.value"
+        return n
+
+    if opts.layout in ("optimum", "genai"):
+        _decoder_body(g, cfg, opts, lin, embed_fn, io_names(), use_past=True)
+        graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits)
+    elif opts.layout == "merged":
+        inputs.append(helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1]))
+        branches = []
+        for pre in ("with_past/", "no_past/"):
+            sub = G(prefix=pre)
+            # the Linear objects emit into `g`; rebind them to the subgraph for node emission
+            for l_ in lin.values():
+                l_.g = sub
+            nm = io_names(pre)
+            # Both branches concatenate the past (empty by contract when use_cache_branch is
+            # false), so their output shapes agree: tract's If requires identical output facts
+            # (an Optimum export's no-past branch yields [.., S, ..] and tract rejects it).
+            _decoder_body(sub, cfg, opts, lin, embed_fn, nm, use_past=True)
+            outs = [helper.make_tensor_value_info(nm["logits"], TensorProto.FLOAT, None)]
+            for i in range(L):
+                outs.append(helper.make_tensor_value_info(nm[f"present_key.{i}"], TensorProto.FLOAT, None))
+                outs.append(helper.make_tensor_value_info(nm[f"present_value.{i}"], TensorProto.FLOAT, None))
+            branches.append(helper.make_graph(sub.nodes, pre.strip("/"), [], outs, sub.inits))
+        for l_ in lin.values():
+            l_.g = g
+        # If wants a scalar-ish condition; use_cache_branch is [1]
+        cond = g.op("Squeeze", ["use_cache_branch", g.const([0])])
+        g.nodes.append(helper.make_node("If", [cond], [o.name for o in outputs], name="optimum::if",
+                                        then_branch=branches[0], else_branch=branches[1]))
+        graph = helper.make_graph(g.nodes, "decoder_merged", inputs, outputs, g.inits)
+    else:
+        raise ValueError(opts.layout)
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", MAIN_OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="emberd-models", doc_string=opts.doc)
+    model.ir_version = 8
+    return model
+
+
+def save_model(model: onnx.ModelProto, path):
+    """Single-file save (protobuf limit 2 GB is far above what this builds)."""
+    data = model.SerializeToString()
+    with open(path, "wb") as f:
+        f.write(data)

