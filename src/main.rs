@@ -32,6 +32,26 @@ enum Command {
         json: bool,
         prompt: String,
     },
+    /// Run the daemon: the model stays loaded and serves the Unix socket and MQTT.
+    Serve {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Unix socket path (overrides socket.path).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Send PROMPT to a running daemon over its Unix socket and stream the reply.
+    Ask {
+        /// The daemon's socket.
+        #[arg(long, env = "EMBERD_SOCKET", default_value = "/run/emberd/emberd.sock")]
+        socket: PathBuf,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Print the wire events, one JSON object per line, instead of text.
+        #[arg(long)]
+        json: bool,
+        prompt: String,
+    },
     /// Show the model package and the engine that would serve it.
     Info {
         #[command(flatten)]
@@ -219,6 +239,107 @@ fn info(model: ModelArgs) -> Result<()> {
     Ok(())
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn serve(model: ModelArgs, socket: Option<PathBuf>) -> Result<()> {
+    let mut config = model.config()?;
+    if let Some(path) = socket {
+        config.socket.path = path;
+    }
+    if std::env::var_os("EMBERD_LOG").is_none() {
+        if let Ok(level) = config.log.level.parse() {
+            log::set_max_level(level);
+        }
+    }
+    let mut generator = load_generator(&config)?;
+    generator.set_max_prompt_tokens(config.limits.max_prompt_tokens);
+    let runtime = runtime()?;
+    runtime.block_on(async move {
+        let (trigger, shutdown) = emberd::shutdown::channel();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            trigger.trigger();
+        });
+        emberd::serve::serve(config, generator, emberd::serve::SocketSource::Bind, shutdown, |ready| {
+            let mut where_ = Vec::new();
+            if let Some(p) = &ready.socket {
+                where_.push(format!("socket {}", p.display()));
+            }
+            if let Some(m) = &ready.mqtt {
+                where_.push(format!("mqtt {m}"));
+            }
+            eprintln!("emberd: ready: {} on {}, listening on {}", ready.model, ready.engine, where_.join(", "));
+        })
+        .await
+    })?;
+    Ok(())
+}
+
+fn ask(socket: PathBuf, sampling: SamplingArgs, json: bool, prompt: String) -> Result<bool> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut request = sampling.into_request(prompt);
+    request.id = Some(format!("ask-{}", std::process::id()));
+    let id = request.id.clone().unwrap_or_default();
+    let line = serde_json::to_string(&request)? + "\n";
+    runtime()?.block_on(async move {
+        let stream = tokio::net::UnixStream::connect(&socket)
+            .await
+            .with_context(|| format!("cannot connect to {} (is emberd serve running?)", socket.display()))?;
+        let (reader, mut writer) = stream.into_split();
+        writer.write_all(line.as_bytes()).await?;
+        let mut lines = BufReader::new(reader).lines();
+        let mut cancelled = false;
+        let mut stdout = std::io::stdout();
+        loop {
+            let next = tokio::select! {
+                line = lines.next_line() => line?,
+                _ = tokio::signal::ctrl_c(), if !cancelled => {
+                    cancelled = true;
+                    let cancel = serde_json::json!({"type": "cancel", "id": id}).to_string() + "\n";
+                    writer.write_all(cancel.as_bytes()).await?;
+                    continue;
+                }
+            };
+            let Some(line) = next else {
+                anyhow::bail!("emberd closed the connection before the request ended");
+            };
+            let event: Event = serde_json::from_str(&line).with_context(|| format!("unexpected reply: {line}"))?;
+            if json {
+                writeln!(stdout, "{line}")?;
+            }
+            match event {
+                Event::Token { text, .. } if !json => {
+                    write!(stdout, "{text}")?;
+                    stdout.flush()?;
+                }
+                Event::Done { .. } => {
+                    if !json {
+                        writeln!(stdout)?;
+                    }
+                    return Ok(true);
+                }
+                Event::Error { code, message, .. } => {
+                    eprintln!("error ({code}): {message}");
+                    return Ok(false);
+                }
+                _ => {}
+            }
+        }
+    })
+}
+
 fn init_logging() {
     let level = std::env::var("EMBERD_LOG").ok().and_then(|l| l.parse().ok()).unwrap_or(log::LevelFilter::Warn);
     log::set_max_level(level);
@@ -250,6 +371,12 @@ fn main() -> Result<()> {
             }
         }
         Command::Info { model } => info(model)?,
+        Command::Serve { model, socket } => serve(model, socket)?,
+        Command::Ask { socket, sampling, json, prompt } => {
+            if !ask(socket, sampling, json, prompt)? {
+                std::process::exit(1);
+            }
+        }
         Command::Bench { model, prompt_tokens, gen_tokens, runs } => {
             let config = model.config()?;
             let package = load_package(&config)?;

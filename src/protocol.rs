@@ -290,6 +290,14 @@ pub fn parse_request(bytes: &[u8]) -> Result<Request, RequestError> {
     serde_json::from_str(text).map_err(|e| RequestError::BadRequest(format!("invalid request JSON: {e}")))
 }
 
+/// The `id` of a message that failed to parse, if it has one, so its error can carry it.
+pub fn id_hint(bytes: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()
+        .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(str::to_string))
+        .unwrap_or_default()
+}
+
 fn check_range(name: &str, value: f32, lo: f32, hi: f32) -> Result<f32, RequestError> {
     if value.is_finite() && value >= lo && value <= hi {
         Ok(value)

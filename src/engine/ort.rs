@@ -56,13 +56,22 @@ pub fn environment(library: &Path) -> Result<&'static Environment, EngineError> 
     Ok(&ENVIRONMENT.get_or_init(|| (library.to_path_buf(), env)).1)
 }
 
-/// The version of the loaded library, parsed from its build info ("git-branch=rel-1.32.0").
-fn library_version() -> String {
-    let info = ort::info();
-    info.split(|c: char| c == ',' || c.is_whitespace())
-        .find_map(|part| part.strip_prefix("git-branch=rel-"))
-        .map(str::to_string)
-        .unwrap_or_else(|| info.to_string())
+/// The version string of the ONNX Runtime library at `path` ("1.32.0").
+fn library_version(path: &Path) -> String {
+    // SAFETY: the library is already loaded by ort (this only takes another reference), and
+    // OrtGetApiBase/GetVersionString are plain C functions that return static data.
+    unsafe {
+        let Ok(lib) = libloading::Library::new(path) else { return "unknown".into() };
+        let Ok(get_base) = lib.get::<unsafe extern "C" fn() -> *const ort::sys::OrtApiBase>(b"OrtGetApiBase") else {
+            return "unknown".into();
+        };
+        let base = get_base();
+        if base.is_null() {
+            return "unknown".into();
+        }
+        let version = ((*base).GetVersionString)();
+        std::ffi::CStr::from_ptr(version).to_string_lossy().into_owned()
+    }
 }
 
 /// Execution providers compiled into the loaded library (ONNX Runtime's names).
@@ -145,7 +154,7 @@ impl OrtEngine {
             provider,
             threads: options.threads,
             model_file: package.ort_file.clone(),
-            version: library_version(),
+            version: library_version(&library),
             fallback_reason: None,
             available_providers: available,
         };

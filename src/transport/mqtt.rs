@@ -18,7 +18,7 @@ use rumqttc::v5::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions};
 
 use crate::config::MqttConfig;
 use crate::generate::CancelToken;
-use crate::protocol::{parse_request, ErrorCode, Event, RequestPolicy};
+use crate::protocol::{id_hint, parse_request, ErrorCode, Event, RequestPolicy};
 use crate::scheduler::Scheduler;
 use crate::shutdown::Shutdown;
 
@@ -226,7 +226,7 @@ impl Transport {
             Ok(r) => r,
             Err(e) => {
                 let to = reply.unwrap_or(ReplyTo { topic: self.topics.errors(), correlation: None });
-                self.send_one(to, Event::error("", e.code(), e.to_string()));
+                self.send_one(to, Event::error(id_hint(&publish.payload), e.code(), e.to_string()));
                 return;
             }
         };

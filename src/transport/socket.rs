@@ -14,7 +14,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
 use crate::generate::CancelToken;
-use crate::protocol::{parse_request, ErrorCode, Event, RequestPolicy};
+use crate::protocol::{id_hint, parse_request, ErrorCode, Event, RequestPolicy};
 use crate::scheduler::Scheduler;
 use crate::shutdown::Shutdown;
 
@@ -193,7 +193,7 @@ impl Handler {
         let request = match parse_request(line) {
             Ok(r) => r,
             Err(e) => {
-                let _ = out.send(Event::error("", e.code(), e.to_string()));
+                let _ = out.send(Event::error(id_hint(line), e.code(), e.to_string()));
                 return;
             }
         };
