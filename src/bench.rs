@@ -29,8 +29,16 @@ impl Spread {
     fn of(mut values: Vec<f64>) -> Spread {
         values.sort_by(f64::total_cmp);
         let n = values.len();
-        let median = if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 };
-        Spread { min: values[0], median, max: values[n - 1] }
+        let median = if n % 2 == 1 {
+            values[n / 2]
+        } else {
+            (values[n / 2 - 1] + values[n / 2]) / 2.0
+        };
+        Spread {
+            min: values[0],
+            median,
+            max: values[n - 1],
+        }
     }
 }
 
@@ -82,7 +90,11 @@ fn prompt_of(generator: &Generator, n: usize) -> Result<Vec<u32>, GenerateError>
     Ok(ids)
 }
 
-pub fn run(package: ModelPackage, engine: &EngineOptions, options: &BenchOptions) -> Result<BenchReport, GenerateError> {
+pub fn run(
+    package: ModelPackage,
+    engine: &EngineOptions,
+    options: &BenchOptions,
+) -> Result<BenchReport, GenerateError> {
     let loading = Instant::now();
     let mut generator = Generator::load(package, engine)?;
     let load_ms = loading.elapsed().as_secs_f64() * 1e3;
@@ -112,7 +124,11 @@ pub fn run(package: ModelPackage, engine: &EngineOptions, options: &BenchOptions
         prefill_tps.push(stats.prompt_tokens as f64 / (stats.prefill_ms / 1e3));
         ttft.push(stats.ttft_ms);
         let decoded = stats.generated_tokens.saturating_sub(1) as f64;
-        decode_tps.push(if stats.decode_ms > 0.0 { decoded / (stats.decode_ms / 1e3) } else { 0.0 });
+        decode_tps.push(if stats.decode_ms > 0.0 {
+            decoded / (stats.decode_ms / 1e3)
+        } else {
+            0.0
+        });
     }
     let info = generator.engine_info().clone();
     let spread = BenchSpread {

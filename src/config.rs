@@ -12,7 +12,10 @@ use crate::protocol::RequestPolicy;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config: {0}")]
@@ -72,7 +75,9 @@ impl ModelConfig {
     }
 
     pub fn model_dir(&self) -> PathBuf {
-        self.dir.clone().unwrap_or_else(crate::paths::default_model_dir)
+        self.dir
+            .clone()
+            .unwrap_or_else(crate::paths::default_model_dir)
     }
 }
 
@@ -137,7 +142,11 @@ pub struct SocketConfig {
 
 impl Default for SocketConfig {
     fn default() -> Self {
-        SocketConfig { enabled: true, path: PathBuf::from("/run/emberd/emberd.sock"), mode: "0660".into() }
+        SocketConfig {
+            enabled: true,
+            path: PathBuf::from("/run/emberd/emberd.sock"),
+            mode: "0660".into(),
+        }
     }
 }
 
@@ -199,22 +208,33 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info".into(), journald: JournaldMode::Auto }
+        LogConfig {
+            level: "info".into(),
+            journald: JournaldMode::Auto,
+        }
     }
 }
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
         Self::from_toml(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.into(), message },
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.into(),
+                message,
+            },
             other => other,
         })
     }
 
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: PathBuf::from("<inline>"), message: e.to_string() })?;
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            message: e.to_string(),
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -228,10 +248,16 @@ impl Config {
             return bad("limits.max_tokens must be at least 1".into());
         }
         if !(self.limits.request_timeout_s.is_finite() && self.limits.request_timeout_s > 0.0) {
-            return bad(format!("limits.request_timeout_s must be positive, got {}", self.limits.request_timeout_s));
+            return bad(format!(
+                "limits.request_timeout_s must be positive, got {}",
+                self.limits.request_timeout_s
+            ));
         }
         if self.limits.max_request_bytes < 64 {
-            return bad(format!("limits.max_request_bytes must be at least 64, got {}", self.limits.max_request_bytes));
+            return bad(format!(
+                "limits.max_request_bytes must be at least 64, got {}",
+                self.limits.max_request_bytes
+            ));
         }
         if self.generation.max_tokens > self.limits.max_tokens {
             return bad(format!(
@@ -240,7 +266,10 @@ impl Config {
             ));
         }
         if u32::from_str_radix(self.socket.mode.trim_start_matches("0o"), 8).is_err() {
-            return bad(format!("socket.mode must be an octal mode like \"0660\", got {:?}", self.socket.mode));
+            return bad(format!(
+                "socket.mode must be an octal mode like \"0660\", got {:?}",
+                self.socket.mode
+            ));
         }
         if self.model.providers.is_empty() {
             return bad("model.providers must name at least one provider (e.g. [\"cpu\"])".into());
@@ -254,7 +283,10 @@ impl Config {
             }
         }
         if self.mqtt.enabled && self.mqtt.device_id.contains(['/', '+', '#']) {
-            return bad(format!("mqtt.device_id must not contain '/', '+' or '#', got {:?}", self.mqtt.device_id));
+            return bad(format!(
+                "mqtt.device_id must not contain '/', '+' or '#', got {:?}",
+                self.mqtt.device_id
+            ));
         }
         Ok(())
     }

@@ -13,7 +13,11 @@ use emberd::model::ModelPackage;
 use emberd::protocol::{Event, Request};
 
 #[derive(Parser)]
-#[command(name = "emberd", version, about = "Serve a quantized ONNX language model on edge devices")]
+#[command(
+    name = "emberd",
+    version,
+    about = "Serve a quantized ONNX language model on edge devices"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -189,7 +193,10 @@ fn load_generator(config: &Config) -> Result<Generator> {
     generator.set_prefill_chunk(config.model.prefill_chunk);
     let info = generator.engine_info();
     if let Some(reason) = &info.fallback_reason {
-        log::warn!("serving with {} because ONNX Runtime could not start: {reason}", info.label());
+        log::warn!(
+            "serving with {} because ONNX Runtime could not start: {reason}",
+            info.label()
+        );
     }
     Ok(generator)
 }
@@ -230,7 +237,8 @@ fn generate(model: ModelArgs, sampling: SamplingArgs, json: bool, prompt: String
 fn info(model: ModelArgs) -> Result<()> {
     let config = model.config()?;
     let package = load_package(&config)?;
-    let engine = emberd::engine::load(&package, &config.model.engine_options()).context("cannot start an engine")?;
+    let engine = emberd::engine::load(&package, &config.model.engine_options())
+        .context("cannot start an engine")?;
     let report = serde_json::json!({
         "model": package,
         "engine": engine.info(),
@@ -272,16 +280,27 @@ fn serve(model: ModelArgs, socket: Option<PathBuf>) -> Result<()> {
             }
             trigger.trigger();
         });
-        emberd::serve::serve(config, generator, emberd::serve::SocketSource::Bind, shutdown, |ready| {
-            let mut where_ = Vec::new();
-            if let Some(p) = &ready.socket {
-                where_.push(format!("socket {}", p.display()));
-            }
-            if let Some(m) = &ready.mqtt {
-                where_.push(format!("mqtt {m}"));
-            }
-            eprintln!("emberd: ready: {} on {}, listening on {}", ready.model, ready.engine, where_.join(", "));
-        })
+        emberd::serve::serve(
+            config,
+            generator,
+            emberd::serve::SocketSource::Bind,
+            shutdown,
+            |ready| {
+                let mut where_ = Vec::new();
+                if let Some(p) = &ready.socket {
+                    where_.push(format!("socket {}", p.display()));
+                }
+                if let Some(m) = &ready.mqtt {
+                    where_.push(format!("mqtt {m}"));
+                }
+                eprintln!(
+                    "emberd: ready: {} on {}, listening on {}",
+                    ready.model,
+                    ready.engine,
+                    where_.join(", ")
+                );
+            },
+        )
         .await
     })?;
     Ok(())
@@ -296,7 +315,12 @@ fn ask(socket: PathBuf, sampling: SamplingArgs, json: bool, prompt: String) -> R
     runtime()?.block_on(async move {
         let stream = tokio::net::UnixStream::connect(&socket)
             .await
-            .with_context(|| format!("cannot connect to {} (is emberd serve running?)", socket.display()))?;
+            .with_context(|| {
+                format!(
+                    "cannot connect to {} (is emberd serve running?)",
+                    socket.display()
+                )
+            })?;
         let (reader, mut writer) = stream.into_split();
         writer.write_all(line.as_bytes()).await?;
         let mut lines = BufReader::new(reader).lines();
@@ -315,7 +339,8 @@ fn ask(socket: PathBuf, sampling: SamplingArgs, json: bool, prompt: String) -> R
             let Some(line) = next else {
                 anyhow::bail!("emberd closed the connection before the request ended");
             };
-            let event: Event = serde_json::from_str(&line).with_context(|| format!("unexpected reply: {line}"))?;
+            let event: Event =
+                serde_json::from_str(&line).with_context(|| format!("unexpected reply: {line}"))?;
             if json {
                 writeln!(stdout, "{line}")?;
             }
@@ -341,7 +366,10 @@ fn ask(socket: PathBuf, sampling: SamplingArgs, json: bool, prompt: String) -> R
 }
 
 fn init_logging() {
-    let level = std::env::var("EMBERD_LOG").ok().and_then(|l| l.parse().ok()).unwrap_or(log::LevelFilter::Warn);
+    let level = std::env::var("EMBERD_LOG")
+        .ok()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(log::LevelFilter::Warn);
     log::set_max_level(level);
     let _ = log::set_boxed_logger(Box::new(StderrLogger));
 }
@@ -355,7 +383,11 @@ impl log::Log for StderrLogger {
     }
     fn log(&self, record: &log::Record) {
         if self.enabled(record.metadata()) && record.target().starts_with("emberd") {
-            eprintln!("emberd: {}: {}", record.level().as_str().to_lowercase(), record.args());
+            eprintln!(
+                "emberd: {}: {}",
+                record.level().as_str().to_lowercase(),
+                record.args()
+            );
         }
     }
     fn flush(&self) {}
@@ -365,22 +397,41 @@ fn main() -> Result<()> {
     init_logging();
     let cli = Cli::parse();
     match cli.command {
-        Command::Generate { model, sampling, json, prompt } => {
+        Command::Generate {
+            model,
+            sampling,
+            json,
+            prompt,
+        } => {
             if !generate(model, sampling, json, prompt)? {
                 std::process::exit(1);
             }
         }
         Command::Info { model } => info(model)?,
         Command::Serve { model, socket } => serve(model, socket)?,
-        Command::Ask { socket, sampling, json, prompt } => {
+        Command::Ask {
+            socket,
+            sampling,
+            json,
+            prompt,
+        } => {
             if !ask(socket, sampling, json, prompt)? {
                 std::process::exit(1);
             }
         }
-        Command::Bench { model, prompt_tokens, gen_tokens, runs } => {
+        Command::Bench {
+            model,
+            prompt_tokens,
+            gen_tokens,
+            runs,
+        } => {
             let config = model.config()?;
             let package = load_package(&config)?;
-            let options = emberd::bench::BenchOptions { prompt_tokens, gen_tokens, runs: runs.max(1) };
+            let options = emberd::bench::BenchOptions {
+                prompt_tokens,
+                gen_tokens,
+                runs: runs.max(1),
+            };
             let report = emberd::bench::run(package, &config.model.engine_options(), &options)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }

@@ -287,7 +287,8 @@ impl Event {
 pub fn parse_request(bytes: &[u8]) -> Result<Request, RequestError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| RequestError::BadRequest(format!("request is not valid UTF-8: {e}")))?;
-    serde_json::from_str(text).map_err(|e| RequestError::BadRequest(format!("invalid request JSON: {e}")))
+    serde_json::from_str(text)
+        .map_err(|e| RequestError::BadRequest(format!("invalid request JSON: {e}")))
 }
 
 /// The `id` of a message that failed to parse, if it has one, so its error can carry it.
@@ -314,7 +315,11 @@ impl Request {
     }
 
     /// Applies defaults and limits; the one place requests are checked (TGI's `validate`).
-    pub fn validate(self, policy: &RequestPolicy, fallback_id: impl FnOnce() -> String) -> Result<ValidRequest, RequestError> {
+    pub fn validate(
+        self,
+        policy: &RequestPolicy,
+        fallback_id: impl FnOnce() -> String,
+    ) -> Result<ValidRequest, RequestError> {
         if let Some(kind) = &self.kind {
             return Err(RequestError::BadRequest(format!(
                 "unknown message type {kind:?}; requests carry no type, cancels use \"cancel\""
@@ -357,14 +362,22 @@ impl Request {
             (Some(prompt), None, false) => {
                 let mut messages = Vec::new();
                 if let Some(system) = self.system.or_else(|| policy.default_system.clone()) {
-                    messages.push(Message { role: "system".into(), content: system });
+                    messages.push(Message {
+                        role: "system".into(),
+                        content: system,
+                    });
                 }
-                messages.push(Message { role: "user".into(), content: prompt });
+                messages.push(Message {
+                    role: "user".into(),
+                    content: prompt,
+                });
                 PromptInput::Chat(messages)
             }
             (None, Some(given), false) => {
                 if given.is_empty() {
-                    return Err(RequestError::BadRequest("messages must not be empty".into()));
+                    return Err(RequestError::BadRequest(
+                        "messages must not be empty".into(),
+                    ));
                 }
                 for (i, m) in given.iter().enumerate() {
                     if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
@@ -382,10 +395,16 @@ impl Request {
                             "system given twice: as a field and in messages".into(),
                         ))
                     }
-                    Some(system) => messages.push(Message { role: "system".into(), content: system }),
+                    Some(system) => messages.push(Message {
+                        role: "system".into(),
+                        content: system,
+                    }),
                     None if !has_system => {
                         if let Some(system) = &policy.default_system {
-                            messages.push(Message { role: "system".into(), content: system.clone() });
+                            messages.push(Message {
+                                role: "system".into(),
+                                content: system.clone(),
+                            });
                         }
                     }
                     None => {}
@@ -396,7 +415,9 @@ impl Request {
         };
         let max_tokens = self.max_tokens.unwrap_or(policy.default_max_tokens);
         if max_tokens == 0 {
-            return Err(RequestError::BadRequest("max_tokens must be at least 1".into()));
+            return Err(RequestError::BadRequest(
+                "max_tokens must be at least 1".into(),
+            ));
         }
         if max_tokens > policy.max_tokens_cap {
             return Err(RequestError::TooLong(format!(
@@ -405,20 +426,38 @@ impl Request {
             )));
         }
         let sampling = SamplingParams {
-            temperature: check_range("temperature", self.temperature.unwrap_or(policy.default_temperature), 0.0, 100.0)?,
+            temperature: check_range(
+                "temperature",
+                self.temperature.unwrap_or(policy.default_temperature),
+                0.0,
+                100.0,
+            )?,
             top_k: self.top_k.unwrap_or(policy.default_top_k),
-            top_p: check_range("top_p", self.top_p.unwrap_or(policy.default_top_p), 0.0, 1.0)?,
-            min_p: check_range("min_p", self.min_p.unwrap_or(policy.default_min_p), 0.0, 1.0)?,
+            top_p: check_range(
+                "top_p",
+                self.top_p.unwrap_or(policy.default_top_p),
+                0.0,
+                1.0,
+            )?,
+            min_p: check_range(
+                "min_p",
+                self.min_p.unwrap_or(policy.default_min_p),
+                0.0,
+                1.0,
+            )?,
             repetition_penalty: check_range(
                 "repetition_penalty",
-                self.repetition_penalty.unwrap_or(policy.default_repetition_penalty),
+                self.repetition_penalty
+                    .unwrap_or(policy.default_repetition_penalty),
                 0.01,
                 100.0,
             )?,
             seed: self.seed,
         };
         if sampling.top_p == 0.0 {
-            return Err(RequestError::BadRequest("top_p must be greater than 0".into()));
+            return Err(RequestError::BadRequest(
+                "top_p must be greater than 0".into(),
+            ));
         }
         let stop = self.stop.unwrap_or_default();
         if stop.len() > policy.max_stop_sequences {
@@ -429,7 +468,9 @@ impl Request {
             )));
         }
         if stop.iter().any(|s| s.is_empty()) {
-            return Err(RequestError::BadRequest("stop sequences must not be empty".into()));
+            return Err(RequestError::BadRequest(
+                "stop sequences must not be empty".into(),
+            ));
         }
         let timeout = match self.timeout_s {
             Some(t) if !(t.is_finite() && t > 0.0) => {
@@ -437,7 +478,9 @@ impl Request {
                     "timeout_s must be a positive number of seconds, got {t}"
                 )))
             }
-            Some(t) => policy.request_timeout.min(std::time::Duration::from_secs_f64(t)),
+            Some(t) => policy
+                .request_timeout
+                .min(std::time::Duration::from_secs_f64(t)),
             None => policy.request_timeout,
         };
         Ok(ValidRequest {
@@ -466,7 +509,13 @@ mod tests {
     fn prompt_becomes_a_user_message_with_defaults() {
         let r = valid(r#"{"prompt":"hi"}"#).unwrap();
         assert_eq!(r.id, "gen");
-        assert_eq!(r.input, PromptInput::Chat(vec![Message { role: "user".into(), content: "hi".into() }]));
+        assert_eq!(
+            r.input,
+            PromptInput::Chat(vec![Message {
+                role: "user".into(),
+                content: "hi".into()
+            }])
+        );
         assert_eq!(r.max_tokens, 256);
         assert!(r.stream);
     }
@@ -501,14 +550,21 @@ mod tests {
             r#"{"prompt":"x","messages":[]}"#,
             r#"{}"#,
         ] {
-            assert_eq!(valid(json).unwrap_err().code(), ErrorCode::BadRequest, "{json}");
+            assert_eq!(
+                valid(json).unwrap_err().code(),
+                ErrorCode::BadRequest,
+                "{json}"
+            );
         }
     }
 
     #[test]
     fn system_field_is_prepended_to_messages() {
-        let r = valid(r#"{"system":"be brief","messages":[{"role":"user","content":"a"}]}"#).unwrap();
-        let PromptInput::Chat(m) = r.input else { panic!() };
+        let r =
+            valid(r#"{"system":"be brief","messages":[{"role":"user","content":"a"}]}"#).unwrap();
+        let PromptInput::Chat(m) = r.input else {
+            panic!()
+        };
         assert_eq!(m[0].role, "system");
         assert_eq!(m[1].content, "a");
     }
@@ -523,9 +579,20 @@ mod tests {
 
     #[test]
     fn events_serialize_to_the_wire_shape() {
-        let e = Event::Token { id: "r1".into(), seq: 0, text: "The".into(), token: 504 };
-        assert_eq!(e.to_json(), r#"{"type":"token","id":"r1","seq":0,"text":"The","token":504}"#);
+        let e = Event::Token {
+            id: "r1".into(),
+            seq: 0,
+            text: "The".into(),
+            token: 504,
+        };
+        assert_eq!(
+            e.to_json(),
+            r#"{"type":"token","id":"r1","seq":0,"text":"The","token":504}"#
+        );
         let e = Event::error("r1", ErrorCode::Busy, "queue full");
-        assert_eq!(e.to_json(), r#"{"type":"error","id":"r1","code":"busy","message":"queue full"}"#);
+        assert_eq!(
+            e.to_json(),
+            r#"{"type":"error","id":"r1","code":"busy","message":"queue full"}"#
+        );
     }
 }

@@ -91,7 +91,12 @@ impl Scheduler {
             .name("emberd-engine".into())
             .spawn(move || worker(generator, jobs, active, stats, started))
             .expect("spawning the engine thread");
-        (scheduler, WorkerHandle { thread: Some(thread) })
+        (
+            scheduler,
+            WorkerHandle {
+                thread: Some(thread),
+            },
+        )
     }
 
     /// Queues a request, or answers `busy` at once when the queue is full.
@@ -105,9 +110,17 @@ impl Scheduler {
             deadline: Some(accepted_at + request.timeout),
             accepted_at,
         };
-        self.active.lock().expect("active lock").insert(key, cancel.clone());
+        self.active
+            .lock()
+            .expect("active lock")
+            .insert(key, cancel.clone());
         self.stats.in_flight.fetch_add(1, Ordering::AcqRel);
-        match self.queue.try_send(Job { request, control, events: events_tx, key }) {
+        match self.queue.try_send(Job {
+            request,
+            control,
+            events: events_tx,
+            key,
+        }) {
             Ok(()) => Ok(Submission { id, events, cancel }),
             Err(e) => {
                 self.active.lock().expect("active lock").remove(&key);
@@ -115,9 +128,15 @@ impl Scheduler {
                 let (code, message) = match e {
                     TrySendError::Full(_) => {
                         self.stats.rejected_busy.fetch_add(1, Ordering::Relaxed);
-                        (ErrorCode::Busy, "the queue is full; try again later".to_string())
+                        (
+                            ErrorCode::Busy,
+                            "the queue is full; try again later".to_string(),
+                        )
                     }
-                    TrySendError::Disconnected(_) => (ErrorCode::ShuttingDown, "emberd is shutting down".to_string()),
+                    TrySendError::Disconnected(_) => (
+                        ErrorCode::ShuttingDown,
+                        "emberd is shutting down".to_string(),
+                    ),
                 };
                 Err(Event::error(id, code, message))
             }
@@ -164,7 +183,11 @@ fn worker(
     stats: Arc<Stats>,
     started: Instant,
 ) {
-    let beat = |stats: &Stats| stats.heartbeat_ms.store(started.elapsed().as_millis() as u64, Ordering::Release);
+    let beat = |stats: &Stats| {
+        stats
+            .heartbeat_ms
+            .store(started.elapsed().as_millis() as u64, Ordering::Release)
+    };
     loop {
         beat(&stats);
         let job = match jobs.recv_timeout(IDLE_HEARTBEAT) {
@@ -173,14 +196,22 @@ fn worker(
             // Every Scheduler handle is gone: no more work can arrive.
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
-        let Job { request, control, events, key } = job;
+        let Job {
+            request,
+            control,
+            events,
+            key,
+        } = job;
         let expired = control.deadline.is_some_and(|d| Instant::now() >= d);
         if expired {
             stats.timed_out.fetch_add(1, Ordering::Relaxed);
             let _ = events.send(Event::error(
                 request.id.clone(),
                 ErrorCode::Timeout,
-                format!("the request waited longer than its timeout of {:.1}s in the queue", request.timeout.as_secs_f64()),
+                format!(
+                    "the request waited longer than its timeout of {:.1}s in the queue",
+                    request.timeout.as_secs_f64()
+                ),
             ));
         } else {
             let run = generator.run(&request, &control, &mut |event| {

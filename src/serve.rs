@@ -68,15 +68,29 @@ pub async fn serve(
     if config.socket.enabled {
         let (listener, path) = match socket_source {
             SocketSource::Inherited(std_listener) => {
-                std_listener.set_nonblocking(true).map_err(|source| socket::SocketError::Io { path: config.socket.path.clone(), source })?;
-                let listener = tokio::net::UnixListener::from_std(std_listener)
-                    .map_err(|source| socket::SocketError::Io { path: config.socket.path.clone(), source })?;
+                std_listener
+                    .set_nonblocking(true)
+                    .map_err(|source| socket::SocketError::Io {
+                        path: config.socket.path.clone(),
+                        source,
+                    })?;
+                let listener =
+                    tokio::net::UnixListener::from_std(std_listener).map_err(|source| {
+                        socket::SocketError::Io {
+                            path: config.socket.path.clone(),
+                            source,
+                        }
+                    })?;
                 // systemd owns an inherited socket file; leave it in place on exit.
                 (listener, None)
             }
             SocketSource::Bind => {
-                let mode = u32::from_str_radix(config.socket.mode.trim_start_matches("0o"), 8).unwrap_or(0o660);
-                (socket::bind(&config.socket.path, mode)?, Some(config.socket.path.clone()))
+                let mode = u32::from_str_radix(config.socket.mode.trim_start_matches("0o"), 8)
+                    .unwrap_or(0o660);
+                (
+                    socket::bind(&config.socket.path, mode)?,
+                    Some(config.socket.path.clone()),
+                )
             }
         };
         ready.socket = Some(config.socket.path.clone());
@@ -93,7 +107,13 @@ pub async fn serve(
         );
     }
     if config.mqtt.enabled {
-        let transport = mqtt::Transport::new(&config.mqtt, scheduler.clone(), policy.clone(), max_request_bytes, shutdown.clone())?;
+        let transport = mqtt::Transport::new(
+            &config.mqtt,
+            scheduler.clone(),
+            policy.clone(),
+            max_request_bytes,
+            shutdown.clone(),
+        )?;
         ready.mqtt = Some(format!("{}:{}", config.mqtt.host, config.mqtt.port));
         tasks.spawn(transport.run());
     }
@@ -102,7 +122,10 @@ pub async fn serve(
 
     let mut shutdown = shutdown;
     shutdown.wait().await;
-    log::info!("shutting down: draining {} request(s)", scheduler.queue_depth());
+    log::info!(
+        "shutting down: draining {} request(s)",
+        scheduler.queue_depth()
+    );
     let drain_until = Instant::now() + DRAIN_TIMEOUT;
     while scheduler.queue_depth() > 0 && Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -36,7 +36,9 @@ impl Daemon {
         config.socket.path = dir.path().join("emberd.sock");
         config.mqtt.enabled = false;
         tweak(&mut config);
-        let generator = tokio::task::spawn_blocking(move || generator(model, Backend::Ort)).await.unwrap();
+        let generator = tokio::task::spawn_blocking(move || generator(model, Backend::Ort))
+            .await
+            .unwrap();
         let (trigger, shutdown) = emberd::shutdown::channel();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Ready>();
         let done = tokio::spawn(async move {
@@ -46,8 +48,17 @@ impl Daemon {
             .await
             .expect("serve");
         });
-        let ready = tokio::time::timeout(PATIENCE, ready_rx).await.unwrap().expect("ready");
-        Daemon { socket: ready.socket.clone().unwrap_or_default(), stats: ready.stats, trigger, done, _dir: dir }
+        let ready = tokio::time::timeout(PATIENCE, ready_rx)
+            .await
+            .unwrap()
+            .expect("ready");
+        Daemon {
+            socket: ready.socket.clone().unwrap_or_default(),
+            stats: ready.stats,
+            trigger,
+            done,
+            _dir: dir,
+        }
     }
 
     async fn connect(&self) -> Client {
@@ -56,7 +67,10 @@ impl Daemon {
 
     async fn stop(self) {
         self.trigger.trigger();
-        tokio::time::timeout(PATIENCE, self.done).await.expect("serve returns after shutdown").unwrap();
+        tokio::time::timeout(PATIENCE, self.done)
+            .await
+            .expect("serve returns after shutdown")
+            .unwrap();
         assert!(!self.socket.exists(), "the socket file is removed on exit");
     }
 }
@@ -70,7 +84,10 @@ impl Client {
     async fn connect(path: &Path) -> Client {
         let stream = UnixStream::connect(path).await.unwrap();
         let (r, w) = stream.into_split();
-        Client { lines: BufReader::new(r).lines(), writer: w }
+        Client {
+            lines: BufReader::new(r).lines(),
+            writer: w,
+        }
     }
 
     async fn send_raw(&mut self, bytes: &[u8]) {
@@ -82,7 +99,11 @@ impl Client {
     }
 
     async fn event(&mut self) -> Value {
-        let line = tokio::time::timeout(PATIENCE, self.lines.next_line()).await.expect("an event in time").unwrap().expect("open connection");
+        let line = tokio::time::timeout(PATIENCE, self.lines.next_line())
+            .await
+            .expect("an event in time")
+            .unwrap()
+            .expect("open connection");
         serde_json::from_str(&line).unwrap()
     }
 
@@ -105,14 +126,20 @@ impl Client {
 }
 
 fn text_of(events: &[Value]) -> String {
-    events.iter().filter(|e| e["type"] == "token").map(|e| e["text"].as_str().unwrap()).collect()
+    events
+        .iter()
+        .filter(|e| e["type"] == "token")
+        .map(|e| e["text"].as_str().unwrap())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_streams_tokens_for_several_requests_on_one_connection() {
     let daemon = Daemon::start(default_model_dir(), |_| {}).await;
     let mut client = daemon.connect().await;
-    client.send(json!({"id": "a", "prompt": "What is 2+2?", "max_tokens": 12, "temperature": 0})).await;
+    client
+        .send(json!({"id": "a", "prompt": "What is 2+2?", "max_tokens": 12, "temperature": 0}))
+        .await;
     client.send(json!({"id": "b", "prompt": "Name a color.", "max_tokens": 12, "temperature": 0, "stream": false})).await;
     let mut by_id: std::collections::HashMap<String, Vec<Value>> = Default::default();
     let mut finished = 0;
@@ -121,12 +148,20 @@ async fn socket_streams_tokens_for_several_requests_on_one_connection() {
         if e["type"] != "token" {
             finished += 1;
         }
-        by_id.entry(e["id"].as_str().unwrap().to_string()).or_default().push(e);
+        by_id
+            .entry(e["id"].as_str().unwrap().to_string())
+            .or_default()
+            .push(e);
     }
     let a = &by_id["a"];
     assert!(a.len() > 1, "request a streams tokens: {a:?}");
     assert_eq!(a.last().unwrap()["type"], "done");
-    assert!(a.last().unwrap()["usage"]["completion_tokens"].as_u64().unwrap() <= 12);
+    assert!(
+        a.last().unwrap()["usage"]["completion_tokens"]
+            .as_u64()
+            .unwrap()
+            <= 12
+    );
     for (i, e) in a.iter().enumerate() {
         assert_eq!(e["seq"], i as u64);
     }
@@ -146,21 +181,39 @@ async fn malformed_lines_get_error_events_and_the_connection_stays_usable() {
     let mut client = daemon.connect().await;
     client.send_raw(b"this is not json\n").await;
     let e = client.event().await;
-    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("bad_request")), "{e}");
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("bad_request")),
+        "{e}"
+    );
     client.send_raw(b"{\"prompt\": \"\xff\xfe\"}\n").await;
     let e = client.event().await;
     assert!(e["message"].as_str().unwrap().contains("UTF-8"), "{e}");
-    client.send_raw(format!("{{\"prompt\": \"{}\"}}\n", "x".repeat(5000)).as_bytes()).await;
+    client
+        .send_raw(format!("{{\"prompt\": \"{}\"}}\n", "x".repeat(5000)).as_bytes())
+        .await;
     let e = client.event().await;
     assert_eq!(e["code"], "too_long", "{e}");
-    assert!(e["message"].as_str().unwrap().contains("max_request_bytes"), "{e}");
-    client.send(json!({"id": "u", "prompt": "hi", "temprature": 1})).await;
+    assert!(
+        e["message"].as_str().unwrap().contains("max_request_bytes"),
+        "{e}"
+    );
+    client
+        .send(json!({"id": "u", "prompt": "hi", "temprature": 1}))
+        .await;
     let e = client.event().await;
-    assert!(e["id"] == "u" && e["message"].as_str().unwrap().contains("temprature"), "{e}");
-    client.send(json!({"id": "big", "prompt": "hi", "max_tokens": 99999})).await;
+    assert!(
+        e["id"] == "u" && e["message"].as_str().unwrap().contains("temprature"),
+        "{e}"
+    );
+    client
+        .send(json!({"id": "big", "prompt": "hi", "max_tokens": 99999}))
+        .await;
     let e = client.event().await;
     assert_eq!(e["code"], "too_long", "{e}");
-    client.send(json!({"id": "ok", "prompt": "hi", "raw": true, "max_tokens": 3})).await;
+    client
+        .send(json!({"id": "ok", "prompt": "hi", "raw": true, "max_tokens": 3}))
+        .await;
     let events = client.until_end("ok").await;
     assert_eq!(events.last().unwrap()["type"], "done");
     daemon.stop().await;
@@ -178,17 +231,26 @@ async fn a_full_queue_answers_busy_at_once_and_requests_run_in_order() {
     client.send(long_request("running")).await;
     // Its first token: the worker is busy with it.
     assert_eq!(client.event().await["id"], "running");
-    client.send(json!({"id": "waiting", "prompt": "hi", "max_tokens": 2})).await;
-    client.send(json!({"id": "rejected", "prompt": "hi", "max_tokens": 2})).await;
+    client
+        .send(json!({"id": "waiting", "prompt": "hi", "max_tokens": 2}))
+        .await;
+    client
+        .send(json!({"id": "rejected", "prompt": "hi", "max_tokens": 2}))
+        .await;
     let busy = loop {
         let e = client.event().await;
         if e["id"] == "rejected" {
             break e;
         }
-        assert_eq!(e["id"], "running", "nothing else may run before the first ends: {e}");
+        assert_eq!(
+            e["id"], "running",
+            "nothing else may run before the first ends: {e}"
+        );
     };
     assert_eq!(busy["code"], "busy", "{busy}");
-    client.send(json!({"type": "cancel", "id": "running"})).await;
+    client
+        .send(json!({"type": "cancel", "id": "running"}))
+        .await;
     let running = client.until_end("running").await;
     assert_eq!(running.last().unwrap()["finish_reason"], "cancelled");
     let waiting = client.until_end("waiting").await;
@@ -206,13 +268,21 @@ async fn closing_the_connection_cancels_its_requests() {
     drop(client);
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while daemon.stats.cancelled.load(Ordering::Relaxed) == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "the request was not cancelled");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the request was not cancelled"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The worker is free again.
     let mut client = daemon.connect().await;
-    client.send(json!({"id": "next", "prompt": "hi", "max_tokens": 2})).await;
-    assert_eq!(client.until_end("next").await.last().unwrap()["type"], "done");
+    client
+        .send(json!({"id": "next", "prompt": "hi", "max_tokens": 2}))
+        .await;
+    assert_eq!(
+        client.until_end("next").await.last().unwrap()["type"],
+        "done"
+    );
     daemon.stop().await;
 }
 
@@ -234,12 +304,21 @@ async fn a_deadline_ends_the_request_with_timeout() {
 async fn shutdown_drains_and_every_request_still_gets_its_terminal_event() {
     let daemon = Daemon::start(default_model_dir(), |_| {}).await;
     let mut client = daemon.connect().await;
-    client.send(json!({"id": "short", "prompt": "hi", "max_tokens": 8, "temperature": 0})).await;
+    client
+        .send(json!({"id": "short", "prompt": "hi", "max_tokens": 8, "temperature": 0}))
+        .await;
     assert_eq!(client.event().await["id"], "short");
     daemon.trigger.trigger();
     let events = client.until_end("short").await;
-    assert_eq!(events.last().unwrap()["type"], "done", "an in-flight request finishes during the drain");
-    tokio::time::timeout(PATIENCE, daemon.done).await.unwrap().unwrap();
+    assert_eq!(
+        events.last().unwrap()["type"],
+        "done",
+        "an in-flight request finishes during the drain"
+    );
+    tokio::time::timeout(PATIENCE, daemon.done)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!daemon.socket.exists());
 }
 
@@ -252,7 +331,10 @@ async fn a_stale_socket_file_is_replaced_and_a_live_one_refused() {
     assert!(path.exists());
     let listener = emberd::transport::socket::bind(&path, 0o660).unwrap();
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o660);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o660
+    );
     let err = emberd::transport::socket::bind(&path, 0o660).unwrap_err();
     assert!(err.to_string().contains("already listening"), "{err}");
     drop(listener);
@@ -268,10 +350,18 @@ struct Broker {
 
 impl Broker {
     fn start() -> Broker {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")).unwrap();
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .unwrap();
         let child = std::process::Command::new("mosquitto")
             .arg("-c")
             .arg(&conf)
@@ -282,10 +372,17 @@ impl Broker {
         // Ready when it accepts connections.
         let deadline = std::time::Instant::now() + PATIENCE;
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "mosquitto did not start");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mosquitto did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Broker { port, child, _dir: dir }
+        Broker {
+            port,
+            child,
+            _dir: dir,
+        }
     }
 }
 
@@ -301,7 +398,14 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event as MqttEvent, MqttOptions};
 
 /// A test client whose event loop forwards incoming publishes to a channel.
-async fn mqtt_client(port: u16, name: &str, topics: &[&str]) -> (AsyncClient, tokio::sync::mpsc::UnboundedReceiver<(String, Value, Option<PublishProperties>)>) {
+async fn mqtt_client(
+    port: u16,
+    name: &str,
+    topics: &[&str],
+) -> (
+    AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<(String, Value, Option<PublishProperties>)>,
+) {
     let mut options = MqttOptions::new(name, "127.0.0.1", port);
     options.set_keep_alive(Duration::from_secs(10));
     let (client, mut eventloop) = AsyncClient::new(options, 64);
@@ -310,7 +414,10 @@ async fn mqtt_client(port: u16, name: &str, topics: &[&str]) -> (AsyncClient, to
     let mut subscribed_tx = Some(subscribed_tx);
     let mut pending_subacks = topics.len();
     for t in topics {
-        client.subscribe(t.to_string(), QoS::AtLeastOnce).await.unwrap();
+        client
+            .subscribe(t.to_string(), QoS::AtLeastOnce)
+            .await
+            .unwrap();
     }
     tokio::spawn(async move {
         loop {
@@ -335,7 +442,10 @@ async fn mqtt_client(port: u16, name: &str, topics: &[&str]) -> (AsyncClient, to
             }
         }
     });
-    tokio::time::timeout(PATIENCE, subscribed_rx).await.unwrap().unwrap();
+    tokio::time::timeout(PATIENCE, subscribed_rx)
+        .await
+        .unwrap()
+        .unwrap();
     (client, rx)
 }
 
@@ -351,11 +461,19 @@ async fn mqtt_requests_stream_to_the_response_topic_with_correlation_data() {
         c.mqtt.prefix = "test".into();
     })
     .await;
-    let (client, mut rx) = mqtt_client(port, "tester", &["test/dev1/status", "replies/#", "test/dev1/response/#"]).await;
+    let (client, mut rx) = mqtt_client(
+        port,
+        "tester",
+        &["test/dev1/status", "replies/#", "test/dev1/response/#"],
+    )
+    .await;
 
     // The retained status says online, with the engine.
     let status = loop {
-        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv()).await.unwrap().unwrap();
+        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         if topic == "test/dev1/status" && value["state"] == "online" {
             break value;
         }
@@ -369,18 +487,31 @@ async fn mqtt_requests_stream_to_the_response_topic_with_correlation_data() {
         correlation_data: Some(bytes::Bytes::from_static(b"corr-42")),
         ..Default::default()
     };
-    let request = json!({"id": "m1", "prompt": "hello", "raw": true, "max_tokens": 5, "ignore_eos": true});
+    let request =
+        json!({"id": "m1", "prompt": "hello", "raw": true, "max_tokens": 5, "ignore_eos": true});
     client
-        .publish_with_properties("test/dev1/request", QoS::AtLeastOnce, false, request.to_string(), properties)
+        .publish_with_properties(
+            "test/dev1/request",
+            QoS::AtLeastOnce,
+            false,
+            request.to_string(),
+            properties,
+        )
         .await
         .unwrap();
     let mut events = Vec::new();
     loop {
-        let (topic, value, props) = tokio::time::timeout(PATIENCE, rx.recv()).await.unwrap().unwrap();
+        let (topic, value, props) = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         if topic != "replies/one" {
             continue;
         }
-        assert_eq!(props.and_then(|p| p.correlation_data).as_deref(), Some(&b"corr-42"[..]));
+        assert_eq!(
+            props.and_then(|p| p.correlation_data).as_deref(),
+            Some(&b"corr-42"[..])
+        );
         let terminal = value["type"] != "token";
         events.push(value);
         if terminal {
@@ -393,9 +524,20 @@ async fn mqtt_requests_stream_to_the_response_topic_with_correlation_data() {
 
     // Without a Response Topic (an MQTT 3.1.1 client): the default response topic.
     let request = json!({"id": "m2", "prompt": "hello", "raw": true, "max_tokens": 2});
-    client.publish("test/dev1/request", QoS::AtLeastOnce, false, request.to_string()).await.unwrap();
+    client
+        .publish(
+            "test/dev1/request",
+            QoS::AtLeastOnce,
+            false,
+            request.to_string(),
+        )
+        .await
+        .unwrap();
     loop {
-        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv()).await.unwrap().unwrap();
+        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         if topic == "test/dev1/response/m2" && value["type"] != "token" {
             assert_eq!(value["type"], "done");
             break;
@@ -403,10 +545,25 @@ async fn mqtt_requests_stream_to_the_response_topic_with_correlation_data() {
     }
 
     // A bad request is answered, and the daemon keeps serving.
-    let props = PublishProperties { response_topic: Some("replies/bad".into()), ..Default::default() };
-    client.publish_with_properties("test/dev1/request", QoS::AtLeastOnce, false, "{not json", props).await.unwrap();
+    let props = PublishProperties {
+        response_topic: Some("replies/bad".into()),
+        ..Default::default()
+    };
+    client
+        .publish_with_properties(
+            "test/dev1/request",
+            QoS::AtLeastOnce,
+            false,
+            "{not json",
+            props,
+        )
+        .await
+        .unwrap();
     loop {
-        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv()).await.unwrap().unwrap();
+        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         if topic == "replies/bad" {
             assert_eq!(value["code"], "bad_request");
             break;
@@ -416,7 +573,10 @@ async fn mqtt_requests_stream_to_the_response_topic_with_correlation_data() {
     // Shutdown publishes a retained offline status.
     daemon.stop().await;
     loop {
-        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv()).await.unwrap().unwrap();
+        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         if topic == "test/dev1/status" && value["state"] == "offline" {
             break;
         }
@@ -437,15 +597,34 @@ async fn mqtt_cancel_topic_stops_a_running_request() {
     let (client, mut rx) = mqtt_client(port, "canceller", &["out/#"]).await;
     let mut request = long_request("c1");
     request["reply_to"] = json!("out/c1");
-    client.publish("emberd/dev2/request", QoS::AtLeastOnce, false, request.to_string()).await.unwrap();
-    let (_, first, _) = tokio::time::timeout(PATIENCE, rx.recv()).await.unwrap().unwrap();
+    client
+        .publish(
+            "emberd/dev2/request",
+            QoS::AtLeastOnce,
+            false,
+            request.to_string(),
+        )
+        .await
+        .unwrap();
+    let (_, first, _) = tokio::time::timeout(PATIENCE, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(first["type"], "token");
     client
-        .publish("emberd/dev2/cancel", QoS::AtLeastOnce, false, json!({"type": "cancel", "id": "c1"}).to_string())
+        .publish(
+            "emberd/dev2/cancel",
+            QoS::AtLeastOnce,
+            false,
+            json!({"type": "cancel", "id": "c1"}).to_string(),
+        )
         .await
         .unwrap();
     loop {
-        let (_, value, _) = tokio::time::timeout(PATIENCE, rx.recv()).await.unwrap().unwrap();
+        let (_, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         if value["type"] != "token" {
             assert_eq!(value["finish_reason"], "cancelled", "{value}");
             break;
@@ -463,7 +642,12 @@ fn the_binary_exits_zero_on_sigterm_and_removes_its_socket() {
     let config = dir.path().join("emberd.toml");
     std::fs::write(
         &config,
-        format!("[model]\ndir = {:?}\nort_library = {:?}\n[socket]\npath = {:?}\n", tiny_dir("q4"), ort_library(), socket),
+        format!(
+            "[model]\ndir = {:?}\nort_library = {:?}\n[socket]\npath = {:?}\n",
+            tiny_dir("q4"),
+            ort_library(),
+            socket
+        ),
     )
     .unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_emberd"))
@@ -476,7 +660,10 @@ fn the_binary_exits_zero_on_sigterm_and_removes_its_socket() {
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
     // The daemon says when it is ready; no sleeps.
     loop {
-        let line = lines.next().expect("emberd exited before it was ready").unwrap();
+        let line = lines
+            .next()
+            .expect("emberd exited before it was ready")
+            .unwrap();
         if line.contains("ready:") && line.contains("listening") {
             break;
         }
@@ -484,13 +671,18 @@ fn the_binary_exits_zero_on_sigterm_and_removes_its_socket() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let mut client = Client::connect(&socket).await;
-        client.send(json!({"id": "x", "prompt": "hi", "max_tokens": 3})).await;
+        client
+            .send(json!({"id": "x", "prompt": "hi", "max_tokens": 3}))
+            .await;
         assert_eq!(client.until_end("x").await.last().unwrap()["type"], "done");
     });
     unsafe { libc_kill(child.id() as i32, 15) };
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status {status:?}");
-    assert!(!socket.exists(), "the socket file is removed on a clean exit");
+    assert!(
+        !socket.exists(),
+        "the socket file is removed on a clean exit"
+    );
 }
 
 extern "C" {

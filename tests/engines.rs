@@ -18,13 +18,25 @@ fn tiny_models_of_every_layout_match_their_reference_on_tract() {
             let prompt = ids(&case["prompt_ids"]);
             let expected = ids(&case["greedy_ids"]);
             let (got, logits) = generator.greedy_trace(&prompt, expected.len()).unwrap();
-            assert_eq!(got, expected, "{layout}: greedy ids on tract differ from the reference");
+            assert_eq!(
+                got, expected,
+                "{layout}: greedy ids on tract differ from the reference"
+            );
             // The 4-bit model's reference from ONNX Runtime's fast kernel quantizes activations
             // to int8; tract computes in f32, so it is held to the exact reference.
-            let key = if case.get("step_logits_exact").is_some() { "step_logits_exact" } else { "step_logits" };
+            let key = if case.get("step_logits_exact").is_some() {
+                "step_logits_exact"
+            } else {
+                "step_logits"
+            };
             let mut worst = 0.0f32;
             for (step, want) in case[key].as_array().unwrap().iter().enumerate() {
-                let want: Vec<f32> = want.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+                let want: Vec<f32> = want
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap() as f32)
+                    .collect();
                 worst = worst.max(max_abs_diff(&logits[step], &want));
             }
             assert!(worst <= 1e-3, "{layout}: tract logits differ by {worst}");
@@ -46,17 +58,35 @@ fn tract_matches_the_exact_reference_on_the_default_model() {
         let exact_ids = ids(&case["greedy_ids_exact"]);
         let n = exact_ids.len().min(32);
         let (tract_ids, tract_logits) = tract.greedy_trace(&prompt, n).unwrap();
-        assert_eq!(tract_ids, exact_ids[..n], "tract greedy ids differ from the exact reference");
+        assert_eq!(
+            tract_ids,
+            exact_ids[..n],
+            "tract greedy ids differ from the exact reference"
+        );
         let mut worst = 0.0f32;
-        for (step, top) in case["step_top_exact"].as_array().unwrap().iter().take(8).enumerate() {
+        for (step, top) in case["step_top_exact"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .take(8)
+            .enumerate()
+        {
             for pair in top.as_array().unwrap() {
-                let (id, logit) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
+                let (id, logit) = (
+                    pair[0].as_u64().unwrap() as usize,
+                    pair[1].as_f64().unwrap() as f32,
+                );
                 worst = worst.max((tract_logits[step][id] - logit).abs());
             }
         }
-        assert!(worst <= 1e-2, "tract's top logits differ from the exact reference by {worst}");
+        assert!(
+            worst <= 1e-2,
+            "tract's top logits differ from the exact reference by {worst}"
+        );
         let (_, ort_logits) = ort.greedy_trace(&prompt, 8).unwrap();
-        let vs_ort = (0..8).map(|s| max_abs_diff(&ort_logits[s], &tract_logits[s])).fold(0.0, f32::max);
+        let vs_ort = (0..8)
+            .map(|s| max_abs_diff(&ort_logits[s], &tract_logits[s]))
+            .fold(0.0, f32::max);
         eprintln!("default model, first 8 steps: tract vs exact top-5 max |Δlogit| {worst:e}; vs ONNX Runtime accuracy_level 4: {vs_ort:e}");
     }
 }
@@ -79,12 +109,26 @@ fn last_event(stdout: &[u8]) -> serde_json::Value {
 fn auto_falls_back_to_tract_when_onnx_runtime_is_missing() {
     let model = tiny_dir("optimum");
     let out = emberd(&[
-        "generate", "--model", model.to_str().unwrap(), "--ort-library", "/nonexistent/libonnxruntime.so",
-        "--raw", "--json", "--max-tokens", "4", "--temperature", "0", "hello",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--ort-library",
+        "/nonexistent/libonnxruntime.so",
+        "--raw",
+        "--json",
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "hello",
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("falling back to tract") && stderr.contains("/nonexistent/libonnxruntime.so"), "{stderr}");
+    assert!(
+        stderr.contains("falling back to tract")
+            && stderr.contains("/nonexistent/libonnxruntime.so"),
+        "{stderr}"
+    );
     let done = last_event(&out.stdout);
     assert_eq!(done["type"], "done");
     assert_eq!(done["timings"]["engine"], "tract/cpu");
@@ -95,12 +139,23 @@ fn auto_falls_back_to_tract_when_onnx_runtime_is_missing() {
 fn a_provider_the_library_lacks_is_skipped_with_a_warning_naming_it() {
     let model = tiny_dir("optimum");
     let out = emberd(&[
-        "generate", "--model", model.to_str().unwrap(), "--providers", "cuda,cpu",
-        "--raw", "--json", "--max-tokens", "2", "hello",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--providers",
+        "cuda,cpu",
+        "--raw",
+        "--json",
+        "--max-tokens",
+        "2",
+        "hello",
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("execution provider cuda skipped"), "{stderr}");
+    assert!(
+        stderr.contains("execution provider cuda skipped"),
+        "{stderr}"
+    );
     assert_eq!(last_event(&out.stdout)["timings"]["engine"], "ort/cpu");
 }
 
@@ -108,24 +163,42 @@ fn a_provider_the_library_lacks_is_skipped_with_a_warning_naming_it() {
 fn forcing_onnx_runtime_with_a_bad_library_is_a_clear_error() {
     let model = tiny_dir("optimum");
     let out = emberd(&[
-        "generate", "--model", model.to_str().unwrap(), "--backend", "ort",
-        "--ort-library", "/nonexistent/libonnxruntime.so", "hello",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--backend",
+        "ort",
+        "--ort-library",
+        "/nonexistent/libonnxruntime.so",
+        "hello",
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("ONNX Runtime library could not be loaded from /nonexistent/libonnxruntime.so"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "ONNX Runtime library could not be loaded from /nonexistent/libonnxruntime.so"
+        ),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[test]
 fn info_reports_layout_engine_and_available_providers() {
     let out = emberd(&["info", "--model", tiny_dir("genai").to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(info["model"]["layout"], "genai");
     assert_eq!(info["engine"]["engine"], "ort");
     let providers = info["engine"]["available_providers"].as_array().unwrap();
-    assert!(providers.iter().any(|p| p == "CPUExecutionProvider"), "{providers:?}");
+    assert!(
+        providers.iter().any(|p| p == "CPUExecutionProvider"),
+        "{providers:?}"
+    );
     assert_eq!(info["model"]["io"]["past_keys"][1], "past_key_values.1.key");
 }
 
@@ -133,16 +206,47 @@ fn info_reports_layout_engine_and_available_providers() {
 fn bench_runs_on_both_engines_and_prints_the_figures() {
     for backend in ["tract", "ort"] {
         let out = emberd(&[
-            "bench", "--model", tiny_dir("q4").to_str().unwrap(), "--backend", backend,
-            "--prompt-tokens", "32", "--gen-tokens", "16", "--runs", "2", "--threads", "1",
+            "bench",
+            "--model",
+            tiny_dir("q4").to_str().unwrap(),
+            "--backend",
+            backend,
+            "--prompt-tokens",
+            "32",
+            "--gen-tokens",
+            "16",
+            "--runs",
+            "2",
+            "--threads",
+            "1",
         ]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(report["engine"], backend);
         assert_eq!(report["prompt_tokens"], 32);
-        for key in ["load_ms", "prefill_ms", "prefill_tokens_per_s", "ttft_ms", "decode_tokens_per_s", "peak_rss_mb"] {
-            assert!(report[key].as_f64().unwrap() > 0.0, "{backend}: {key} = {}", report[key]);
+        for key in [
+            "load_ms",
+            "prefill_ms",
+            "prefill_tokens_per_s",
+            "ttft_ms",
+            "decode_tokens_per_s",
+            "peak_rss_mb",
+        ] {
+            assert!(
+                report[key].as_f64().unwrap() > 0.0,
+                "{backend}: {key} = {}",
+                report[key]
+            );
         }
-        assert!(report["spread"]["decode_tokens_per_s"]["min"].as_f64().unwrap() <= report["decode_tokens_per_s"].as_f64().unwrap());
+        assert!(
+            report["spread"]["decode_tokens_per_s"]["min"]
+                .as_f64()
+                .unwrap()
+                <= report["decode_tokens_per_s"].as_f64().unwrap()
+        );
     }
 }

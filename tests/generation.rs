@@ -6,7 +6,10 @@ use common::*;
 use emberd::engine::Backend;
 use emberd::generate::RunControl;
 use emberd::model::{Layout, ModelPackage};
-use emberd::protocol::{ErrorCode, Event, FinishReason, Message, PromptInput, RequestPolicy, SamplingParams, ValidRequest};
+use emberd::protocol::{
+    ErrorCode, Event, FinishReason, Message, PromptInput, RequestPolicy, SamplingParams,
+    ValidRequest,
+};
 
 fn request(input: PromptInput, max_tokens: u32) -> ValidRequest {
     ValidRequest {
@@ -42,9 +45,17 @@ fn check_reference_logits(layout: &str, backend: Backend, tolerance: f32) -> f32
         let (got, logits) = generator.greedy_trace(&prompt, expected.len()).unwrap();
         assert_eq!(got, expected, "{layout} on {backend:?}: greedy ids differ");
         for (step, want) in case["step_logits"].as_array().unwrap().iter().enumerate() {
-            let want: Vec<f32> = want.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+            let want: Vec<f32> = want
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
             let diff = max_abs_diff(&logits[step], &want);
-            assert!(diff <= tolerance, "{layout} on {backend:?} step {step}: max |Δlogit| {diff} > {tolerance}");
+            assert!(
+                diff <= tolerance,
+                "{layout} on {backend:?} step {step}: max |Δlogit| {diff} > {tolerance}"
+            );
             worst = worst.max(diff);
         }
     }
@@ -70,15 +81,37 @@ fn layouts_are_detected_from_the_package() {
     for (dir, layout) in expect {
         let p = ModelPackage::load(&tiny_dir(dir)).unwrap();
         assert_eq!(p.layout, layout, "{dir}");
-        assert_eq!((p.layers, p.kv_heads, p.head_dim, p.vocab_size), (2, 2, 16, 384), "{dir}");
+        assert_eq!(
+            (p.layers, p.kv_heads, p.head_dim, p.vocab_size),
+            (2, 2, 16, 384),
+            "{dir}"
+        );
     }
     let genai = ModelPackage::load(&tiny_dir("genai")).unwrap();
-    assert!(genai.io.position_ids.is_none(), "the genai test model has no position_ids input");
-    assert_eq!(genai.eos_ids, vec![2, 0], "several eos ids come from genai_config.json");
+    assert!(
+        genai.io.position_ids.is_none(),
+        "the genai test model has no position_ids input"
+    );
+    assert_eq!(
+        genai.eos_ids,
+        vec![2, 0],
+        "several eos ids come from genai_config.json"
+    );
     let merged = ModelPackage::load(&tiny_dir("optimum-merged")).unwrap();
-    assert_eq!(merged.io.use_cache_branch.as_deref(), Some("use_cache_branch"));
+    assert_eq!(
+        merged.io.use_cache_branch.as_deref(),
+        Some("use_cache_branch")
+    );
     let default = ModelPackage::load(&default_model_dir()).unwrap();
-    assert_eq!((default.layers, default.kv_heads, default.head_dim, default.vocab_size), (30, 3, 64, 49152));
+    assert_eq!(
+        (
+            default.layers,
+            default.kv_heads,
+            default.head_dim,
+            default.vocab_size
+        ),
+        (30, 3, 64, 49152)
+    );
     assert!(default.context_len >= 2048);
 }
 
@@ -91,24 +124,43 @@ fn default_model_greedy_ids_equal_onnx_runtime_python() {
     for case in reference["prompts"].as_array().unwrap() {
         let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
         let system = case["system"].as_str().map(str::to_string);
-        let mut req = emberd::protocol::Request { messages: Some(messages), system, ..Default::default() };
+        let mut req = emberd::protocol::Request {
+            messages: Some(messages),
+            system,
+            ..Default::default()
+        };
         req.max_tokens = Some(64);
         let valid = req.validate(&policy, || "r".into()).unwrap();
         let prompt = generator.prompt_ids(&valid.input).unwrap();
-        assert_eq!(generator.prompt_text(&valid.input).unwrap(), case["text"].as_str().unwrap());
-        assert_eq!(prompt, ids(&case["prompt_ids"]), "prompt ids differ from Hugging Face tokenization");
+        assert_eq!(
+            generator.prompt_text(&valid.input).unwrap(),
+            case["text"].as_str().unwrap()
+        );
+        assert_eq!(
+            prompt,
+            ids(&case["prompt_ids"]),
+            "prompt ids differ from Hugging Face tokenization"
+        );
         let expected = ids(&case["greedy_ids"]);
         let n = expected.len().min(64);
         assert!(n >= 32, "the reference holds at least 32 tokens");
         let (got, _) = generator.greedy_trace(&prompt, n).unwrap();
-        assert_eq!(got[..n], expected[..n], "greedy ids differ for {:?}", case["text"]);
+        assert_eq!(
+            got[..n],
+            expected[..n],
+            "greedy ids differ for {:?}",
+            case["text"]
+        );
     }
 }
 
 #[test]
 fn streaming_pieces_add_up_to_the_done_text_and_stop_at_eos_or_length() {
     let mut generator = generator(default_model_dir(), Backend::Ort);
-    let chat = PromptInput::Chat(vec![Message { role: "user".into(), content: "Name three colors.".into() }]);
+    let chat = PromptInput::Chat(vec![Message {
+        role: "user".into(),
+        content: "Name three colors.".into(),
+    }]);
     let events = collect(&mut generator, &request(chat.clone(), 48));
     let streamed: String = events
         .iter()
@@ -118,9 +170,23 @@ fn streaming_pieces_add_up_to_the_done_text_and_stop_at_eos_or_length() {
         })
         .collect();
     assert!(!streamed.is_empty());
-    let Some(Event::Done { finish_reason, usage, timings, seq, .. }) = events.last() else { panic!("{events:?}") };
-    assert!(matches!(finish_reason, FinishReason::Stop | FinishReason::Length));
-    assert!(usage.prompt_tokens > 10 && usage.completion_tokens > 0 && usage.completion_tokens <= 48);
+    let Some(Event::Done {
+        finish_reason,
+        usage,
+        timings,
+        seq,
+        ..
+    }) = events.last()
+    else {
+        panic!("{events:?}")
+    };
+    assert!(matches!(
+        finish_reason,
+        FinishReason::Stop | FinishReason::Length
+    ));
+    assert!(
+        usage.prompt_tokens > 10 && usage.completion_tokens > 0 && usage.completion_tokens <= 48
+    );
     assert_eq!(*seq as usize, events.len() - 1, "seq numbers every event");
     assert!(timings.ttft_ms > 0.0 && timings.engine == "ort/cpu");
     assert_eq!(events.iter().filter(|e| e.is_terminal()).count(), 1);
@@ -130,20 +196,32 @@ fn streaming_pieces_add_up_to_the_done_text_and_stop_at_eos_or_length() {
     whole.stream = false;
     let events = collect(&mut generator, &whole);
     assert_eq!(events.len(), 1);
-    let Event::Done { text, .. } = &events[0] else { panic!() };
+    let Event::Done { text, .. } = &events[0] else {
+        panic!()
+    };
     assert_eq!(text.as_deref(), Some(streamed.as_str()));
 }
 
 #[test]
 fn a_stop_sequence_ends_generation_and_is_not_emitted() {
     let mut generator = generator(default_model_dir(), Backend::Ort);
-    let chat = PromptInput::Chat(vec![Message { role: "user".into(), content: "Tell me about Paris, the capital of France.".into() }]);
+    let chat = PromptInput::Chat(vec![Message {
+        role: "user".into(),
+        content: "Tell me about Paris, the capital of France.".into(),
+    }]);
     // The greedy reply starts "Bonjour, I'm delighted..."; stop on a string inside it.
     let mut req = request(chat, 64);
     req.stop = vec!["delighted".into()];
     req.stream = false;
     let events = collect(&mut generator, &req);
-    let Some(Event::Done { text, finish_reason, .. }) = events.last() else { panic!("{events:?}") };
+    let Some(Event::Done {
+        text,
+        finish_reason,
+        ..
+    }) = events.last()
+    else {
+        panic!("{events:?}")
+    };
     assert_eq!(*finish_reason, FinishReason::StopSequence);
     assert_eq!(text.as_deref(), Some("Bonjour, I'm "));
 }
@@ -152,7 +230,14 @@ fn a_stop_sequence_ends_generation_and_is_not_emitted() {
 fn same_seed_gives_the_same_text_and_max_tokens_is_respected() {
     let mut generator = generator(tiny_dir("optimum"), Backend::Ort);
     let mut req = request(PromptInput::Raw("hello world".into()), 20);
-    req.sampling = SamplingParams { temperature: 1.0, top_k: 50, top_p: 0.95, min_p: 0.0, repetition_penalty: 1.1, seed: Some(7) };
+    req.sampling = SamplingParams {
+        temperature: 1.0,
+        top_k: 50,
+        top_p: 0.95,
+        min_p: 0.0,
+        repetition_penalty: 1.1,
+        seed: Some(7),
+    };
     req.ignore_eos = true;
     req.stream = false;
     let first = collect(&mut generator, &req);
@@ -171,7 +256,11 @@ fn a_prompt_longer_than_the_context_is_too_long_not_a_panic() {
     let long = "lorem ipsum dolor sit amet ".repeat(200);
     let events = collect(&mut generator, &request(PromptInput::Raw(long), 4));
     match &events[..] {
-        [Event::Error { code: ErrorCode::TooLong, message, .. }] => assert!(message.contains("512"), "{message}"),
+        [Event::Error {
+            code: ErrorCode::TooLong,
+            message,
+            ..
+        }] => assert!(message.contains("512"), "{message}"),
         other => panic!("{other:?}"),
     }
     // The generator still serves afterwards.
@@ -193,30 +282,59 @@ fn cancellation_between_steps_ends_with_done_cancelled() {
         events.push(e);
         true
     });
-    let Some(Event::Done { finish_reason, usage, .. }) = events.last() else { panic!() };
+    let Some(Event::Done {
+        finish_reason,
+        usage,
+        ..
+    }) = events.last()
+    else {
+        panic!()
+    };
     assert_eq!(*finish_reason, FinishReason::Cancelled);
-    assert!(usage.completion_tokens < 10, "stopped within a step: {usage:?}");
+    assert!(
+        usage.completion_tokens < 10,
+        "stopped within a step: {usage:?}"
+    );
 }
 
 #[test]
 fn bad_model_directories_get_errors_that_name_the_problem() {
     let missing = ModelPackage::load(std::path::Path::new("/nonexistent/model")).unwrap_err();
-    assert!(missing.to_string().contains("/nonexistent/model"), "{missing}");
+    assert!(
+        missing.to_string().contains("/nonexistent/model"),
+        "{missing}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let src = tiny_dir("optimum");
-    for f in ["config.json", "generation_config.json", "tokenizer_config.json", "emberd.json"] {
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer_config.json",
+        "emberd.json",
+    ] {
         std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
     }
-    std::fs::write(dir.path().join("model.onnx"), b"this is not an onnx file at all").unwrap();
+    std::fs::write(
+        dir.path().join("model.onnx"),
+        b"this is not an onnx file at all",
+    )
+    .unwrap();
     let corrupt = ModelPackage::load(dir.path()).unwrap_err();
     assert!(corrupt.to_string().contains("model.onnx"), "{corrupt}");
 
     std::fs::copy(src.join("model.onnx"), dir.path().join("model.onnx")).unwrap();
     let no_tokenizer = ModelPackage::load(dir.path()).unwrap_err();
-    assert!(no_tokenizer.to_string().contains("tokenizer.json"), "{no_tokenizer}");
+    assert!(
+        no_tokenizer.to_string().contains("tokenizer.json"),
+        "{no_tokenizer}"
+    );
 
-    std::fs::write(dir.path().join("emberd.json"), r#"{"format":1,"files":{"ort":"gone.onnx"}}"#).unwrap();
+    std::fs::write(
+        dir.path().join("emberd.json"),
+        r#"{"format":1,"files":{"ort":"gone.onnx"}}"#,
+    )
+    .unwrap();
     let dangling = ModelPackage::load(dir.path()).unwrap_err();
     assert!(dangling.to_string().contains("gone.onnx"), "{dangling}");
 }

@@ -14,7 +14,10 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new() -> Self {
-        KvCache { tokens: Vec::new(), store: None }
+        KvCache {
+            tokens: Vec::new(),
+            store: None,
+        }
     }
 
     /// Positions filled so far.

@@ -31,7 +31,17 @@ pub enum EngineError {
 }
 
 /// Which engine to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    serde::Deserialize,
+    serde::Serialize,
+    clap::ValueEnum,
+    Default,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// ONNX Runtime, falling back to tract when it cannot start.
@@ -54,7 +64,12 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { backend: Backend::Auto, providers: vec!["cpu".into()], ort_library: None, threads: 0 }
+        EngineOptions {
+            backend: Backend::Auto,
+            providers: vec!["cpu".into()],
+            ort_library: None,
+            threads: 0,
+        }
     }
 }
 
@@ -89,7 +104,12 @@ pub trait Engine: Send {
 
     /// Runs `ids` at the positions after those already in `cache`, appends their keys and
     /// values to it, and writes the logits of the last position into `logits`.
-    fn forward(&mut self, ids: &[u32], cache: &mut KvCache, logits: &mut Vec<f32>) -> Result<(), EngineError>;
+    fn forward(
+        &mut self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), EngineError>;
 }
 
 /// Resolves the ONNX Runtime library: config, else `ORT_DYLIB_PATH`, else the copy that the
@@ -106,7 +126,10 @@ pub fn ort_library_path(configured: Option<&PathBuf>) -> PathBuf {
 
 /// Builds the engine that `options` asks for, falling back from ONNX Runtime to tract under
 /// `Backend::Auto` and saying why.
-pub fn load(package: &ModelPackage, options: &EngineOptions) -> Result<Box<dyn Engine>, EngineError> {
+pub fn load(
+    package: &ModelPackage,
+    options: &EngineOptions,
+) -> Result<Box<dyn Engine>, EngineError> {
     match options.backend {
         Backend::Ort => Ok(Box::new(ort::OrtEngine::load(package, options)?)),
         Backend::Tract => Ok(Box::new(tract::TractEngine::load(package, options, None)?)),
@@ -114,8 +137,11 @@ pub fn load(package: &ModelPackage, options: &EngineOptions) -> Result<Box<dyn E
             Ok(engine) => Ok(Box::new(engine)),
             Err(ort_error) => {
                 log::warn!("ONNX Runtime unavailable ({ort_error}); falling back to tract");
-                let engine = tract::TractEngine::load(package, options, Some(ort_error.to_string()))
-                    .map_err(|e| EngineError::NoEngine(format!("ONNX Runtime: {ort_error}; tract: {e}")))?;
+                let engine =
+                    tract::TractEngine::load(package, options, Some(ort_error.to_string()))
+                        .map_err(|e| {
+                            EngineError::NoEngine(format!("ONNX Runtime: {ort_error}; tract: {e}"))
+                        })?;
                 Ok(Box::new(engine))
             }
         },

@@ -6,8 +6,8 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use ort::ep::{self, ExecutionProvider};
 use ort::environment::Environment;
+use ort::ep::{self, ExecutionProvider};
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor};
@@ -17,7 +17,8 @@ use crate::model::{IoNames, ModelPackage};
 
 /// Provider names accepted in `providers`, in the spelling of the config.
 pub const KNOWN_PROVIDERS: &[&str] = &[
-    "tensorrt", "cuda", "openvino", "qnn", "acl", "xnnpack", "coreml", "rocm", "migraphx", "cann", "nnapi", "cpu",
+    "tensorrt", "cuda", "openvino", "qnn", "acl", "xnnpack", "coreml", "rocm", "migraphx", "cann",
+    "nnapi", "cpu",
 ];
 
 /// The process-wide ONNX Runtime environment and the library it came from.
@@ -36,7 +37,10 @@ pub fn environment(library: &Path) -> Result<&'static Environment, EngineError> 
         if loaded != library {
             return Err(EngineError::OrtLibrary {
                 path: library.to_path_buf(),
-                reason: format!("this process already loaded ONNX Runtime from {}", loaded.display()),
+                reason: format!(
+                    "this process already loaded ONNX Runtime from {}",
+                    loaded.display()
+                ),
             });
         }
         return Ok(env);
@@ -48,7 +52,10 @@ pub fn environment(library: &Path) -> Result<&'static Environment, EngineError> 
         });
     }
     let env = ort::init_from(library)
-        .map_err(|e| EngineError::OrtLibrary { path: library.to_path_buf(), reason: e.to_string() })?
+        .map_err(|e| EngineError::OrtLibrary {
+            path: library.to_path_buf(),
+            reason: e.to_string(),
+        })?
         .with_name("emberd")
         .with_telemetry(false)
         .build()
@@ -61,8 +68,12 @@ fn library_version(path: &Path) -> String {
     // SAFETY: the library is already loaded by ort (this only takes another reference), and
     // OrtGetApiBase/GetVersionString are plain C functions that return static data.
     unsafe {
-        let Ok(lib) = libloading::Library::new(path) else { return "unknown".into() };
-        let Ok(get_base) = lib.get::<unsafe extern "C" fn() -> *const ort::sys::OrtApiBase>(b"OrtGetApiBase") else {
+        let Ok(lib) = libloading::Library::new(path) else {
+            return "unknown".into();
+        };
+        let Ok(get_base) =
+            lib.get::<unsafe extern "C" fn() -> *const ort::sys::OrtApiBase>(b"OrtGetApiBase")
+        else {
             return "unknown".into();
         };
         let base = get_base();
@@ -70,7 +81,9 @@ fn library_version(path: &Path) -> String {
             return "unknown".into();
         }
         let version = ((*base).GetVersionString)();
-        std::ffi::CStr::from_ptr(version).to_string_lossy().into_owned()
+        std::ffi::CStr::from_ptr(version)
+            .to_string_lossy()
+            .into_owned()
     }
 }
 
@@ -82,9 +95,14 @@ pub fn available_providers() -> Result<Vec<String>, EngineError> {
     // SAFETY: the library is loaded (ort::api() would have panicked otherwise); the array is
     // read before it is released, and its length comes from the same call.
     unsafe {
-        ort::Error::result_from_status((api.GetAvailableProviders)(&mut names, &mut count)).map_err(ort_error)?;
+        ort::Error::result_from_status((api.GetAvailableProviders)(&mut names, &mut count))
+            .map_err(ort_error)?;
         let list = (0..count as usize)
-            .map(|i| std::ffi::CStr::from_ptr(*names.add(i)).to_string_lossy().into_owned())
+            .map(|i| {
+                std::ffi::CStr::from_ptr(*names.add(i))
+                    .to_string_lossy()
+                    .into_owned()
+            })
             .collect();
         let _ = ort::Error::result_from_status((api.ReleaseAvailableProviders)(names, count));
         Ok(list)
@@ -106,7 +124,9 @@ fn register(builder: &mut SessionBuilder, name: &str) -> Result<(), EngineError>
         "cann" => ep::CANN::default().register(builder),
         "nnapi" => ep::NNAPI::default().register(builder),
         // The CPU provider is always there; registering it only sets the arena.
-        "cpu" => ep::CPU::default().with_arena_allocator(true).register(builder),
+        "cpu" => ep::CPU::default()
+            .with_arena_allocator(true)
+            .register(builder),
         other => return Err(EngineError::UnknownProvider(other.to_string())),
     };
     result.map_err(ort_error)
@@ -134,21 +154,28 @@ impl OrtEngine {
             .with_optimization_level(GraphOptimizationLevel::All)
             .map_err(ort_error)?;
         if options.threads > 0 {
-            builder = builder.with_intra_threads(options.threads).map_err(ort_error)?;
+            builder = builder
+                .with_intra_threads(options.threads)
+                .map_err(ort_error)?;
         }
         let mut provider = None;
         for name in &options.providers {
             match register(&mut builder, name) {
                 Ok(()) if provider.is_none() => provider = Some(name.clone()),
                 Ok(()) => {}
-                Err(EngineError::UnknownProvider(n)) => return Err(EngineError::UnknownProvider(n)),
+                Err(EngineError::UnknownProvider(n)) => {
+                    return Err(EngineError::UnknownProvider(n))
+                }
                 Err(e) => log::warn!("execution provider {name} skipped: {e}"),
             }
         }
         let provider = provider.unwrap_or_else(|| "cpu".to_string());
-        let session = builder
-            .commit_from_file(&package.ort_file)
-            .map_err(|e| EngineError::Ort(format!("cannot create a session for {}: {e}", package.ort_file.display())))?;
+        let session = builder.commit_from_file(&package.ort_file).map_err(|e| {
+            EngineError::Ort(format!(
+                "cannot create a session for {}: {e}",
+                package.ort_file.display()
+            ))
+        })?;
         let info = EngineInfo {
             engine: "ort",
             provider,
@@ -178,14 +205,20 @@ impl OrtEngine {
     fn empty_past(&self) -> Result<Vec<DynValue>, EngineError> {
         let shape = [1usize, self.kv_heads, 0, self.head_dim];
         (0..self.io.past_keys.len() * 2)
-            .map(|_| Tensor::from_array((shape, Vec::<f32>::new())).map(|t| t.into_dyn()).map_err(ort_error))
+            .map(|_| {
+                Tensor::from_array((shape, Vec::<f32>::new()))
+                    .map(|t| t.into_dyn())
+                    .map_err(ort_error)
+            })
             .collect()
     }
 }
 
 fn i64_tensor(values: Vec<i64>) -> Result<DynValue, EngineError> {
     let shape = [1usize, values.len()];
-    Tensor::from_array((shape, values)).map(|t| t.into_dyn()).map_err(ort_error)
+    Tensor::from_array((shape, values))
+        .map(|t| t.into_dyn())
+        .map_err(ort_error)
 }
 
 impl Engine for OrtEngine {
@@ -197,7 +230,12 @@ impl Engine for OrtEngine {
         KvCache::new()
     }
 
-    fn forward(&mut self, ids: &[u32], cache: &mut KvCache, logits: &mut Vec<f32>) -> Result<(), EngineError> {
+    fn forward(
+        &mut self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), EngineError> {
         let past_len = cache.len();
         let n = ids.len();
         let layers = self.io.past_keys.len();
@@ -209,10 +247,17 @@ impl Engine for OrtEngine {
                 &empty
             }
         };
-        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(4 + 2 * layers);
-        inputs.push((Cow::Borrowed(self.io.input_ids.as_str()), i64_tensor(ids.iter().map(|&i| i64::from(i)).collect())?.into()));
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
+            Vec::with_capacity(4 + 2 * layers);
+        inputs.push((
+            Cow::Borrowed(self.io.input_ids.as_str()),
+            i64_tensor(ids.iter().map(|&i| i64::from(i)).collect())?.into(),
+        ));
         if let Some(name) = &self.io.attention_mask {
-            inputs.push((Cow::Borrowed(name.as_str()), i64_tensor(vec![1; past_len + n])?.into()));
+            inputs.push((
+                Cow::Borrowed(name.as_str()),
+                i64_tensor(vec![1; past_len + n])?.into(),
+            ));
         }
         if let Some(name) = &self.io.position_ids {
             let positions = (past_len as i64..(past_len + n) as i64).collect();
@@ -223,14 +268,28 @@ impl Engine for OrtEngine {
             inputs.push((Cow::Borrowed(name.as_str()), flag.into_dyn().into()));
         }
         for layer in 0..layers {
-            inputs.push((Cow::Borrowed(self.io.past_keys[layer].as_str()), (&past[2 * layer]).into()));
-            inputs.push((Cow::Borrowed(self.io.past_values[layer].as_str()), (&past[2 * layer + 1]).into()));
+            inputs.push((
+                Cow::Borrowed(self.io.past_keys[layer].as_str()),
+                (&past[2 * layer]).into(),
+            ));
+            inputs.push((
+                Cow::Borrowed(self.io.past_values[layer].as_str()),
+                (&past[2 * layer + 1]).into(),
+            ));
         }
         let mut outputs = self.session.run(inputs).map_err(ort_error)?;
-        let (shape, all_logits) = outputs[self.io.logits.as_str()].try_extract_tensor::<f32>().map_err(ort_error)?;
+        let (shape, all_logits) = outputs[self.io.logits.as_str()]
+            .try_extract_tensor::<f32>()
+            .map_err(ort_error)?;
         let vocab = shape.last().copied().unwrap_or(0) as usize;
-        if vocab == 0 || all_logits.len() % vocab != 0 || (vocab != self.vocab_size && self.vocab_size != 0) {
-            return Err(EngineError::BadLogits { got: all_logits.len(), vocab: self.vocab_size });
+        if vocab == 0
+            || all_logits.len() % vocab != 0
+            || (vocab != self.vocab_size && self.vocab_size != 0)
+        {
+            return Err(EngineError::BadLogits {
+                got: all_logits.len(),
+                vocab: self.vocab_size,
+            });
         }
         logits.clear();
         logits.extend_from_slice(&all_logits[all_logits.len() - vocab..]);
@@ -238,7 +297,11 @@ impl Engine for OrtEngine {
         let mut next = Vec::with_capacity(2 * layers);
         for layer in 0..layers {
             for name in [&self.io.present_keys[layer], &self.io.present_values[layer]] {
-                next.push(outputs.remove(name.as_str()).ok_or_else(|| EngineError::Ort(format!("output {name} missing")))?);
+                next.push(
+                    outputs
+                        .remove(name.as_str())
+                        .ok_or_else(|| EngineError::Ort(format!("output {name} missing")))?,
+                );
             }
         }
         drop(outputs);

@@ -65,7 +65,11 @@ fn role_of(io: &IoNames, name: &str) -> Option<InputRole> {
 
 impl TractEngine {
     /// `fallback_reason` says why tract serves instead of ONNX Runtime, when it does.
-    pub fn load(package: &ModelPackage, options: &EngineOptions, fallback_reason: Option<String>) -> Result<Self, EngineError> {
+    pub fn load(
+        package: &ModelPackage,
+        options: &EngineOptions,
+        fallback_reason: Option<String>,
+    ) -> Result<Self, EngineError> {
         let path = &package.tract_file;
         let mut model = tract_onnx::onnx()
             // Files quantized by ONNX Runtime carry value_info shapes that contradict tract's inference.
@@ -79,16 +83,29 @@ impl TractEngine {
         let outlets = model.input_outlets().map_err(tract_error)?.to_vec();
         for (ix, outlet) in outlets.iter().enumerate() {
             let name = model.node(outlet.node).name.clone();
-            let role = role_of(io, &name)
-                .ok_or_else(|| EngineError::Tract(format!("{}: unexpected graph input {name:?}", path.display())))?;
+            let role = role_of(io, &name).ok_or_else(|| {
+                EngineError::Tract(format!(
+                    "{}: unexpected graph input {name:?}",
+                    path.display()
+                ))
+            })?;
             let one = 1usize.to_dim();
             let fact = match role {
-                InputRole::Ids | InputRole::Positions => InferenceFact::dt_shape(i64::datum_type(), [one, s.to_dim()]),
-                InputRole::Mask => InferenceFact::dt_shape(i64::datum_type(), [one, p.to_dim() + s.to_dim()]),
+                InputRole::Ids | InputRole::Positions => {
+                    InferenceFact::dt_shape(i64::datum_type(), [one, s.to_dim()])
+                }
+                InputRole::Mask => {
+                    InferenceFact::dt_shape(i64::datum_type(), [one, p.to_dim() + s.to_dim()])
+                }
                 InputRole::UseCacheBranch => InferenceFact::dt_shape(bool::datum_type(), [one]),
                 InputRole::Past(_) => InferenceFact::dt_shape(
                     f32::datum_type(),
-                    [one, package.kv_heads.to_dim(), p.to_dim(), package.head_dim.to_dim()],
+                    [
+                        one,
+                        package.kv_heads.to_dim(),
+                        p.to_dim(),
+                        package.head_dim.to_dim(),
+                    ],
                 ),
             };
             model.set_input_fact(ix, fact).map_err(tract_error)?;
@@ -98,13 +115,17 @@ impl TractEngine {
             .output_outlets()
             .map_err(tract_error)?
             .iter()
-            .map(|o| model.outlet_label(*o).map(str::to_string).unwrap_or_else(|| model.node(o.node).name.clone()))
+            .map(|o| {
+                model
+                    .outlet_label(*o)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| model.node(o.node).name.clone())
+            })
             .collect();
         let find_output = |name: &str| {
-            output_names
-                .iter()
-                .position(|n| n == name)
-                .ok_or_else(|| EngineError::Tract(format!("{}: no graph output {name:?}", path.display())))
+            output_names.iter().position(|n| n == name).ok_or_else(|| {
+                EngineError::Tract(format!("{}: no graph output {name:?}", path.display()))
+            })
         };
         let logits_output = find_output(&io.logits)?;
         let mut present_outputs = Vec::new();
@@ -115,11 +136,13 @@ impl TractEngine {
         let threads = if options.threads > 0 {
             options.threads
         } else {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         };
-        let typed = model
-            .into_optimized()
-            .map_err(|e| EngineError::Tract(format!("cannot optimize {}: {e:#}", path.display())))?;
+        let typed = model.into_optimized().map_err(|e| {
+            EngineError::Tract(format!("cannot optimize {}: {e:#}", path.display()))
+        })?;
         let plan = typed.into_runnable().map_err(tract_error)?;
         let info = EngineInfo {
             engine: "tract",
@@ -158,23 +181,39 @@ impl Engine for TractEngine {
         KvCache::new()
     }
 
-    fn forward(&mut self, ids: &[u32], cache: &mut KvCache, logits: &mut Vec<f32>) -> Result<(), EngineError> {
+    fn forward(
+        &mut self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), EngineError> {
         let past_len = cache.len();
         let n = ids.len();
-        let mut past: Vec<Option<Tensor>> = match cache.store.take().and_then(|s| s.downcast::<TractKv>().ok()) {
+        let mut past: Vec<Option<Tensor>> = match cache
+            .store
+            .take()
+            .and_then(|s| s.downcast::<TractKv>().ok())
+        {
             Some(kv) => kv.0.into_iter().map(Some).collect(),
             None => Vec::new(),
         };
         let mut inputs: TVec<TValue> = TVec::with_capacity(self.input_order.len());
         for role in &self.input_order {
             let tensor = match role {
-                InputRole::Ids => i64_tensor(&ids.iter().map(|&i| i64::from(i)).collect::<Vec<_>>())?,
+                InputRole::Ids => {
+                    i64_tensor(&ids.iter().map(|&i| i64::from(i)).collect::<Vec<_>>())?
+                }
                 InputRole::Mask => i64_tensor(&vec![1; past_len + n])?,
-                InputRole::Positions => i64_tensor(&(past_len as i64..(past_len + n) as i64).collect::<Vec<_>>())?,
-                InputRole::UseCacheBranch => Tensor::from_shape(&[1], &[past_len > 0]).map_err(tract_error)?,
+                InputRole::Positions => {
+                    i64_tensor(&(past_len as i64..(past_len + n) as i64).collect::<Vec<_>>())?
+                }
+                InputRole::UseCacheBranch => {
+                    Tensor::from_shape(&[1], &[past_len > 0]).map_err(tract_error)?
+                }
                 InputRole::Past(i) => match past.get_mut(*i).and_then(Option::take) {
                     Some(t) => t,
-                    None => Tensor::from_shape::<f32>(&[1, self.kv_heads, 0, self.head_dim], &[]).map_err(tract_error)?,
+                    None => Tensor::from_shape::<f32>(&[1, self.kv_heads, 0, self.head_dim], &[])
+                        .map_err(tract_error)?,
                 },
             };
             inputs.push(tensor.into_tvalue());
@@ -186,7 +225,10 @@ impl Engine for TractEngine {
             .map_err(tract_error)?;
         let vocab = self.vocab_size;
         if vocab == 0 || all.len() % vocab != 0 || all.is_empty() {
-            return Err(EngineError::BadLogits { got: all.len(), vocab });
+            return Err(EngineError::BadLogits {
+                got: all.len(),
+                vocab,
+            });
         }
         logits.clear();
         logits.extend_from_slice(&all[all.len() - vocab..]);

@@ -26,7 +26,11 @@ impl Default for IncrementalDecoder {
 
 impl IncrementalDecoder {
     pub fn new() -> Self {
-        IncrementalDecoder { ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
+        IncrementalDecoder {
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+        }
     }
 
     /// Adds one id; returns the text it completes (possibly empty).
@@ -39,7 +43,10 @@ impl IncrementalDecoder {
         };
         let prefix = decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let full = decode(&self.ids[self.prefix_offset..])?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+        {
             let piece = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
@@ -79,7 +86,15 @@ mod tests {
             .enumerate()
             .map(|(i, c)| (c.to_string(), i as u32))
             .collect();
-        let bpe = BPE::builder().vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), vec![]).build().unwrap();
+        let bpe = BPE::builder()
+            .vocab_and_merges(
+                vocab
+                    .into_iter()
+                    .collect::<tokenizers::models::bpe::Vocab>(),
+                vec![],
+            )
+            .build()
+            .unwrap();
         let mut tokenizer = Tokenizer::new(bpe);
         tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, false, false)));
         tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
@@ -91,12 +106,18 @@ mod tests {
         let tokenizer = byte_tokenizer();
         let text = "Hi 😀 你好, code: fn main() {}\n\tdone ✓";
         let ids = tokenizer.encode(text, false).unwrap().get_ids().to_vec();
-        assert!(ids.len() > text.chars().count(), "multi-byte characters must span tokens");
+        assert!(
+            ids.len() > text.chars().count(),
+            "multi-byte characters must span tokens"
+        );
         let mut decoder = IncrementalDecoder::new();
         let mut pieces = Vec::new();
         for &id in &ids {
             let piece = decoder.push(&tokenizer, id).unwrap();
-            assert!(!piece.contains('\u{FFFD}'), "emitted a broken character: {piece:?}");
+            assert!(
+                !piece.contains('\u{FFFD}'),
+                "emitted a broken character: {piece:?}"
+            );
             pieces.push(piece);
         }
         pieces.push(decoder.finish(&tokenizer).unwrap());

@@ -15,7 +15,7 @@ use tokenizers::Tokenizer;
 
 use crate::engine::{self, Engine, EngineError, EngineInfo, EngineOptions, KvCache};
 use crate::model::{ModelError, ModelPackage};
-use crate::protocol::{ErrorCode, Event, FinishReason, PromptInput, ValidRequest, Timings, Usage};
+use crate::protocol::{ErrorCode, Event, FinishReason, PromptInput, Timings, Usage, ValidRequest};
 
 use detok::IncrementalDecoder;
 use sampler::Sampler;
@@ -39,7 +39,11 @@ pub enum GenerateError {
     #[error("the model package has no chat template; send raw prompts (\"raw\": true)")]
     NoTemplate,
     #[error("the prompt is {tokens} tokens; the limit is {limit} ({what})")]
-    PromptTooLong { tokens: usize, limit: usize, what: &'static str },
+    PromptTooLong {
+        tokens: usize,
+        limit: usize,
+        what: &'static str,
+    },
     #[error("the prompt is empty after tokenization")]
     EmptyPrompt,
 }
@@ -48,7 +52,9 @@ impl GenerateError {
     pub fn code(&self) -> ErrorCode {
         match self {
             GenerateError::PromptTooLong { .. } => ErrorCode::TooLong,
-            GenerateError::Template(_) | GenerateError::NoTemplate | GenerateError::EmptyPrompt => ErrorCode::BadRequest,
+            GenerateError::Template(_) | GenerateError::NoTemplate | GenerateError::EmptyPrompt => {
+                ErrorCode::BadRequest
+            }
             _ => ErrorCode::Internal,
         }
     }
@@ -82,7 +88,11 @@ pub struct RunControl {
 
 impl RunControl {
     pub fn new() -> Self {
-        RunControl { cancel: CancelToken::new(), deadline: None, accepted_at: Instant::now() }
+        RunControl {
+            cancel: CancelToken::new(),
+            deadline: None,
+            accepted_at: Instant::now(),
+        }
     }
 
     fn interrupted(&self) -> Option<FinishReason> {
@@ -132,12 +142,22 @@ impl Generator {
         Self::with_engine(package, engine)
     }
 
-    pub fn with_engine(package: ModelPackage, engine: Box<dyn Engine>) -> Result<Self, GenerateError> {
+    pub fn with_engine(
+        package: ModelPackage,
+        engine: Box<dyn Engine>,
+    ) -> Result<Self, GenerateError> {
         let tokenizer = Tokenizer::from_file(&package.tokenizer_file).map_err(|e| {
-            GenerateError::Tokenizer(format!("cannot load {}: {e}", package.tokenizer_file.display()))
+            GenerateError::Tokenizer(format!(
+                "cannot load {}: {e}",
+                package.tokenizer_file.display()
+            ))
         })?;
         let template = match &package.chat_template {
-            Some(source) => Some(ChatTemplate::new(source, &package.bos_token, &package.eos_token)?),
+            Some(source) => Some(ChatTemplate::new(
+                source,
+                &package.bos_token,
+                &package.eos_token,
+            )?),
             None => None,
         };
         let cache = engine.new_cache();
@@ -181,15 +201,25 @@ impl Generator {
     }
 
     /// Renders `messages` with the model's chat template.
-    pub fn template_render(&self, messages: &[crate::protocol::Message], add_generation_prompt: bool) -> Result<String, GenerateError> {
-        self.template.as_ref().ok_or(GenerateError::NoTemplate)?.render(messages, add_generation_prompt)
+    pub fn template_render(
+        &self,
+        messages: &[crate::protocol::Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, GenerateError> {
+        self.template
+            .as_ref()
+            .ok_or(GenerateError::NoTemplate)?
+            .render(messages, add_generation_prompt)
     }
 
     /// The text the model sees for `input`.
     pub fn prompt_text(&self, input: &PromptInput) -> Result<String, GenerateError> {
         match input {
             PromptInput::Raw(text) => Ok(text.clone()),
-            PromptInput::Tokens(ids) => self.tokenizer.decode(ids, false).map_err(|e| GenerateError::Tokenizer(e.to_string())),
+            PromptInput::Tokens(ids) => self
+                .tokenizer
+                .decode(ids, false)
+                .map_err(|e| GenerateError::Tokenizer(e.to_string())),
             PromptInput::Chat(messages) => self
                 .template
                 .as_ref()
@@ -212,20 +242,30 @@ impl Generator {
     }
 
     /// Runs `ids` through the model in chunks; the logits of the last one end in `self.logits`.
-    fn prefill(&mut self, ids: &[u32], control: &RunControl) -> Result<Option<FinishReason>, EngineError> {
+    fn prefill(
+        &mut self,
+        ids: &[u32],
+        control: &RunControl,
+    ) -> Result<Option<FinishReason>, EngineError> {
         self.cache.clear();
         for chunk in ids.chunks(self.prefill_chunk) {
             if let Some(reason) = control.interrupted() {
                 return Ok(Some(reason));
             }
-            self.engine.forward(chunk, &mut self.cache, &mut self.logits)?;
+            self.engine
+                .forward(chunk, &mut self.cache, &mut self.logits)?;
         }
         Ok(None)
     }
 
     /// Serves one request: calls `emit` with each event, ending with exactly one `Done` or
     /// `Error`. `emit` returns false when the client is gone, which cancels the run.
-    pub fn run(&mut self, request: &ValidRequest, control: &RunControl, emit: &mut dyn FnMut(Event) -> bool) -> RunStats {
+    pub fn run(
+        &mut self,
+        request: &ValidRequest,
+        control: &RunControl,
+        emit: &mut dyn FnMut(Event) -> bool,
+    ) -> RunStats {
         let mut stats = RunStats::default();
         match self.run_inner(request, control, emit, &mut stats) {
             Ok(()) => {}
@@ -251,8 +291,16 @@ impl Generator {
             return Err(GenerateError::EmptyPrompt);
         }
         if prompt.len() > self.max_prompt_tokens {
-            let what = if self.max_prompt_tokens < self.context_len { "max_prompt_tokens" } else { "the model's context length" };
-            return Err(GenerateError::PromptTooLong { tokens: prompt.len(), limit: self.max_prompt_tokens, what });
+            let what = if self.max_prompt_tokens < self.context_len {
+                "max_prompt_tokens"
+            } else {
+                "the model's context length"
+            };
+            return Err(GenerateError::PromptTooLong {
+                tokens: prompt.len(),
+                limit: self.max_prompt_tokens,
+                what,
+            });
         }
         if prompt.len() >= self.context_len {
             return Err(GenerateError::PromptTooLong {
@@ -298,7 +346,12 @@ impl Generator {
                 if !text.is_empty() {
                     full_text.push_str(&text);
                     if request.stream {
-                        let event = Event::Token { id: request.id.clone(), seq, text, token };
+                        let event = Event::Token {
+                            id: request.id.clone(),
+                            seq,
+                            text,
+                            token,
+                        };
                         seq += 1;
                         if !emit(event) {
                             control.cancel.cancel();
@@ -308,13 +361,16 @@ impl Generator {
                 if stopped {
                     break 'decode FinishReason::StopSequence;
                 }
-                if generated >= request.max_tokens as usize || self.cache.len() + 1 >= self.context_len {
+                if generated >= request.max_tokens as usize
+                    || self.cache.len() + 1 >= self.context_len
+                {
                     break 'decode FinishReason::Length;
                 }
                 if let Some(reason) = control.interrupted() {
                     break 'decode reason;
                 }
-                self.engine.forward(&[token], &mut self.cache, &mut self.logits)?;
+                self.engine
+                    .forward(&[token], &mut self.cache, &mut self.logits)?;
             }
         };
         if finish != FinishReason::StopSequence {
@@ -327,7 +383,12 @@ impl Generator {
                 full_text.push_str(&tail);
                 if request.stream {
                     let token = *history.last().unwrap_or(&0);
-                    emit(Event::Token { id: request.id.clone(), seq, text: tail, token });
+                    emit(Event::Token {
+                        id: request.id.clone(),
+                        seq,
+                        text: tail,
+                        token,
+                    });
                     seq += 1;
                 }
             }
@@ -345,7 +406,11 @@ impl Generator {
             prefill_ms: stats.prefill_ms,
             ttft_ms: ms(first - control.accepted_at.min(started)),
             // Tokens after the first, over the time after the first.
-            decode_tokens_per_s: if generated > 1 && decode_s > 0.0 { (generated - 1) as f64 / decode_s } else { 0.0 },
+            decode_tokens_per_s: if generated > 1 && decode_s > 0.0 {
+                (generated - 1) as f64 / decode_s
+            } else {
+                0.0
+            },
             total_ms: ms(end - control.accepted_at.min(started)),
             engine: self.engine.info().label(),
         };
@@ -358,7 +423,10 @@ impl Generator {
             seq,
             finish_reason: finish,
             text: (!request.stream).then_some(full_text),
-            usage: Usage { prompt_tokens: prompt.len() as u32, completion_tokens: generated as u32 },
+            usage: Usage {
+                prompt_tokens: prompt.len() as u32,
+                completion_tokens: generated as u32,
+            },
             timings,
         });
         Ok(())
@@ -366,9 +434,14 @@ impl Generator {
 
     /// Runs exactly `prompt` then `steps` greedy tokens and returns the ids and the logits of
     /// every step; for tests that compare against reference logits.
-    pub fn greedy_trace(&mut self, prompt: &[u32], steps: usize) -> Result<(Vec<u32>, Vec<Vec<f32>>), GenerateError> {
+    pub fn greedy_trace(
+        &mut self,
+        prompt: &[u32],
+        steps: usize,
+    ) -> Result<(Vec<u32>, Vec<Vec<f32>>), GenerateError> {
         self.cache.clear();
-        self.engine.forward(prompt, &mut self.cache, &mut self.logits)?;
+        self.engine
+            .forward(prompt, &mut self.cache, &mut self.logits)?;
         let mut ids = Vec::with_capacity(steps);
         let mut all_logits = Vec::with_capacity(steps);
         for step in 0..steps {
@@ -376,7 +449,8 @@ impl Generator {
             let token = sampler::argmax(&self.logits);
             ids.push(token);
             if step + 1 < steps {
-                self.engine.forward(&[token], &mut self.cache, &mut self.logits)?;
+                self.engine
+                    .forward(&[token], &mut self.cache, &mut self.logits)?;
             }
         }
         Ok((ids, all_logits))

@@ -40,7 +40,11 @@ impl Sampler {
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0)
         });
-        Sampler { params, rng: Rng::new(seed), candidates: Vec::new() }
+        Sampler {
+            params,
+            rng: Rng::new(seed),
+            candidates: Vec::new(),
+        }
     }
 
     /// Picks the next token. `history` is every token so far (prompt and generated),
@@ -61,7 +65,10 @@ impl Sampler {
             }
             target -= p;
         }
-        self.candidates.last().map(|&(id, _)| id).unwrap_or_else(|| argmax(logits))
+        self.candidates
+            .last()
+            .map(|&(id, _)| id)
+            .unwrap_or_else(|| argmax(logits))
     }
 
     /// Fills `candidates` with (id, unnormalized probability) of the tokens that survive
@@ -71,8 +78,12 @@ impl Sampler {
         let inv_t = 1.0 / p.temperature;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         self.candidates.clear();
-        self.candidates
-            .extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp())));
+        self.candidates.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp())),
+        );
         let by_prob_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         let k = p.top_k as usize;
         if k > 0 && k < self.candidates.len() {
@@ -85,7 +96,12 @@ impl Sampler {
         if p.min_p > 0.0 {
             // The most likely token has unnormalized probability 1 after max-subtraction.
             let floor = p.min_p * self.candidates[0].1;
-            let keep = self.candidates.iter().take_while(|&&(_, q)| q >= floor).count().max(1);
+            let keep = self
+                .candidates
+                .iter()
+                .take_while(|&&(_, q)| q >= floor)
+                .count()
+                .max(1);
             self.candidates.truncate(keep);
         }
         if p.top_p < 1.0 {
@@ -138,7 +154,14 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, top_k: u32, top_p: f32, min_p: f32) -> SamplingParams {
-        SamplingParams { temperature, top_k, top_p, min_p, repetition_penalty: 1.0, seed: Some(7) }
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty: 1.0,
+            seed: Some(7),
+        }
     }
 
     // Probabilities at temperature 1 for these logits: ln of 0.5, 0.25, 0.15, 0.1.
@@ -183,7 +206,9 @@ mod tests {
             let mut p = params(1.0, 0, 1.0, 0.0);
             p.seed = Some(seed);
             let mut s = Sampler::new(p);
-            (0..64).map(|_| s.sample(&mut logits(), &[])).collect::<Vec<_>>()
+            (0..64)
+                .map(|_| s.sample(&mut logits(), &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(42), run(42));
         assert_ne!(run(42), run(43));
@@ -197,7 +222,10 @@ mod tests {
             counts[s.sample(&mut logits(), &[]) as usize] += 1;
         }
         let share = counts[1] as f32 / 20_000.0;
-        assert!((share - 0.5).abs() < 0.02, "token 1 drawn {share} of the time");
+        assert!(
+            (share - 0.5).abs() < 0.02,
+            "token 1 drawn {share} of the time"
+        );
     }
 
     #[test]
@@ -205,7 +233,10 @@ mod tests {
         let mut l = vec![2.0, -2.0, 1.0];
         apply_repetition_penalty(&mut l, &[0, 1, 0], 2.0);
         assert_eq!(l, vec![1.0, -4.0, 1.0]);
-        let mut s = Sampler::new(SamplingParams { repetition_penalty: 4.0, ..params(0.0, 0, 1.0, 0.0) });
-        assert_eq!(s.sample(&mut vec![2.0, 1.0], &[0]), 1);
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 4.0,
+            ..params(0.0, 0, 1.0, 0.0)
+        });
+        assert_eq!(s.sample(&mut [2.0, 1.0], &[0]), 1);
     }
 }

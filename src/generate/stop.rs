@@ -18,7 +18,10 @@ pub enum StopCheck {
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
-        StopMatcher { stops, pending: String::new() }
+        StopMatcher {
+            stops,
+            pending: String::new(),
+        }
     }
 
     pub fn push(&mut self, piece: &str) -> StopCheck {
@@ -84,7 +87,10 @@ mod tests {
 
     #[test]
     fn a_stop_split_across_tokens_is_matched_and_not_emitted() {
-        assert_eq!(run(&["\n\n"], &["Hello", "\n", "\nWorld"]), ("Hello".into(), true));
+        assert_eq!(
+            run(&["\n\n"], &["Hello", "\n", "\nWorld"]),
+            ("Hello".into(), true)
+        );
         assert_eq!(run(&["END"], &["ab", "E", "N", "Dcd"]), ("ab".into(), true));
     }
 

@@ -35,11 +35,21 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned("chat", source.to_string())
-            .map_err(|e| GenerateError::Template(format!("the chat template does not parse: {e}")))?;
-        Ok(ChatTemplate { env, bos_token: bos_token.into(), eos_token: eos_token.into() })
+            .map_err(|e| {
+                GenerateError::Template(format!("the chat template does not parse: {e}"))
+            })?;
+        Ok(ChatTemplate {
+            env,
+            bos_token: bos_token.into(),
+            eos_token: eos_token.into(),
+        })
     }
 
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, GenerateError> {
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, GenerateError> {
         let template = self.env.get_template("chat").expect("added in new");
         template
             .render(Context {
@@ -48,7 +58,9 @@ impl ChatTemplate {
                 bos_token: &self.bos_token,
                 eos_token: &self.eos_token,
             })
-            .map_err(|e| GenerateError::Template(format!("rendering the chat template failed: {e}")))
+            .map_err(|e| {
+                GenerateError::Template(format!("rendering the chat template failed: {e}"))
+            })
     }
 }
 
@@ -66,7 +78,10 @@ mod tests {
     #[test]
     fn python_string_methods_work() {
         let t = ChatTemplate::new("{{ messages[0].content.strip().upper() }}", "", "").unwrap();
-        let m = vec![Message { role: "user".into(), content: "  hi ".into() }];
+        let m = vec![Message {
+            role: "user".into(),
+            content: "  hi ".into(),
+        }];
         assert_eq!(t.render(&m, false).unwrap(), "HI");
     }
 }

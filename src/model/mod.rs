@@ -29,10 +29,16 @@ pub enum ModelError {
 
 impl ModelError {
     fn bad(path: &Path, reason: impl Into<String>) -> Self {
-        ModelError::BadFile { path: path.to_path_buf(), reason: reason.into() }
+        ModelError::BadFile {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
     }
     fn inconsistent(path: &Path, reason: impl Into<String>) -> Self {
-        ModelError::Inconsistent { path: path.to_path_buf(), reason: reason.into() }
+        ModelError::Inconsistent {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -99,7 +105,11 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>, ModelError> {
 fn id_list(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|n| n as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|n| n as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -108,7 +118,10 @@ fn id_list(v: Option<&Value>) -> Vec<u32> {
 fn token_string(v: Option<&Value>) -> Option<String> {
     match v {
         Some(Value::String(s)) => Some(s.clone()),
-        Some(Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        Some(Value::Object(o)) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
         _ => None,
     }
 }
@@ -147,11 +160,18 @@ impl ModelPackage {
             Layout::Optimum
         };
 
-        let past_key = graph.inputs.iter().find(|i| i.name == io.past_keys[0]).expect("checked in io_names");
+        let past_key = graph
+            .inputs
+            .iter()
+            .find(|i| i.name == io.past_keys[0])
+            .expect("checked in io_names");
         if past_key.elem_type != ELEM_F32 {
             return Err(ModelError::inconsistent(
                 &ort_file,
-                format!("{} has element type {}; emberd supports f32 KV caches", past_key.name, past_key.elem_type),
+                format!(
+                    "{} has element type {}; emberd supports f32 KV caches",
+                    past_key.name, past_key.elem_type
+                ),
             ));
         }
         let cfg = |key: &str| config.as_ref().and_then(|c| c.get(key));
@@ -159,23 +179,49 @@ impl ModelPackage {
         let kv_heads = fixed(past_key.dims.get(1))
             .or_else(|| usize_at(dec("num_key_value_heads")))
             .or_else(|| usize_at(cfg("num_key_value_heads")))
-            .ok_or_else(|| ModelError::inconsistent(&ort_file, "the number of KV heads is neither in the graph nor in the config"))?;
+            .ok_or_else(|| {
+                ModelError::inconsistent(
+                    &ort_file,
+                    "the number of KV heads is neither in the graph nor in the config",
+                )
+            })?;
         let head_dim = fixed(past_key.dims.get(3))
             .or_else(|| usize_at(dec("head_size")))
             .or_else(|| usize_at(cfg("head_dim")))
-            .ok_or_else(|| ModelError::inconsistent(&ort_file, "the head size is neither in the graph nor in the config"))?;
-        let logits = graph.outputs.iter().find(|o| o.name == io.logits).expect("checked in io_names");
+            .ok_or_else(|| {
+                ModelError::inconsistent(
+                    &ort_file,
+                    "the head size is neither in the graph nor in the config",
+                )
+            })?;
+        let logits = graph
+            .outputs
+            .iter()
+            .find(|o| o.name == io.logits)
+            .expect("checked in io_names");
         let vocab_size = fixed(logits.dims.get(2))
             .or_else(|| usize_at(genai.as_ref().and_then(|g| g.pointer("/model/vocab_size"))))
             .or_else(|| usize_at(cfg("vocab_size")))
-            .ok_or_else(|| ModelError::inconsistent(&ort_file, "the vocabulary size is neither in the graph nor in the config"))?;
-        let context_len = usize_at(genai.as_ref().and_then(|g| g.pointer("/model/context_length")))
-            .or_else(|| usize_at(cfg("max_position_embeddings")))
-            .unwrap_or(2048);
+            .ok_or_else(|| {
+                ModelError::inconsistent(
+                    &ort_file,
+                    "the vocabulary size is neither in the graph nor in the config",
+                )
+            })?;
+        let context_len = usize_at(
+            genai
+                .as_ref()
+                .and_then(|g| g.pointer("/model/context_length")),
+        )
+        .or_else(|| usize_at(cfg("max_position_embeddings")))
+        .unwrap_or(2048);
 
         let tokenizer_file = dir.join("tokenizer.json");
         if !tokenizer_file.is_file() {
-            return Err(ModelError::bad(&tokenizer_file, "missing: a model package needs tokenizer.json"));
+            return Err(ModelError::bad(
+                &tokenizer_file,
+                "missing: a model package needs tokenizer.json",
+            ));
         }
         let tok_config_path = dir.join("tokenizer_config.json");
         let tok_config = read_json_opt(&tok_config_path)?;
@@ -186,7 +232,11 @@ impl ModelPackage {
 
         let mut eos_ids = id_list(generation.as_ref().and_then(|g| g.get("eos_token_id")));
         if eos_ids.is_empty() {
-            eos_ids = id_list(genai.as_ref().and_then(|g| g.pointer("/model/eos_token_id")));
+            eos_ids = id_list(
+                genai
+                    .as_ref()
+                    .and_then(|g| g.pointer("/model/eos_token_id")),
+            );
         }
         if eos_ids.is_empty() {
             eos_ids = id_list(cfg("eos_token_id"));
@@ -200,7 +250,11 @@ impl ModelPackage {
             .and_then(|m| m.get("name"))
             .and_then(|n| n.as_str())
             .map(str::to_string)
-            .unwrap_or_else(|| dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+            .unwrap_or_else(|| {
+                dir.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            });
 
         Ok(ModelPackage {
             dir: dir.to_path_buf(),
@@ -224,13 +278,20 @@ impl ModelPackage {
     }
 }
 
-fn model_files(dir: &Path, genai: Option<&Value>, manifest: Option<&Value>) -> Result<(PathBuf, PathBuf), ModelError> {
+fn model_files(
+    dir: &Path,
+    genai: Option<&Value>,
+    manifest: Option<&Value>,
+) -> Result<(PathBuf, PathBuf), ModelError> {
     let existing = |name: &str, from: &Path| -> Result<PathBuf, ModelError> {
         let path = dir.join(name);
         if path.is_file() {
             Ok(path)
         } else {
-            Err(ModelError::inconsistent(from, format!("names {name}, which does not exist in {}", dir.display())))
+            Err(ModelError::inconsistent(
+                from,
+                format!("names {name}, which does not exist in {}", dir.display()),
+            ))
         }
     };
     if let Some(m) = manifest {
@@ -239,7 +300,10 @@ fn model_files(dir: &Path, genai: Option<&Value>, manifest: Option<&Value>) -> R
             .pointer("/files/ort")
             .and_then(|v| v.as_str())
             .ok_or_else(|| ModelError::bad(&from, "missing files.ort"))?;
-        let tract = m.pointer("/files/tract").and_then(|v| v.as_str()).unwrap_or(ort);
+        let tract = m
+            .pointer("/files/tract")
+            .and_then(|v| v.as_str())
+            .unwrap_or(ort);
         return Ok((existing(ort, &from)?, existing(tract, &from)?));
     }
     if let Some(g) = genai {
@@ -251,13 +315,19 @@ fn model_files(dir: &Path, genai: Option<&Value>, manifest: Option<&Value>) -> R
         let path = existing(file, &from)?;
         return Ok((path.clone(), path));
     }
-    for name in ["model.onnx", "decoder_model_merged.onnx", "decoder_with_past_model.onnx"] {
+    for name in [
+        "model.onnx",
+        "decoder_model_merged.onnx",
+        "decoder_with_past_model.onnx",
+    ] {
         let path = dir.join(name);
         if path.is_file() {
             return Ok((path.clone(), path));
         }
     }
-    Err(ModelError::NoModelFile { dir: dir.to_path_buf() })
+    Err(ModelError::NoModelFile {
+        dir: dir.to_path_buf(),
+    })
 }
 
 fn chat_template(dir: &Path, tok_config: Option<&Value>) -> Option<String> {
@@ -279,7 +349,11 @@ fn chat_template(dir: &Path, tok_config: Option<&Value>) -> Option<String> {
 }
 
 /// Finds the I/O names: from genai_config.json where given, else by Optimum's conventions.
-fn io_names(path: &Path, graph: &GraphIo, genai_decoder: Option<&Value>) -> Result<IoNames, ModelError> {
+fn io_names(
+    path: &Path,
+    graph: &GraphIo,
+    genai_decoder: Option<&Value>,
+) -> Result<IoNames, ModelError> {
     let input = |name: &str| graph.inputs.iter().find(|i| i.name == name);
     let has_output = |name: &str| graph.outputs.iter().any(|o| o.name == name);
     let named = |section: &str, key: &str, default: &str| -> String {
@@ -307,10 +381,16 @@ fn io_names(path: &Path, graph: &GraphIo, genai_decoder: Option<&Value>) -> Resu
         present_values: Vec::new(),
     };
     if input(&io.input_ids).is_none() {
-        return Err(ModelError::inconsistent(path, format!("the graph has no input {:?}", io.input_ids)));
+        return Err(ModelError::inconsistent(
+            path,
+            format!("the graph has no input {:?}", io.input_ids),
+        ));
     }
     if !has_output(&io.logits) {
-        return Err(ModelError::inconsistent(path, format!("the graph has no output {:?}", io.logits)));
+        return Err(ModelError::inconsistent(
+            path,
+            format!("the graph has no output {:?}", io.logits),
+        ));
     }
     io.attention_mask = io.attention_mask.filter(|n| input(n).is_some());
     io.position_ids = io.position_ids.filter(|n| input(n).is_some());
@@ -331,7 +411,10 @@ fn io_names(path: &Path, graph: &GraphIo, genai_decoder: Option<&Value>) -> Resu
             (&present_value, has_output(&present_value)),
         ] {
             if !found {
-                return Err(ModelError::inconsistent(path, format!("layer {layer} has {key} but no {name}")));
+                return Err(ModelError::inconsistent(
+                    path,
+                    format!("layer {layer} has {key} but no {name}"),
+                ));
             }
         }
         io.past_keys.push(key);

@@ -119,7 +119,10 @@ fn invalid(msg: &str) -> std::io::Error {
 pub fn read_graph_io(path: &Path) -> std::io::Result<GraphIo> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
-    let mut r = Reader { inner: BufReader::new(file), pos: 0 };
+    let mut r = Reader {
+        inner: BufReader::new(file),
+        pos: 0,
+    };
     let mut io = GraphIo::default();
     let mut saw_graph = false;
     while let Some((field, wire)) = r.key(len)? {
@@ -141,14 +144,20 @@ pub fn read_graph_io(path: &Path) -> std::io::Result<GraphIo> {
         }
     }
     if !saw_graph || io.inputs.is_empty() || io.outputs.is_empty() {
-        return Err(invalid("no graph with inputs and outputs found; is this an ONNX model?"));
+        return Err(invalid(
+            "no graph with inputs and outputs found; is this an ONNX model?",
+        ));
     }
     Ok(io)
 }
 
 fn value_info<R: Read + Seek>(r: &mut Reader<R>) -> std::io::Result<ValueInfo> {
     let end = r.sub_end()?;
-    let mut info = ValueInfo { name: String::new(), elem_type: 0, dims: Vec::new() };
+    let mut info = ValueInfo {
+        name: String::new(),
+        elem_type: 0,
+        dims: Vec::new(),
+    };
     while let Some((field, wire)) = r.key(end)? {
         match (field, wire) {
             (1, 2) => info.name = r.string()?,

@@ -32,7 +32,10 @@ const SESSION_EXPIRY_S: u32 = 24 * 3600;
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
     #[error("mqtt: cannot read password file {path}: {source}")]
-    Password { path: std::path::PathBuf, source: std::io::Error },
+    Password {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("mqtt: TLS is not supported by this build")]
     TlsUnsupported,
 }
@@ -85,7 +88,12 @@ pub struct Transport {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-pub fn options(config: &MqttConfig, max_request_bytes: usize, topics: &Topics, offline: Vec<u8>) -> Result<MqttOptions, MqttError> {
+pub fn options(
+    config: &MqttConfig,
+    max_request_bytes: usize,
+    topics: &Topics,
+    offline: Vec<u8>,
+) -> Result<MqttOptions, MqttError> {
     let mut options = MqttOptions::new(config.device_id.clone(), config.host.clone(), config.port);
     options
         .set_keep_alive(Duration::from_secs(config.keep_alive_s.max(5)))
@@ -93,11 +101,20 @@ pub fn options(config: &MqttConfig, max_request_bytes: usize, topics: &Topics, o
         .set_session_expiry_interval(Some(SESSION_EXPIRY_S))
         // Requests may be up to max_request_bytes plus topic and properties.
         .set_max_packet_size(Some((max_request_bytes + 4096) as u32))
-        .set_last_will(LastWill::new(topics.status.clone(), offline, QoS::AtLeastOnce, true, None));
+        .set_last_will(LastWill::new(
+            topics.status.clone(),
+            offline,
+            QoS::AtLeastOnce,
+            true,
+            None,
+        ));
     if let Some(user) = &config.username {
         let password = match &config.password_file {
             Some(path) => std::fs::read_to_string(path)
-                .map_err(|source| MqttError::Password { path: path.clone(), source })?
+                .map_err(|source| MqttError::Password {
+                    path: path.clone(),
+                    source,
+                })?
                 .trim_end_matches(['\n', '\r'])
                 .to_string(),
             None => String::new(),
@@ -201,7 +218,10 @@ impl Transport {
                     }
                 }
             }
-            if let Err(e) = client.publish(topics.status.clone(), QoS::AtLeastOnce, true, status).await {
+            if let Err(e) = client
+                .publish(topics.status.clone(), QoS::AtLeastOnce, true, status)
+                .await
+            {
                 log::warn!("mqtt: publishing status failed: {e}");
             }
         });
@@ -211,27 +231,42 @@ impl Transport {
         let accepted_at = Instant::now();
         let topic = String::from_utf8_lossy(&publish.topic).into_owned();
         let properties = publish.properties.clone().unwrap_or_default();
-        let reply = properties.response_topic.clone().map(|topic| ReplyTo { topic, correlation: properties.correlation_data.clone() });
+        let reply = properties.response_topic.clone().map(|topic| ReplyTo {
+            topic,
+            correlation: properties.correlation_data.clone(),
+        });
         if publish.payload.len() > self.max_request_bytes {
             let message = format!(
                 "request of {} bytes exceeds max_request_bytes = {}",
                 publish.payload.len(),
                 self.max_request_bytes
             );
-            let to = reply.unwrap_or(ReplyTo { topic: self.topics.errors(), correlation: None });
+            let to = reply.unwrap_or(ReplyTo {
+                topic: self.topics.errors(),
+                correlation: None,
+            });
             self.send_one(to, Event::error("", ErrorCode::TooLong, message));
             return;
         }
         let request = match parse_request(&publish.payload) {
             Ok(r) => r,
             Err(e) => {
-                let to = reply.unwrap_or(ReplyTo { topic: self.topics.errors(), correlation: None });
-                self.send_one(to, Event::error(id_hint(&publish.payload), e.code(), e.to_string()));
+                let to = reply.unwrap_or(ReplyTo {
+                    topic: self.topics.errors(),
+                    correlation: None,
+                });
+                self.send_one(
+                    to,
+                    Event::error(id_hint(&publish.payload), e.code(), e.to_string()),
+                );
                 return;
             }
         };
         if request.is_cancel() || topic == self.topics.cancel {
-            let token = request.id.as_deref().and_then(|id| self.running.lock().expect("running lock").get(id).cloned());
+            let token = request
+                .id
+                .as_deref()
+                .and_then(|id| self.running.lock().expect("running lock").get(id).cloned());
             match token {
                 Some(token) => token.cancel(),
                 None => log::info!("mqtt: cancel for unknown request {:?}", request.id),
@@ -240,30 +275,67 @@ impl Transport {
         }
         let given_id = request.id.clone();
         let fallback_reply = request.reply_to.clone();
-        let valid = match request.validate(&self.policy, || format!("mqtt-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed))) {
+        let valid = match request.validate(&self.policy, || {
+            format!("mqtt-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed))
+        }) {
             Ok(v) => v,
             Err(e) => {
                 let id = given_id.unwrap_or_default();
-                let to = reply.or_else(|| fallback_reply.map(|topic| ReplyTo { topic, correlation: None })).unwrap_or_else(|| {
-                    ReplyTo { topic: if id.is_empty() { self.topics.errors() } else { self.topics.default_response(&id) }, correlation: None }
-                });
+                let to = reply
+                    .or_else(|| {
+                        fallback_reply.map(|topic| ReplyTo {
+                            topic,
+                            correlation: None,
+                        })
+                    })
+                    .unwrap_or_else(|| ReplyTo {
+                        topic: if id.is_empty() {
+                            self.topics.errors()
+                        } else {
+                            self.topics.default_response(&id)
+                        },
+                        correlation: None,
+                    });
                 self.send_one(to, Event::error(id, e.code(), e.to_string()));
                 return;
             }
         };
         let to = reply
-            .or_else(|| valid.reply_to.clone().map(|topic| ReplyTo { topic, correlation: None }))
-            .unwrap_or_else(|| ReplyTo { topic: self.topics.default_response(&valid.id), correlation: None });
-        if self.running.lock().expect("running lock").contains_key(&valid.id) {
+            .or_else(|| {
+                valid.reply_to.clone().map(|topic| ReplyTo {
+                    topic,
+                    correlation: None,
+                })
+            })
+            .unwrap_or_else(|| ReplyTo {
+                topic: self.topics.default_response(&valid.id),
+                correlation: None,
+            });
+        if self
+            .running
+            .lock()
+            .expect("running lock")
+            .contains_key(&valid.id)
+        {
             let id = valid.id.clone();
-            self.send_one(to, Event::error(id.clone(), ErrorCode::BadRequest, format!("a request with id {id:?} is still running")));
+            self.send_one(
+                to,
+                Event::error(
+                    id.clone(),
+                    ErrorCode::BadRequest,
+                    format!("a request with id {id:?} is still running"),
+                ),
+            );
             return;
         }
         match self.scheduler.submit(valid, accepted_at) {
             Err(event) => self.send_one(to, event),
             Ok(mut submission) => {
                 let running = self.running.clone();
-                running.lock().expect("running lock").insert(submission.id.clone(), submission.cancel.clone());
+                running
+                    .lock()
+                    .expect("running lock")
+                    .insert(submission.id.clone(), submission.cancel.clone());
                 let client = self.client.clone();
                 tokio::spawn(async move {
                     while let Some(event) = submission.events.recv().await {
@@ -294,10 +366,13 @@ impl Transport {
             // Wait for the streams still running (the scheduler's drain ends them).
             let deadline = Instant::now() + FLUSH_TIMEOUT * 6;
             let drained = async {
-                while !running.lock().expect("running lock").is_empty() && Instant::now() < deadline {
+                while !running.lock().expect("running lock").is_empty() && Instant::now() < deadline
+                {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                let _ = client.publish(status, QoS::AtLeastOnce, true, offline).await;
+                let _ = client
+                    .publish(status, QoS::AtLeastOnce, true, offline)
+                    .await;
                 let _ = client.disconnect().await;
             };
             tokio::pin!(drained);
@@ -313,7 +388,10 @@ impl Transport {
                 }
             }
         };
-        if tokio::time::timeout(FLUSH_TIMEOUT * 7, flush).await.is_err() {
+        if tokio::time::timeout(FLUSH_TIMEOUT * 7, flush)
+            .await
+            .is_err()
+        {
             log::warn!("mqtt: the broker did not acknowledge the last messages in time");
         }
     }
@@ -327,7 +405,13 @@ async fn publish_event(client: &AsyncClient, to: &ReplyTo, event: &Event) {
         ..PublishProperties::default()
     };
     if let Err(e) = client
-        .publish_with_properties(to.topic.clone(), QoS::AtLeastOnce, false, event.to_json(), properties)
+        .publish_with_properties(
+            to.topic.clone(),
+            QoS::AtLeastOnce,
+            false,
+            event.to_json(),
+            properties,
+        )
         .await
     {
         log::warn!("mqtt: publishing to {} failed: {e}", to.topic);

@@ -23,13 +23,19 @@ pub enum SocketError {
     #[error("another emberd is already listening on {0}")]
     InUse(PathBuf),
     #[error("socket {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Binds the socket the way pueue does: a path that still accepts connections belongs to a
 /// running daemon (refuse); one that does not is a stale file from a crash (replace it).
 pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, SocketError> {
-    let io = |source| SocketError::Io { path: path.to_path_buf(), source };
+    let io = |source| SocketError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(SocketError::InUse(path.to_path_buf()));
@@ -160,7 +166,10 @@ impl Handler {
                     let _ = out_tx.send(Event::error(
                         "",
                         ErrorCode::TooLong,
-                        format!("request line exceeds max_request_bytes = {}", self.max_request_bytes),
+                        format!(
+                            "request line exceeds max_request_bytes = {}",
+                            self.max_request_bytes
+                        ),
                     ));
                 }
             }
@@ -185,7 +194,11 @@ impl Handler {
             let _ = out.send(Event::error(
                 "",
                 ErrorCode::TooLong,
-                format!("request of {} bytes exceeds max_request_bytes = {}", line.len(), self.max_request_bytes),
+                format!(
+                    "request of {} bytes exceeds max_request_bytes = {}",
+                    line.len(),
+                    self.max_request_bytes
+                ),
             ));
             return;
         }
@@ -198,11 +211,19 @@ impl Handler {
             }
         };
         if request.is_cancel() {
-            match request.id.as_deref().and_then(|id| pending.lock().expect("pending lock").get(id).cloned()) {
+            match request
+                .id
+                .as_deref()
+                .and_then(|id| pending.lock().expect("pending lock").get(id).cloned())
+            {
                 Some(token) => token.cancel(),
                 None => {
                     let id = request.id.unwrap_or_default();
-                    let _ = out.send(Event::error(id.clone(), ErrorCode::BadRequest, format!("no running request with id {id:?} on this connection")));
+                    let _ = out.send(Event::error(
+                        id.clone(),
+                        ErrorCode::BadRequest,
+                        format!("no running request with id {id:?} on this connection"),
+                    ));
                 }
             }
             return;
@@ -211,15 +232,26 @@ impl Handler {
         let valid = match request.validate(&self.policy, generated_id) {
             Ok(v) => v,
             Err(e) => {
-                let _ = out.send(Event::error(raw_id.unwrap_or_default(), e.code(), e.to_string()));
+                let _ = out.send(Event::error(
+                    raw_id.unwrap_or_default(),
+                    e.code(),
+                    e.to_string(),
+                ));
                 return;
             }
         };
-        if pending.lock().expect("pending lock").contains_key(&valid.id) {
+        if pending
+            .lock()
+            .expect("pending lock")
+            .contains_key(&valid.id)
+        {
             let _ = out.send(Event::error(
                 valid.id.clone(),
                 ErrorCode::BadRequest,
-                format!("a request with id {:?} is still running on this connection", valid.id),
+                format!(
+                    "a request with id {:?} is still running on this connection",
+                    valid.id
+                ),
             ));
             return;
         }
@@ -228,7 +260,10 @@ impl Handler {
                 let _ = out.send(event);
             }
             Ok(mut submission) => {
-                pending.lock().expect("pending lock").insert(submission.id.clone(), submission.cancel.clone());
+                pending
+                    .lock()
+                    .expect("pending lock")
+                    .insert(submission.id.clone(), submission.cancel.clone());
                 let out = out.clone();
                 let pending = pending.clone();
                 tokio::spawn(async move {

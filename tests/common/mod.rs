@@ -14,7 +14,11 @@ pub fn repo() -> PathBuf {
 }
 
 fn must_exist(path: PathBuf) -> PathBuf {
-    assert!(path.exists(), "{} is missing: run `bash models/prepare.sh` first", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `bash models/prepare.sh` first",
+        path.display()
+    );
     path
 }
 
@@ -34,12 +38,19 @@ pub fn ort_library() -> PathBuf {
 }
 
 pub fn engine_options(backend: Backend) -> EngineOptions {
-    EngineOptions { backend, providers: vec!["cpu".into()], ort_library: Some(ort_library()), threads: 2 }
+    EngineOptions {
+        backend,
+        providers: vec!["cpu".into()],
+        ort_library: Some(ort_library()),
+        threads: 2,
+    }
 }
 
 pub fn generator(dir: PathBuf, backend: Backend) -> Generator {
-    let package = ModelPackage::load(&dir).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
-    Generator::load(package, &engine_options(backend)).unwrap_or_else(|e| panic!("engine for {}: {e}", dir.display()))
+    let package =
+        ModelPackage::load(&dir).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
+    Generator::load(package, &engine_options(backend))
+        .unwrap_or_else(|e| panic!("engine for {}: {e}", dir.display()))
 }
 
 pub fn read_json(path: PathBuf) -> serde_json::Value {
@@ -48,11 +59,19 @@ pub fn read_json(path: PathBuf) -> serde_json::Value {
 }
 
 pub fn ids(value: &serde_json::Value) -> Vec<u32> {
-    value.as_array().expect("an id list").iter().map(|v| v.as_u64().unwrap() as u32).collect()
+    value
+        .as_array()
+        .expect("an id list")
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// Largest absolute difference between two logit vectors.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "logit vectors differ in length");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }

@@ -1,0 +1,39 @@
+# Shared by setup.sh and test.sh: install what a fresh Debian machine lacks.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+say() { printf '[emberd] %s\n' "$*"; }
+die() { printf '[emberd] ERROR: %s\n' "$*" >&2; exit 1; }
+
+# Debian packages: mosquitto (broker and clients, for the MQTT API and its tests) and the
+# Python venv module (for model preparation).
+install_apt_packages() {
+    local missing=()
+    command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
+    command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+    python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+    if [ ${#missing[@]} -gt 0 ]; then
+        command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get to install them"
+        local sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo="sudo"
+        say "installing Debian packages: ${missing[*]}"
+        $sudo apt-get update -qq || die "apt-get update failed"
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+            || die "apt-get install ${missing[*]} failed"
+    fi
+    # Debian starts the packaged broker as a service where systemd runs; the tests start
+    # their own on free ports, and setup.sh starts one only if none listens.
+}
+
+require_toolchain() {
+    command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (rustup) first"
+    command -v python3 >/dev/null 2>&1 || die "python3 not found: apt-get install python3"
+}
+
+prepare_models() {
+    bash "$ROOT/models/prepare.sh"
+}
+
+export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$ROOT/vendor/onnxruntime/lib/libonnxruntime.so}"

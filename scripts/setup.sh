@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Sets everything up on a fresh Debian machine with Rust and Python 3, then runs the daemon:
+# Debian packages, the model-preparation venv, the ONNX Runtime library, the default model,
+# a release build, a local mosquitto on 127.0.0.1:1883 if none listens, and `emberd serve`
+# with the Unix socket and MQTT on. Later runs skip what is done.
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+require_toolchain
+install_apt_packages
+prepare_models
+
+say "building emberd (release; several minutes the first time)"
+cargo build --release --locked 2>&1 | grep -E '^(error|warning: unused)|Finished|Compiling emberd' || true
+[ -x target/release/emberd ] || die "the build failed: run cargo build --release to see why"
+
+STATE="$ROOT/.emberd"
+mkdir -p "$STATE"
+MQTT_PORT="${EMBERD_MQTT_PORT:-1883}"
+if ! (exec 3<>"/dev/tcp/127.0.0.1/$MQTT_PORT") 2>/dev/null; then
+    say "starting mosquitto on 127.0.0.1:$MQTT_PORT"
+    printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location %s/\n' \
+        "$MQTT_PORT" "$STATE" > "$STATE/mosquitto.conf"
+    mosquitto -c "$STATE/mosquitto.conf" -d || die "mosquitto did not start"
+fi
+
+CONFIG="$STATE/emberd.toml"
+if [ ! -f "$CONFIG" ]; then
+    cat > "$CONFIG" <<TOML
+# Written by scripts/setup.sh for a local run; see systemd/emberd.toml for every option.
+[model]
+dir = "$ROOT/models/smollm2-135m-instruct"
+ort_library = "$ROOT/vendor/onnxruntime/lib/libonnxruntime.so"
+
+[socket]
+path = "$STATE/emberd.sock"
+
+[mqtt]
+enabled = true
+host = "127.0.0.1"
+port = $MQTT_PORT
+device_id = "$(hostname | tr -c 'a-zA-Z0-9_.-\n' '_')"
+TOML
+fi
+DEVICE="$(sed -n 's/^device_id = "\(.*\)"/\1/p' "$CONFIG")"
+
+cat <<TXT
+
+emberd is starting (Ctrl-C stops it). In another terminal:
+  ./target/release/emberd ask --socket $STATE/emberd.sock "What is the capital of France?"
+  mosquitto_sub -h 127.0.0.1 -p $MQTT_PORT -t 'emberd/$DEVICE/response/#' &
+  mosquitto_pub -h 127.0.0.1 -p $MQTT_PORT -q 1 -t 'emberd/$DEVICE/request' -m '{"id":"q1","prompt":"Hello!"}'
+Without the daemon:
+  ./target/release/emberd generate "Hello"
+
+TXT
+exec ./target/release/emberd serve --config "$CONFIG"
