@@ -7,13 +7,15 @@ cd "$ROOT"
 say() { printf '[emberd] %s\n' "$*"; }
 die() { printf '[emberd] ERROR: %s\n' "$*" >&2; exit 1; }
 
-# Debian packages: mosquitto (broker and clients, for the MQTT API and its tests) and the
-# Python venv module (for model preparation).
+# Debian packages: mosquitto (broker and clients, for the MQTT API and its tests), the
+# Python venv module (for model preparation) and systemd's tools (for the unit tests).
 install_apt_packages() {
     local missing=()
     command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
     command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
     python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+    # systemd-analyze and systemd-socket-activate, for the unit and socket-activation tests.
+    command -v systemd-socket-activate >/dev/null 2>&1 || missing+=(systemd)
     if [ ${#missing[@]} -gt 0 ]; then
         command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get to install them"
         local sudo=""

@@ -116,6 +116,8 @@ pub fn run(
     let mut decode_tps = Vec::new();
     // One warm-up run: first calls pay for allocations and kernel selection.
     for run in 0..=options.runs {
+        // Every run measures a cold prefill, not the prefix cache.
+        generator.clear_cache();
         let stats = generator.run(&request, &RunControl::new(), &mut |_| true);
         if run == 0 {
             continue;

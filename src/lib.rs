@@ -10,6 +10,7 @@
 //! | [`scheduler`] | bounded queue, the engine worker thread, cancellation, deadlines |
 //! | [`transport`] | Unix socket (NDJSON) and MQTT v5; bytes ↔ requests and events |
 //! | [`serve`] | the daemon: scheduler + transports until shutdown, then drain |
+//! | [`service`] | systemd: sd_notify, watchdog, socket activation, journald logging |
 //! | [`shutdown`] | the one shutdown signal every task watches |
 //! | [`bench`] | load/prefill/decode figures of one model on this machine |
 //! | [`paths`] | where the setup's files are found when nothing names them |
@@ -23,5 +24,6 @@ pub mod paths;
 pub mod protocol;
 pub mod scheduler;
 pub mod serve;
+pub mod service;
 pub mod shutdown;
 pub mod transport;

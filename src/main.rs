@@ -260,12 +260,13 @@ fn serve(model: ModelArgs, socket: Option<PathBuf>) -> Result<()> {
     if let Some(path) = socket {
         config.socket.path = path;
     }
-    if std::env::var_os("EMBERD_LOG").is_none() {
-        if let Ok(level) = config.log.level.parse() {
-            log::set_max_level(level);
-        }
-    }
+    emberd::service::init_logging(config.log.journald, log_level(&config.log.level));
+    emberd::service::notify("STATUS=loading the model");
     let mut generator = load_generator(&config)?;
+    let socket_source = match emberd::service::inherited_listener() {
+        Some(listener) => emberd::serve::SocketSource::Inherited(listener),
+        None => emberd::serve::SocketSource::Bind,
+    };
     generator.set_max_prompt_tokens(config.limits.max_prompt_tokens);
     let runtime = runtime()?;
     runtime.block_on(async move {
@@ -274,16 +275,21 @@ fn serve(model: ModelArgs, socket: Option<PathBuf>) -> Result<()> {
             use tokio::signal::unix::{signal, SignalKind};
             let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
             let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+            let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                    // Changing the model or transports needs a restart; say so rather than die.
+                    _ = hup.recv() => log::warn!("SIGHUP: reloading is not supported; restart emberd to apply config changes"),
+                }
             }
             trigger.trigger();
         });
         emberd::serve::serve(
             config,
             generator,
-            emberd::serve::SocketSource::Bind,
+            socket_source,
             shutdown,
             |ready| {
                 let mut where_ = Vec::new();
@@ -365,37 +371,21 @@ fn ask(socket: PathBuf, sampling: SamplingArgs, json: bool, prompt: String) -> R
     })
 }
 
-fn init_logging() {
-    let level = std::env::var("EMBERD_LOG")
+/// Log level: EMBERD_LOG wins, then the given default.
+fn log_level(default: &str) -> log::LevelFilter {
+    std::env::var("EMBERD_LOG")
         .ok()
         .and_then(|l| l.parse().ok())
-        .unwrap_or(log::LevelFilter::Warn);
-    log::set_max_level(level);
-    let _ = log::set_boxed_logger(Box::new(StderrLogger));
-}
-
-/// Plain stderr logging for the interactive subcommands.
-struct StderrLogger;
-
-impl log::Log for StderrLogger {
-    fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.level() <= log::max_level()
-    }
-    fn log(&self, record: &log::Record) {
-        if self.enabled(record.metadata()) && record.target().starts_with("emberd") {
-            eprintln!(
-                "emberd: {}: {}",
-                record.level().as_str().to_lowercase(),
-                record.args()
-            );
-        }
-    }
-    fn flush(&self) {}
+        .or_else(|| default.parse().ok())
+        .unwrap_or(log::LevelFilter::Info)
 }
 
 fn main() -> Result<()> {
-    init_logging();
     let cli = Cli::parse();
+    // The daemon logs as its config says (journald under systemd); the rest to stderr.
+    if !matches!(cli.command, Command::Serve { .. }) {
+        emberd::service::init_logging(emberd::config::JournaldMode::Off, log_level("warn"));
+    }
     match cli.command {
         Command::Generate {
             model,

@@ -220,6 +220,9 @@ pub enum FinishReason {
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Prompt tokens whose keys and values were already cached (a shared prefix), not run again.
+    #[serde(default)]
+    pub cached_prompt_tokens: u32,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -100,7 +100,11 @@ impl Scheduler {
     }
 
     /// Queues a request, or answers `busy` at once when the queue is full.
-    pub fn submit(&self, request: ValidRequest, accepted_at: Instant) -> Result<Submission, Event> {
+    pub fn submit(
+        &self,
+        request: ValidRequest,
+        accepted_at: Instant,
+    ) -> Result<Submission, Box<Event>> {
         let (events_tx, events) = unbounded_channel();
         let cancel = CancelToken::new();
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
@@ -138,7 +142,7 @@ impl Scheduler {
                         "emberd is shutting down".to_string(),
                     ),
                 };
-                Err(Event::error(id, code, message))
+                Err(Box::new(Event::error(id, code, message)))
             }
         }
     }
@@ -174,7 +178,7 @@ impl Scheduler {
 }
 
 /// How often an idle worker reports that it is alive.
-const IDLE_HEARTBEAT: Duration = Duration::from_millis(500);
+const IDLE_HEARTBEAT: Duration = Duration::from_millis(250);
 
 fn worker(
     mut generator: Generator,

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::generate::Generator;
 use crate::scheduler::Scheduler;
+use crate::service;
 use crate::shutdown::Shutdown;
+use crate::shutdown::Shutdown as ShutdownSignal;
 use crate::transport::{mqtt, socket};
 
 /// How long in-flight requests may run on after shutdown begins before they are cancelled.
@@ -118,10 +120,18 @@ pub async fn serve(
         tasks.spawn(transport.run());
     }
     log::info!("ready: model {} on {}", ready.model, ready.engine);
+    service::notify(&format!(
+        "READY=1\nSTATUS=serving {} on {}",
+        ready.model, ready.engine
+    ));
     on_ready(ready);
+    if let Some(interval) = service::watchdog_interval() {
+        tasks.spawn(watchdog(scheduler.clone(), interval, shutdown.clone()));
+    }
 
     let mut shutdown = shutdown;
     shutdown.wait().await;
+    service::notify("STOPPING=1\nSTATUS=draining");
     log::info!(
         "shutting down: draining {} request(s)",
         scheduler.queue_depth()
@@ -136,4 +146,29 @@ pub async fn serve(
     let _ = tokio::task::spawn_blocking(move || worker.join()).await;
     log::info!("stopped");
     Ok(())
+}
+
+/// Pings systemd's watchdog while the engine worker shows signs of life; a hung engine stops
+/// the pings, and systemd restarts the service. Also keeps STATUS= current.
+async fn watchdog(scheduler: Scheduler, interval: Duration, mut shutdown: ShutdownSignal) {
+    let mut tick = tokio::time::interval(interval / 2);
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            _ = tick.tick() => {}
+        }
+        let silent = scheduler.since_heartbeat();
+        if silent < interval {
+            let stats = scheduler.stats();
+            service::notify(&format!(
+                "WATCHDOG=1\nSTATUS=serving: {} served, {} in flight",
+                stats.served.load(std::sync::atomic::Ordering::Relaxed),
+                scheduler.queue_depth()
+            ));
+        } else {
+            log::error!(
+                "the engine worker has been silent for {silent:?}; withholding the watchdog ping"
+            );
+        }
+    }
 }

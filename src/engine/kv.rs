@@ -39,9 +39,19 @@ impl KvCache {
         self.store = None;
     }
 
+    /// Keeps the first `len` positions' ids; the engine trims its tensors to match.
+    pub(crate) fn truncate_tokens(&mut self, len: usize) {
+        self.tokens.truncate(len);
+    }
+
     pub(crate) fn extend(&mut self, ids: &[u32]) {
         self.tokens.extend_from_slice(ids);
     }
+}
+
+/// Length of the common prefix of two id sequences.
+pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 impl Default for KvCache {

@@ -110,6 +110,10 @@ pub trait Engine: Send {
         cache: &mut KvCache,
         logits: &mut Vec<f32>,
     ) -> Result<(), EngineError>;
+
+    /// Keeps only the first `len` positions of `cache`, so a new prompt that shares a prefix
+    /// with what is cached (the same system prompt, say) runs only its new part.
+    fn truncate(&self, cache: &mut KvCache, len: usize) -> Result<(), EngineError>;
 }
 
 /// Resolves the ONNX Runtime library: config, else `ORT_DYLIB_PATH`, else the copy that the

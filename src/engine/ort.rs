@@ -226,6 +226,37 @@ impl Engine for OrtEngine {
         &self.info
     }
 
+    fn truncate(&self, cache: &mut KvCache, len: usize) -> Result<(), EngineError> {
+        if len >= cache.len() {
+            return Ok(());
+        }
+        if len == 0 {
+            cache.clear();
+            return Ok(());
+        }
+        let Some(kv) = cache.store.as_ref().and_then(|s| s.downcast_ref::<OrtKv>()) else {
+            cache.clear();
+            return Ok(());
+        };
+        let mut trimmed = Vec::with_capacity(kv.0.len());
+        for value in &kv.0 {
+            let (shape, data) = value.try_extract_tensor::<f32>().map_err(ort_error)?;
+            let (heads, past, dim) = (shape[1] as usize, shape[2] as usize, shape[3] as usize);
+            let mut out = Vec::with_capacity(heads * len * dim);
+            for h in 0..heads {
+                out.extend_from_slice(&data[h * past * dim..(h * past + len) * dim]);
+            }
+            trimmed.push(
+                Tensor::from_array(([1usize, heads, len, dim], out))
+                    .map_err(ort_error)?
+                    .into_dyn(),
+            );
+        }
+        cache.store = Some(Box::new(OrtKv(trimmed)));
+        cache.truncate_tokens(len);
+        Ok(())
+    }
+
     fn new_cache(&self) -> KvCache {
         KvCache::new()
     }

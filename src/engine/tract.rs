@@ -177,6 +177,38 @@ impl Engine for TractEngine {
         &self.info
     }
 
+    fn truncate(&self, cache: &mut KvCache, len: usize) -> Result<(), EngineError> {
+        if len >= cache.len() {
+            return Ok(());
+        }
+        let kv = match cache
+            .store
+            .take()
+            .and_then(|s| s.downcast::<TractKv>().ok())
+        {
+            Some(kv) if len > 0 => kv,
+            _ => {
+                cache.clear();
+                return Ok(());
+            }
+        };
+        let trimmed: Result<Vec<Tensor>, _> =
+            kv.0.iter()
+                .map(|t| t.slice(2, 0, len).map_err(tract_error))
+                .collect();
+        match trimmed {
+            Ok(t) => {
+                cache.store = Some(Box::new(TractKv(t)));
+                cache.truncate_tokens(len);
+                Ok(())
+            }
+            Err(e) => {
+                cache.clear();
+                Err(e)
+            }
+        }
+    }
+
     fn new_cache(&self) -> KvCache {
         KvCache::new()
     }
@@ -218,7 +250,14 @@ impl Engine for TractEngine {
             };
             inputs.push(tensor.into_tvalue());
         }
-        let mut outputs = self.plan.run(inputs).map_err(tract_error)?;
+        let mut outputs = match self.plan.run(inputs) {
+            Ok(outputs) => outputs,
+            Err(e) => {
+                // The past tensors were moved into the failed run: the cache is gone.
+                cache.clear();
+                return Err(tract_error(e));
+            }
+        };
         let all = outputs[self.logits_output]
             .try_as_plain_ram()
             .and_then(|plain| plain.as_slice::<f32>())

@@ -116,6 +116,8 @@ impl Default for RunControl {
 #[derive(Debug, Clone, Default)]
 pub struct RunStats {
     pub prompt_tokens: usize,
+    /// Prompt tokens served from the KV cache of the previous request.
+    pub cached_prompt_tokens: usize,
     pub generated_tokens: usize,
     pub prefill_ms: f64,
     pub ttft_ms: f64,
@@ -188,6 +190,11 @@ impl Generator {
         self.prefill_chunk = chunk.max(1);
     }
 
+    /// Forgets the cached keys and values, so the next prompt is run in full.
+    pub fn clear_cache(&mut self) {
+        self.cache.clear();
+    }
+
     pub fn engine_info(&self) -> &EngineInfo {
         self.engine.info()
     }
@@ -242,18 +249,31 @@ impl Generator {
     }
 
     /// Runs `ids` through the model in chunks; the logits of the last one end in `self.logits`.
+    /// The part of `ids` that the cache already holds (a shared system prompt, the previous
+    /// turns of a conversation) is not run again; at least one token is, for its logits.
     fn prefill(
         &mut self,
         ids: &[u32],
         control: &RunControl,
     ) -> Result<Option<FinishReason>, EngineError> {
-        self.cache.clear();
-        for chunk in ids.chunks(self.prefill_chunk) {
+        let reuse = crate::engine::kv::common_prefix(self.cache.tokens(), ids).min(ids.len() - 1);
+        if let Err(e) = self.engine.truncate(&mut self.cache, reuse) {
+            log::warn!("dropping the KV cache: {e}");
+            self.cache.clear();
+        }
+        let start = self.cache.len();
+        for chunk in ids[start..].chunks(self.prefill_chunk) {
             if let Some(reason) = control.interrupted() {
                 return Ok(Some(reason));
             }
-            self.engine
-                .forward(chunk, &mut self.cache, &mut self.logits)?;
+            if let Err(e) = self
+                .engine
+                .forward(chunk, &mut self.cache, &mut self.logits)
+            {
+                // A failed step leaves the cache in an unknown state.
+                self.cache.clear();
+                return Err(e);
+            }
         }
         Ok(None)
     }
@@ -270,7 +290,7 @@ impl Generator {
         match self.run_inner(request, control, emit, &mut stats) {
             Ok(()) => {}
             Err(e) => {
-                log::warn!("request {}: {e}", request.id);
+                log::warn!(request_id = request.id.as_str(); "request {} failed: {e}", request.id);
                 emit(Event::error(request.id.clone(), e.code(), e.to_string()));
             }
         }
@@ -312,7 +332,10 @@ impl Generator {
         stats.prompt_tokens = prompt.len();
         let mut history = prompt.clone();
 
+        let reused =
+            crate::engine::kv::common_prefix(self.cache.tokens(), &prompt).min(prompt.len() - 1);
         let interrupted_in_prefill = self.prefill(&prompt, control)?;
+        stats.cached_prompt_tokens = reused;
         let prefill_done = Instant::now();
         stats.prefill_ms = ms(prefill_done - started);
 
@@ -369,8 +392,13 @@ impl Generator {
                 if let Some(reason) = control.interrupted() {
                     break 'decode reason;
                 }
-                self.engine
-                    .forward(&[token], &mut self.cache, &mut self.logits)?;
+                if let Err(e) = self
+                    .engine
+                    .forward(&[token], &mut self.cache, &mut self.logits)
+                {
+                    self.cache.clear();
+                    return Err(e.into());
+                }
             }
         };
         if finish != FinishReason::StopSequence {
@@ -415,8 +443,13 @@ impl Generator {
             engine: self.engine.info().label(),
         };
         log::info!(
-            "request {}: {:?} prompt_tokens={} completion_tokens={} ttft_ms={:.1} tokens_per_s={:.1}",
-            request.id, finish, prompt.len(), generated, timings.ttft_ms, timings.decode_tokens_per_s
+            request_id = request.id.as_str(),
+            engine = timings.engine.as_str(),
+            prompt_tokens = prompt.len(),
+            completion_tokens = generated,
+            ttft_ms = timings.ttft_ms,
+            tokens_per_s = timings.decode_tokens_per_s;
+            "request {} finished: {:?}", request.id, finish
         );
         emit(Event::Done {
             id: request.id.clone(),
@@ -426,6 +459,7 @@ impl Generator {
             usage: Usage {
                 prompt_tokens: prompt.len() as u32,
                 completion_tokens: generated as u32,
+                cached_prompt_tokens: reused as u32,
             },
             timings,
         });

@@ -329,7 +329,7 @@ impl Transport {
             return;
         }
         match self.scheduler.submit(valid, accepted_at) {
-            Err(event) => self.send_one(to, event),
+            Err(event) => self.send_one(to, *event),
             Ok(mut submission) => {
                 let running = self.running.clone();
                 running

@@ -257,7 +257,7 @@ impl Handler {
         }
         match self.scheduler.submit(valid, accepted_at) {
             Err(event) => {
-                let _ = out.send(event);
+                let _ = out.send(*event);
             }
             Ok(mut submission) => {
                 pending
