@@ -359,7 +359,9 @@ impl Broker {
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n"
+            ),
         )
         .unwrap();
         let child = std::process::Command::new("mosquitto")
@@ -683,6 +685,298 @@ fn the_binary_exits_zero_on_sigterm_and_removes_its_socket() {
         !socket.exists(),
         "the socket file is removed on a clean exit"
     );
+}
+
+fn write_serve_config(dir: &Path, extra: &str) -> PathBuf {
+    let config = dir.join("emberd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\ndir = {:?}\nort_library = {:?}\n[socket]\npath = {:?}\n[log]\njournald = \"off\"\n{extra}",
+            tiny_dir("q4"),
+            ort_library(),
+            dir.join("emberd.sock")
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// Starts the built binary and returns once it says it is ready.
+fn spawn_ready(config: &Path) -> std::process::Child {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_emberd"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    loop {
+        let line = lines
+            .next()
+            .expect("emberd exited before it was ready")
+            .unwrap();
+        if line.contains("ready:") && line.contains("listening") {
+            break;
+        }
+    }
+    // Keep draining stderr so the daemon never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    child
+}
+
+#[test]
+fn emberd_ask_streams_a_reply_from_the_running_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = spawn_ready(&write_serve_config(dir.path(), ""));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_emberd"))
+        .args([
+            "ask",
+            "--json",
+            "--max-tokens",
+            "4",
+            "--temperature",
+            "0",
+            "--socket",
+        ])
+        .arg(dir.path().join("emberd.sock"))
+        .arg("hello")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(last["type"], "done", "{text}");
+    assert_eq!(last["usage"]["completion_tokens"], 4);
+    unsafe { libc_kill(daemon.id() as i32, 15) };
+    assert!(daemon.wait().unwrap().success());
+}
+
+#[test]
+fn the_last_will_says_offline_when_emberd_is_killed() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_serve_config(
+        dir.path(),
+        &format!(
+            "[mqtt]\nenabled = true\nport = {}\ndevice_id = \"will\"\n",
+            broker.port
+        ),
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (_client, mut rx) = mqtt_client(broker.port, "watcher", &["emberd/will/status"]).await;
+        let mut daemon = spawn_ready(&config);
+        loop {
+            let (_, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            if value["state"] == "online" {
+                break;
+            }
+        }
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
+        loop {
+            let (_, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            if value["state"] == "offline" {
+                break;
+            }
+        }
+    });
+}
+
+#[test]
+fn mosquitto_pub_with_mqtt5_response_topic_gets_the_reply_on_mosquitto_sub() {
+    let broker = Broker::start();
+    let port = broker.port.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_serve_config(
+        dir.path(),
+        &format!("[mqtt]\nenabled = true\nport = {port}\ndevice_id = \"cli\"\n"),
+    );
+    let mut daemon = spawn_ready(&config);
+    let mut sub = std::process::Command::new("mosquitto_sub")
+        .args([
+            "-V",
+            "mqttv5",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-t",
+            "answers/cli",
+            "-F",
+            "%D|%p",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = sub.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    // mosquitto_sub gives no readiness signal: publish probes until one comes back.
+    loop {
+        std::process::Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-t",
+                "answers/cli",
+                "-m",
+                "probe",
+            ])
+            .status()
+            .unwrap();
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            assert!(line.ends_with("probe"), "{line}");
+            break;
+        }
+    }
+    let status = std::process::Command::new("mosquitto_pub")
+        .args([
+            "-V",
+            "mqttv5",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-q",
+            "1",
+            "-t",
+            "emberd/cli/request",
+        ])
+        .args([
+            "-D",
+            "publish",
+            "response-topic",
+            "answers/cli",
+            "-D",
+            "publish",
+            "correlation-data",
+            "xyz-7",
+        ])
+        .args([
+            "-m",
+            r#"{"id":"p1","prompt":"hello","raw":true,"max_tokens":3,"ignore_eos":true}"#,
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    loop {
+        let line = rx
+            .recv_timeout(PATIENCE)
+            .expect("a reply on the response topic");
+        let (correlation, payload) = line.split_once('|').unwrap();
+        let event: Value = serde_json::from_str(payload).unwrap();
+        assert_eq!(correlation, "xyz-7", "{line}");
+        assert_eq!(event["id"], "p1");
+        if event["type"] != "token" {
+            assert_eq!(event["type"], "done", "{event}");
+            break;
+        }
+    }
+    let _ = sub.kill();
+    unsafe { libc_kill(daemon.id() as i32, 15) };
+    assert!(daemon.wait().unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_group_splits_requests_between_two_daemons_with_none_lost_or_doubled() {
+    let broker = Broker::start();
+    let port = broker.port;
+    let fleet = |device: &'static str| {
+        move |c: &mut Config| {
+            c.socket.enabled = false;
+            c.mqtt.enabled = true;
+            c.mqtt.port = port;
+            c.mqtt.device_id = device.into();
+            c.mqtt.share_group = Some("fleet".into());
+        }
+    };
+    let a = Daemon::start(tiny_dir("optimum"), fleet("fleet-a")).await;
+    let b = Daemon::start(tiny_dir("optimum"), fleet("fleet-b")).await;
+    let (client, mut rx) = mqtt_client(
+        port,
+        "dispatcher",
+        &[
+            "emberd/fleet-a/status",
+            "emberd/fleet-b/status",
+            "fleet/replies/#",
+        ],
+    )
+    .await;
+    // Both members are subscribed once each has published its online status.
+    let mut online = std::collections::HashSet::new();
+    while online.len() < 2 {
+        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if value["state"] == "online" {
+            online.insert(topic);
+        }
+    }
+    for i in 0..10 {
+        let request = json!({"id": format!("job{i}"), "prompt": "hello", "raw": true, "max_tokens": 20, "ignore_eos": true});
+        let properties = PublishProperties {
+            response_topic: Some(format!("fleet/replies/{i}")),
+            ..Default::default()
+        };
+        client
+            .publish_with_properties(
+                "emberd/request",
+                QoS::AtLeastOnce,
+                false,
+                request.to_string(),
+                properties,
+            )
+            .await
+            .unwrap();
+    }
+    let mut done: std::collections::HashMap<String, usize> = Default::default();
+    while done.values().sum::<usize>() < 10 {
+        let (_, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if value["type"] == "done" {
+            *done
+                .entry(value["id"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(done.len(), 10, "every request answered: {done:?}");
+    assert!(
+        done.values().all(|&n| n == 1),
+        "none answered twice: {done:?}"
+    );
+    let served_a = a.stats.served.load(Ordering::Relaxed);
+    let served_b = b.stats.served.load(Ordering::Relaxed);
+    assert_eq!(served_a + served_b, 10);
+    assert!(
+        served_a > 0 && served_b > 0,
+        "the group split the work: {served_a} + {served_b}"
+    );
+    a.stop().await;
+    b.stop().await;
 }
 
 extern "C" {

@@ -143,7 +143,14 @@ impl TractEngine {
         let typed = model.into_optimized().map_err(|e| {
             EngineError::Tract(format!("cannot optimize {}: {e:#}", path.display()))
         })?;
-        let plan = typed.into_runnable().map_err(tract_error)?;
+        let run_options = tract_onnx::tract_core::runtime::RunOptions {
+            executor: (threads > 1)
+                .then(|| tract_linalg::multithread::Executor::multithread(threads)),
+            ..Default::default()
+        };
+        let plan = typed
+            .into_runnable_with_options(&run_options)
+            .map_err(tract_error)?;
         let info = EngineInfo {
             engine: "tract",
             provider: "cpu".into(),
