@@ -894,6 +894,7 @@ fn mosquitto_pub_with_mqtt5_response_topic_gets_the_reply_on_mosquitto_sub() {
         }
     }
     let _ = sub.kill();
+    let _ = sub.wait();
     unsafe { libc_kill(daemon.id() as i32, 15) };
     assert!(daemon.wait().unwrap().success());
 }
