@@ -24,6 +24,8 @@ if ! (exec 3<>"/dev/tcp/127.0.0.1/$MQTT_PORT") 2>/dev/null; then
 fi
 
 CONFIG="$STATE/emberd.toml"
+DEVICE_ID="$(hostname 2>/dev/null || echo emberd)"
+DEVICE_ID="${DEVICE_ID//[^a-zA-Z0-9_-]/_}"
 if [ ! -f "$CONFIG" ]; then
     cat > "$CONFIG" <<TOML
 # Written by scripts/setup.sh for a local run; see systemd/emberd.toml for every option.
@@ -38,7 +40,7 @@ path = "$STATE/emberd.sock"
 enabled = true
 host = "127.0.0.1"
 port = $MQTT_PORT
-device_id = "$(hostname | tr -c 'a-zA-Z0-9_.-\n' '_')"
+device_id = "${DEVICE_ID:-emberd}"
 TOML
 fi
 DEVICE="$(sed -n 's/^device_id = "\(.*\)"/\1/p' "$CONFIG")"

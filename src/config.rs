@@ -282,6 +282,9 @@ impl Config {
                 ));
             }
         }
+        if self.mqtt.enabled && self.mqtt.device_id.is_empty() {
+            return bad("mqtt.device_id must not be empty".into());
+        }
         if self.mqtt.enabled && self.mqtt.device_id.contains(['/', '+', '#']) {
             return bad(format!(
                 "mqtt.device_id must not contain '/', '+' or '#', got {:?}",
