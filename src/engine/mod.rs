@@ -99,9 +99,6 @@ impl EngineInfo {
 pub trait Engine: Send {
     fn info(&self) -> &EngineInfo;
 
-    /// An empty cache for a new sequence.
-    fn new_cache(&self) -> KvCache;
-
     /// Runs `ids` at the positions after those already in `cache`, appends their keys and
     /// values to it, and writes the logits of the last position into `logits`.
     fn forward(

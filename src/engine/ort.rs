@@ -257,10 +257,6 @@ impl Engine for OrtEngine {
         Ok(())
     }
 
-    fn new_cache(&self) -> KvCache {
-        KvCache::new()
-    }
-
     fn forward(
         &mut self,
         ids: &[u32],

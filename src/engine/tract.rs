@@ -216,10 +216,6 @@ impl Engine for TractEngine {
         }
     }
 
-    fn new_cache(&self) -> KvCache {
-        KvCache::new()
-    }
-
     fn forward(
         &mut self,
         ids: &[u32],

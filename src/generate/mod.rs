@@ -162,7 +162,7 @@ impl Generator {
             )?),
             None => None,
         };
-        let cache = engine.new_cache();
+        let cache = KvCache::new();
         Ok(Generator {
             engine,
             tokenizer,
@@ -251,11 +251,12 @@ impl Generator {
     /// Runs `ids` through the model in chunks; the logits of the last one end in `self.logits`.
     /// The part of `ids` that the cache already holds (a shared system prompt, the previous
     /// turns of a conversation) is not run again; at least one token is, for its logits.
+    /// Returns how many prompt tokens came from the cache, and why it stopped early if it did.
     fn prefill(
         &mut self,
         ids: &[u32],
         control: &RunControl,
-    ) -> Result<Option<FinishReason>, EngineError> {
+    ) -> Result<(usize, Option<FinishReason>), EngineError> {
         let reuse = crate::engine::kv::common_prefix(self.cache.tokens(), ids).min(ids.len() - 1);
         if let Err(e) = self.engine.truncate(&mut self.cache, reuse) {
             log::warn!("dropping the KV cache: {e}");
@@ -264,7 +265,7 @@ impl Generator {
         let start = self.cache.len();
         for chunk in ids[start..].chunks(self.prefill_chunk) {
             if let Some(reason) = control.interrupted() {
-                return Ok(Some(reason));
+                return Ok((start, Some(reason)));
             }
             if let Err(e) = self
                 .engine
@@ -275,7 +276,7 @@ impl Generator {
                 return Err(e);
             }
         }
-        Ok(None)
+        Ok((start, None))
     }
 
     /// Serves one request: calls `emit` with each event, ending with exactly one `Done` or
@@ -332,9 +333,7 @@ impl Generator {
         stats.prompt_tokens = prompt.len();
         let mut history = prompt.clone();
 
-        let reused =
-            crate::engine::kv::common_prefix(self.cache.tokens(), &prompt).min(prompt.len() - 1);
-        let interrupted_in_prefill = self.prefill(&prompt, control)?;
+        let (reused, interrupted_in_prefill) = self.prefill(&prompt, control)?;
         stats.cached_prompt_tokens = reused;
         let prefill_done = Instant::now();
         stats.prefill_ms = ms(prefill_done - started);
