@@ -596,7 +596,17 @@ async fn mqtt_cancel_topic_stops_a_running_request() {
         c.mqtt.device_id = "dev2".into();
     })
     .await;
-    let (client, mut rx) = mqtt_client(port, "canceller", &["out/#"]).await;
+    let (client, mut rx) = mqtt_client(port, "canceller", &["out/#", "emberd/dev2/status"]).await;
+    // emberd is subscribed once its online status is out (it subscribes first).
+    loop {
+        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if topic == "emberd/dev2/status" && value["state"] == "online" {
+            break;
+        }
+    }
     let mut request = long_request("c1");
     request["reply_to"] = json!("out/c1");
     client
@@ -608,10 +618,15 @@ async fn mqtt_cancel_topic_stops_a_running_request() {
         )
         .await
         .unwrap();
-    let (_, first, _) = tokio::time::timeout(PATIENCE, rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let first = loop {
+        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if topic == "out/c1" {
+            break value;
+        }
+    };
     assert_eq!(first["type"], "token");
     client
         .publish(
@@ -623,11 +638,11 @@ async fn mqtt_cancel_topic_stops_a_running_request() {
         .await
         .unwrap();
     loop {
-        let (_, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
             .await
             .unwrap()
             .unwrap();
-        if value["type"] != "token" {
+        if topic == "out/c1" && value["type"] != "token" {
             assert_eq!(value["finish_reason"], "cancelled", "{value}");
             break;
         }
@@ -640,36 +655,9 @@ async fn mqtt_cancel_topic_stops_a_running_request() {
 #[test]
 fn the_binary_exits_zero_on_sigterm_and_removes_its_socket() {
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("bin.sock");
-    let config = dir.path().join("emberd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[model]\ndir = {:?}\nort_library = {:?}\n[socket]\npath = {:?}\n",
-            tiny_dir("q4"),
-            ort_library(),
-            socket
-        ),
-    )
-    .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_emberd"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let socket = dir.path().join("emberd.sock");
     // The daemon says when it is ready; no sleeps.
-    loop {
-        let line = lines
-            .next()
-            .expect("emberd exited before it was ready")
-            .unwrap();
-        if line.contains("ready:") && line.contains("listening") {
-            break;
-        }
-    }
+    let mut child = spawn_ready(&write_serve_config(dir.path(), ""));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let mut client = Client::connect(&socket).await;
