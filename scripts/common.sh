@@ -13,6 +13,8 @@ install_apt_packages() {
     local missing=()
     command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
     command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+    # openssl makes the MQTT TLS tests' certificates.
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
     # systemd-analyze and systemd-socket-activate, for the unit and socket-activation tests.
     command -v systemd-socket-activate >/dev/null 2>&1 || missing+=(systemd)

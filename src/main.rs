@@ -291,21 +291,8 @@ fn serve(model: ModelArgs, socket: Option<PathBuf>) -> Result<()> {
             generator,
             socket_source,
             shutdown,
-            |ready| {
-                let mut where_ = Vec::new();
-                if let Some(p) = &ready.socket {
-                    where_.push(format!("socket {}", p.display()));
-                }
-                if let Some(m) = &ready.mqtt {
-                    where_.push(format!("mqtt {m}"));
-                }
-                eprintln!(
-                    "emberd: ready: {} on {}, listening on {}",
-                    ready.model,
-                    ready.engine,
-                    where_.join(", ")
-                );
-            },
+            // serve logs the ready line itself (socket, broker, engine).
+            |_ready| {},
         )
         .await
     })?;

@@ -15,7 +15,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::engine::EngineInfo;
 use crate::generate::{CancelToken, Generator, RunControl};
-use crate::protocol::{ErrorCode, Event, FinishReason, ValidRequest};
+use crate::protocol::{ErrorCode, Event, FinishReason, PromptInput, ValidRequest};
 
 struct Job {
     request: ValidRequest,
@@ -104,6 +104,7 @@ impl Scheduler {
         &self,
         request: ValidRequest,
         accepted_at: Instant,
+        transport: &'static str,
     ) -> Result<Submission, Box<Event>> {
         let (events_tx, events) = unbounded_channel();
         let cancel = CancelToken::new();
@@ -113,6 +114,7 @@ impl Scheduler {
             cancel: cancel.clone(),
             deadline: Some(accepted_at + request.timeout),
             accepted_at,
+            transport,
         };
         self.active
             .lock()
@@ -192,6 +194,11 @@ fn worker(
             .heartbeat_ms
             .store(started.elapsed().as_millis() as u64, Ordering::Release)
     };
+    // Test-only fault injection: a request whose prompt contains this marker hangs the worker,
+    // so the service tests can see systemd's watchdog restart a hung engine.
+    let hang_marker = std::env::var("EMBERD_DEBUG_HANG_ON_PROMPT")
+        .ok()
+        .filter(|m| !m.is_empty());
     loop {
         beat(&stats);
         let job = match jobs.recv_timeout(IDLE_HEARTBEAT) {
@@ -206,6 +213,15 @@ fn worker(
             events,
             key,
         } = job;
+        if hang_marker
+            .as_deref()
+            .is_some_and(|m| prompt_contains(&request.input, m))
+        {
+            log::warn!("EMBERD_DEBUG_HANG_ON_PROMPT matched: the engine worker hangs now");
+            loop {
+                std::thread::park();
+            }
+        }
         let expired = control.deadline.is_some_and(|d| Instant::now() >= d);
         if expired {
             stats.timed_out.fetch_add(1, Ordering::Relaxed);
@@ -231,5 +247,13 @@ fn worker(
         active.lock().expect("active lock").remove(&key);
         stats.in_flight.fetch_sub(1, Ordering::AcqRel);
         stats.served.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn prompt_contains(input: &PromptInput, marker: &str) -> bool {
+    match input {
+        PromptInput::Chat(messages) => messages.iter().any(|m| m.content.contains(marker)),
+        PromptInput::Raw(text) => text.contains(marker),
+        PromptInput::Tokens(_) => false,
     }
 }

@@ -14,6 +14,8 @@ use crate::transport::{mqtt, socket};
 
 /// How long in-flight requests may run on after shutdown begins before they are cancelled.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long readiness waits for the MQTT broker to acknowledge emberd's subscriptions.
+pub const MQTT_READY_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -108,8 +110,9 @@ pub async fn serve(
             .run(),
         );
     }
+    let mut mqtt_subscribed = None;
     if config.mqtt.enabled {
-        let transport = mqtt::Transport::new(
+        let mut transport = mqtt::Transport::new(
             &config.mqtt,
             scheduler.clone(),
             policy.clone(),
@@ -117,13 +120,40 @@ pub async fn serve(
             shutdown.clone(),
         )?;
         ready.mqtt = Some(format!("{}:{}", config.mqtt.host, config.mqtt.port));
+        mqtt_subscribed = Some(transport.subscribed());
         tasks.spawn(transport.run());
     }
-    log::info!("ready: model {} on {}", ready.model, ready.engine);
-    service::notify(&format!(
-        "READY=1\nSTATUS=serving {} on {}",
-        ready.model, ready.engine
-    ));
+    let mut status = format!("serving {} on {}", ready.model, ready.engine);
+    if let Some(subscribed) = mqtt_subscribed {
+        // Ready means requests published now get answered; but a broker that is down must not
+        // keep the local socket from serving, so after a bound emberd is ready without it.
+        let broker = ready.mqtt.clone().unwrap_or_default();
+        service::notify(&format!("STATUS=connecting to MQTT broker {broker}"));
+        let mut waiting = shutdown.clone();
+        tokio::select! {
+            result = tokio::time::timeout(MQTT_READY_TIMEOUT, subscribed) => {
+                if result.is_err() {
+                    log::warn!(
+                        "mqtt: broker {broker} not reached within {MQTT_READY_TIMEOUT:?}; \
+                         ready without it, still retrying"
+                    );
+                    status.push_str(&format!(" (MQTT broker {broker} unreachable, retrying)"));
+                }
+            }
+            _ = waiting.wait() => {}
+        }
+    }
+    log::info!(
+        "ready: model {}, engine {}, socket {}, mqtt broker {}",
+        ready.model,
+        ready.engine,
+        ready
+            .socket
+            .as_ref()
+            .map_or("off".to_string(), |p| p.display().to_string()),
+        ready.mqtt.as_deref().unwrap_or("off")
+    );
+    service::notify(&format!("READY=1\nSTATUS={status}"));
     on_ready(ready);
     if let Some(interval) = service::watchdog_interval() {
         tasks.spawn(watchdog(scheduler.clone(), interval, shutdown.clone()));

@@ -110,7 +110,7 @@ fn socket_activation_starts_emberd_on_the_first_connection() {
     // The first connection starts emberd, which serves it on the inherited socket.
     assert_eq!(ask(&socket)["type"], "done");
     let ready = lines
-        .find(|l| l.as_ref().is_ok_and(|l| l.contains("ready:")))
+        .find(|l| l.as_ref().is_ok_and(|l| l.contains("ready: model")))
         .is_some();
     assert!(ready, "emberd reported ready");
     unsafe { kill(activator.id() as i32, 15) };

@@ -84,6 +84,8 @@ pub struct RunControl {
     pub deadline: Option<Instant>,
     /// When the request was accepted; queue time and TTFT count from here.
     pub accepted_at: Instant,
+    /// Where the request came from ("socket", "mqtt", "cli"), for the logs.
+    pub transport: &'static str,
 }
 
 impl RunControl {
@@ -92,6 +94,7 @@ impl RunControl {
             cancel: CancelToken::new(),
             deadline: None,
             accepted_at: Instant::now(),
+            transport: "cli",
         }
     }
 
@@ -443,10 +446,15 @@ impl Generator {
         };
         log::info!(
             request_id = request.id.as_str(),
+            transport = control.transport,
             engine = timings.engine.as_str(),
             prompt_tokens = prompt.len(),
+            cached_prompt_tokens = reused,
             completion_tokens = generated,
+            queue_ms = timings.queue_ms,
+            prefill_ms = timings.prefill_ms,
             ttft_ms = timings.ttft_ms,
+            total_ms = timings.total_ms,
             tokens_per_s = timings.decode_tokens_per_s;
             "request {} finished: {:?}", request.id, finish
         );

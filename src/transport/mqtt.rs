@@ -7,16 +7,24 @@
 //! the `AsyncClient`, from one task per request.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::ConnectReturnCode;
+use rumqttc::v5::mqttbytes::v5::{
+    LastWill, Packet, Publish, PublishProperties, SubscribeReasonCode,
+};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event as MqttEvent, EventLoop, MqttOptions};
 
-use crate::config::MqttConfig;
+use tokio_rustls::rustls::pki_types::pem::{self, PemObject};
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+
+use crate::config::{MqttConfig, TlsConfig};
 use crate::generate::CancelToken;
 use crate::protocol::{id_hint, parse_request, ErrorCode, Event, RequestPolicy};
 use crate::scheduler::Scheduler;
@@ -36,8 +44,21 @@ pub enum MqttError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
-    #[error("mqtt: TLS is not supported by this build")]
-    TlsUnsupported,
+    #[error("mqtt: cannot read TLS {what} {path}: {source}")]
+    TlsFile {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("mqtt: TLS {what} {path} holds no usable {what}")]
+    TlsEmpty {
+        what: &'static str,
+        path: std::path::PathBuf,
+    },
+    #[error("mqtt: TLS setup failed: {0}")]
+    Tls(#[from] tokio_rustls::rustls::Error),
+    #[error("mqtt.tls: `cert` and `key` go together; set both or neither")]
+    TlsClientAuthHalf,
 }
 
 #[derive(Debug, Clone)]
@@ -84,6 +105,10 @@ pub struct Transport {
     max_request_bytes: usize,
     shutdown: Shutdown,
     running: Arc<Mutex<HashMap<String, CancelToken>>>,
+    /// Fired once the first connection's subscriptions are acknowledged.
+    subscribed: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Subscriptions of the current connection not yet acknowledged.
+    pending_subacks: usize,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -121,10 +146,85 @@ pub fn options(
         };
         options.set_credentials(user.clone(), password);
     }
-    if config.tls.is_some() {
-        return Err(MqttError::TlsUnsupported);
+    if let Some(tls) = &config.tls {
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls_client_config(tls)?),
+        ));
     }
     Ok(options)
+}
+
+/// A rustls client (ring provider) trusting `tls.ca`, or the system's roots without one, and
+/// presenting a client certificate when `cert` and `key` are set. Read once at start, so a
+/// bad file fails `serve` with its path instead of failing every reconnect.
+pub fn tls_client_config(tls: &TlsConfig) -> Result<Arc<ClientConfig>, MqttError> {
+    let mut roots = RootCertStore::empty();
+    match &tls.ca {
+        Some(path) => {
+            for cert in CertificateDer::pem_file_iter(path).map_err(pem_error("CA", path))? {
+                roots.add(cert.map_err(pem_error("CA", path))?)?;
+            }
+            if roots.is_empty() {
+                return Err(MqttError::TlsEmpty {
+                    what: "CA",
+                    path: path.clone(),
+                });
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for error in &found.errors {
+                log::warn!("mqtt: reading the system's CA certificates: {error}");
+            }
+            roots.add_parsable_certificates(found.certs);
+        }
+    }
+    let builder = ClientConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots);
+    let config = match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .map_err(pem_error("certificate", cert))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(pem_error("certificate", cert))?;
+            if chain.is_empty() {
+                return Err(MqttError::TlsEmpty {
+                    what: "certificate",
+                    path: cert.clone(),
+                });
+            }
+            let key = PrivateKeyDer::from_pem_file(key).map_err(pem_error("key", key))?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        (None, None) => builder.with_no_client_auth(),
+        _ => return Err(MqttError::TlsClientAuthHalf),
+    };
+    Ok(Arc::new(config))
+}
+
+/// What to check when the broker refuses the connection.
+fn refusal_hint(code: ConnectReturnCode) -> &'static str {
+    match code {
+        ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized => {
+            " (check mqtt.username and mqtt.password_file)"
+        }
+        ConnectReturnCode::ClientIdentifierNotValid => " (check mqtt.device_id)",
+        _ => "",
+    }
+}
+
+fn pem_error<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(pem::Error) -> MqttError + 'a {
+    move |e| MqttError::TlsFile {
+        what,
+        path: path.to_path_buf(),
+        source: match e {
+            pem::Error::Io(io) => io,
+            other => std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{other:?}")),
+        },
+    }
 }
 
 /// The retained status message.
@@ -171,7 +271,31 @@ impl Transport {
             max_request_bytes,
             shutdown,
             running: Arc::default(),
+            subscribed: None,
+            pending_subacks: 0,
         })
+    }
+
+    /// Resolves once the broker has acknowledged every subscription (or resumed a session
+    /// that holds them): from then on, requests published to the broker reach emberd.
+    pub fn subscribed(&mut self) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.subscribed = Some(tx);
+        rx
+    }
+
+    fn subscriptions(&self) -> Vec<String> {
+        let mut topics = vec![self.topics.request.clone(), self.topics.cancel.clone()];
+        topics.extend(self.topics.shared_request.clone());
+        topics
+    }
+
+    fn note_subscribed(&mut self) {
+        if self.pending_subacks == 0 {
+            if let Some(tx) = self.subscribed.take() {
+                let _ = tx.send(());
+            }
+        }
     }
 
     /// Polls the connection until shutdown, then publishes `offline` and flushes.
@@ -185,13 +309,30 @@ impl Transport {
                     Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                         backoff = Duration::from_millis(100);
                         log::info!("mqtt: connected (session present: {})", ack.session_present);
+                        self.pending_subacks = if ack.session_present { 0 } else { self.subscriptions().len() };
                         self.on_connect(ack.session_present);
+                        self.note_subscribed();
+                    }
+                    Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
+                        for code in &ack.return_codes {
+                            if !matches!(code, SubscribeReasonCode::Success(_)) {
+                                log::error!("mqtt: the broker refused a subscription: {code:?}");
+                            }
+                        }
+                        self.pending_subacks = self.pending_subacks.saturating_sub(1);
+                        self.note_subscribed();
                     }
                     Ok(MqttEvent::Incoming(Packet::Publish(publish))) => self.on_publish(publish),
                     Ok(_) => {}
                     Err(e) => {
                         // rumqttc reconnects on the next poll; without a pause it would spin.
-                        log::warn!("mqtt: connection error: {e}; retrying in {backoff:?}");
+                        match e {
+                            ConnectionError::ConnectionRefused(code) => log::error!(
+                                "mqtt: the broker refused the connection: {code:?}{}; retrying in {backoff:?}",
+                                refusal_hint(code)
+                            ),
+                            e => log::warn!("mqtt: connection error: {e}; retrying in {backoff:?}"),
+                        }
                         tokio::select! {
                             _ = tokio::time::sleep(backoff) => {}
                             _ = shutdown.wait() => break,
@@ -208,14 +349,15 @@ impl Transport {
         let client = self.client.clone();
         let topics = self.topics.clone();
         let status = status_json(&self.scheduler, true);
+        let subscriptions = if session_present {
+            Vec::new()
+        } else {
+            self.subscriptions()
+        };
         tokio::spawn(async move {
-            if !session_present {
-                let mut subscriptions = vec![topics.request.clone(), topics.cancel.clone()];
-                subscriptions.extend(topics.shared_request.clone());
-                for topic in subscriptions {
-                    if let Err(e) = client.subscribe(topic.clone(), QoS::AtLeastOnce).await {
-                        log::warn!("mqtt: subscribing to {topic} failed: {e}");
-                    }
+            for topic in subscriptions {
+                if let Err(e) = client.subscribe(topic.clone(), QoS::AtLeastOnce).await {
+                    log::warn!("mqtt: subscribing to {topic} failed: {e}");
                 }
             }
             if let Err(e) = client
@@ -328,7 +470,7 @@ impl Transport {
             );
             return;
         }
-        match self.scheduler.submit(valid, accepted_at) {
+        match self.scheduler.submit(valid, accepted_at, "mqtt") {
             Err(event) => self.send_one(to, *event),
             Ok(mut submission) => {
                 let running = self.running.clone();

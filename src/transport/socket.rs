@@ -255,7 +255,7 @@ impl Handler {
             ));
             return;
         }
-        match self.scheduler.submit(valid, accepted_at) {
+        match self.scheduler.submit(valid, accepted_at, "socket") {
             Err(event) => {
                 let _ = out.send(*event);
             }

@@ -1,6 +1,8 @@
 //! Shared helpers: where the prepared models and the ONNX Runtime library are.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::path::PathBuf;
 
 use emberd::engine::{Backend, EngineOptions};

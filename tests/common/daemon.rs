@@ -1,0 +1,354 @@
+//! Running emberd for the daemon tests: in process or as the built binary, a socket client,
+//! a real mosquitto broker and an MQTT test client.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use emberd::config::Config;
+use emberd::engine::Backend;
+use emberd::scheduler::Stats;
+use emberd::serve::{serve, Ready, SocketSource};
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event as MqttEvent, MqttOptions};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+
+use super::*;
+
+/// Generous bound so a broken daemon fails the test instead of hanging it.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+pub struct Daemon {
+    pub socket: PathBuf,
+    pub stats: Arc<Stats>,
+    pub trigger: emberd::shutdown::ShutdownTrigger,
+    pub done: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    pub async fn start(model: PathBuf, tweak: impl FnOnce(&mut Config)) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.socket.path = dir.path().join("emberd.sock");
+        config.mqtt.enabled = false;
+        tweak(&mut config);
+        let generator = tokio::task::spawn_blocking(move || generator(model, Backend::Ort))
+            .await
+            .unwrap();
+        let (trigger, shutdown) = emberd::shutdown::channel();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Ready>();
+        let done = tokio::spawn(async move {
+            serve(config, generator, SocketSource::Bind, shutdown, |r| {
+                let _ = ready_tx.send(r);
+            })
+            .await
+            .expect("serve");
+        });
+        let ready = tokio::time::timeout(PATIENCE, ready_rx)
+            .await
+            .unwrap()
+            .expect("ready");
+        Daemon {
+            socket: ready.socket.clone().unwrap_or_default(),
+            stats: ready.stats,
+            trigger,
+            done,
+            _dir: dir,
+        }
+    }
+
+    pub async fn connect(&self) -> Client {
+        Client::connect(&self.socket).await
+    }
+
+    pub async fn stop(self) {
+        self.trigger.trigger();
+        tokio::time::timeout(PATIENCE, self.done)
+            .await
+            .expect("serve returns after shutdown")
+            .unwrap();
+        assert!(!self.socket.exists(), "the socket file is removed on exit");
+    }
+}
+
+pub struct Client {
+    pub lines: tokio::io::Lines<BufReader<OwnedReadHalf>>,
+    pub writer: OwnedWriteHalf,
+}
+
+impl Client {
+    pub async fn connect(path: &Path) -> Client {
+        let stream = UnixStream::connect(path).await.unwrap();
+        let (r, w) = stream.into_split();
+        Client {
+            lines: BufReader::new(r).lines(),
+            writer: w,
+        }
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).await.unwrap();
+    }
+
+    pub async fn send(&mut self, request: Value) {
+        self.send_raw(format!("{request}\n").as_bytes()).await;
+    }
+
+    pub async fn event(&mut self) -> Value {
+        let line = tokio::time::timeout(PATIENCE, self.lines.next_line())
+            .await
+            .expect("an event in time")
+            .unwrap()
+            .expect("open connection");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// Events of one request up to and including its terminal event (events of others are
+    /// skipped).
+    pub async fn until_end(&mut self, id: &str) -> Vec<Value> {
+        let mut events = Vec::new();
+        loop {
+            let e = self.event().await;
+            if e["id"] != id {
+                continue;
+            }
+            let terminal = e["type"] != "token";
+            events.push(e);
+            if terminal {
+                return events;
+            }
+        }
+    }
+}
+
+/// A request that runs until it is stopped (cancel, disconnect, deadline, shutdown).
+pub fn long_request(id: &str) -> Value {
+    serde_json::json!({"id": id, "prompt": "Tell me a long story.", "max_tokens": 1000,
+                       "ignore_eos": true, "temperature": 0})
+}
+
+pub fn text_of(events: &[Value]) -> String {
+    events
+        .iter()
+        .filter(|e| e["type"] == "token")
+        .map(|e| e["text"].as_str().unwrap())
+        .collect()
+}
+
+/// A real mosquitto on a free port of 127.0.0.1, stopped when dropped.
+pub struct Broker {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl Broker {
+    /// An open broker: anonymous clients, no persistence.
+    pub fn start() -> Broker {
+        Broker::with_config(|port, _| {
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        })
+    }
+
+    /// A broker whose mosquitto.conf is `conf(port, dir)` (dir: for its files).
+    pub fn with_config(conf: impl FnOnce(u16, &Path) -> String) -> Broker {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        // As root, mosquitto would switch to the `mosquitto` user and lose access to dir.
+        let text = conf(port, dir.path()) + "user root\n";
+        std::fs::write(dir.path().join("mosquitto.conf"), text).unwrap();
+        let mut broker = Broker {
+            port,
+            dir,
+            child: None,
+        };
+        broker.run();
+        broker
+    }
+
+    fn run(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).unwrap();
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(self.dir.path().join("mosquitto.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("mosquitto must be installed (the setup installs it)");
+        self.child = Some(child);
+        // Ready when it accepts connections.
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mosquitto did not start: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the broker the way a service manager does (SIGTERM: it saves its sessions).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc_kill(child.id() as i32, 15) };
+            child.wait().unwrap();
+        }
+    }
+
+    /// Starts it again on the same port with the same configuration and files.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.run();
+    }
+
+    /// What mosquitto logged (its stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// What a test client receives: topic, JSON payload, MQTT 5 properties.
+pub type Received = (String, Value, Option<PublishProperties>);
+
+/// A test client whose event loop forwards incoming publishes to a channel.
+pub async fn mqtt_client(
+    port: u16,
+    name: &str,
+    topics: &[&str],
+) -> (AsyncClient, tokio::sync::mpsc::UnboundedReceiver<Received>) {
+    let mut options = MqttOptions::new(name, "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(10));
+    mqtt_client_with(options, topics).await
+}
+
+/// Like `mqtt_client` with the caller's options. The client outlives broker restarts: it
+/// keeps polling (rumqttc reconnects and, with a persistent session, resends what was
+/// pending).
+pub async fn mqtt_client_with(
+    options: MqttOptions,
+    topics: &[&str],
+) -> (AsyncClient, tokio::sync::mpsc::UnboundedReceiver<Received>) {
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
+    let mut subscribed_tx = Some(subscribed_tx);
+    let mut pending_subacks = topics.len();
+    for t in topics {
+        client
+            .subscribe(t.to_string(), QoS::AtLeastOnce)
+            .await
+            .unwrap();
+    }
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
+                    pending_subacks = pending_subacks.saturating_sub(1);
+                    if pending_subacks == 0 {
+                        if let Some(s) = subscribed_tx.take() {
+                            let _ = s.send(());
+                        }
+                    }
+                }
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                    let value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                    if tx.send((topic, value, p.properties)).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) if tx.is_closed() => return,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    tokio::time::timeout(PATIENCE, subscribed_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    (client, rx)
+}
+
+/// The next message on `topic`, skipping others.
+pub async fn next_on(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Received>,
+    topic: &str,
+) -> Value {
+    loop {
+        let (t, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .expect("a message in time")
+            .expect("the client is running");
+        if t == topic {
+            return value;
+        }
+    }
+}
+
+pub fn write_serve_config(dir: &Path, extra: &str) -> PathBuf {
+    let config = dir.join("emberd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\ndir = {:?}\nort_library = {:?}\n[socket]\npath = {:?}\n[log]\njournald = \"off\"\n{extra}",
+            tiny_dir("q4"),
+            ort_library(),
+            dir.join("emberd.sock")
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// Starts the built binary and returns once it says it is ready.
+pub fn spawn_ready(config: &Path) -> std::process::Child {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_emberd"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    loop {
+        let line = lines
+            .next()
+            .expect("emberd exited before it was ready")
+            .unwrap();
+        if line.contains("ready: model") {
+            break;
+        }
+    }
+    // Keep draining stderr so the daemon never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    child
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    pub fn libc_kill(pid: i32, sig: i32) -> i32;
+}

@@ -1,0 +1,836 @@
+//! The MQTT v5 transport end to end: a real mosquitto broker on 127.0.0.1, the real
+//! mosquitto_pub/mosquitto_sub clients, the real ONNX Runtime library and real models.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::daemon::*;
+use common::*;
+use emberd::config::{Config, TlsConfig};
+use emberd::transport::mqtt::tls_client_config;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::MqttOptions;
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_requests_stream_to_the_response_topic_with_correlation_data() {
+    let broker = Broker::start();
+    let port = broker.port;
+    let daemon = Daemon::start(tiny_dir("optimum"), |c| {
+        c.socket.enabled = false;
+        c.mqtt.enabled = true;
+        c.mqtt.port = port;
+        c.mqtt.device_id = "dev1".into();
+        c.mqtt.prefix = "test".into();
+    })
+    .await;
+    let (client, mut rx) = mqtt_client(
+        port,
+        "tester",
+        &["test/dev1/status", "replies/#", "test/dev1/response/#"],
+    )
+    .await;
+
+    // The retained status says online, with the engine.
+    let status = loop {
+        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if topic == "test/dev1/status" && value["state"] == "online" {
+            break value;
+        }
+    };
+    assert_eq!(status["engine"], "ort");
+    assert_eq!(status["model"], "tiny-optimum");
+
+    // MQTT 5 request/response: Response Topic and Correlation Data.
+    let properties = PublishProperties {
+        response_topic: Some("replies/one".into()),
+        correlation_data: Some(bytes::Bytes::from_static(b"corr-42")),
+        ..Default::default()
+    };
+    let request =
+        json!({"id": "m1", "prompt": "hello", "raw": true, "max_tokens": 5, "ignore_eos": true});
+    client
+        .publish_with_properties(
+            "test/dev1/request",
+            QoS::AtLeastOnce,
+            false,
+            request.to_string(),
+            properties,
+        )
+        .await
+        .unwrap();
+    let mut events = Vec::new();
+    loop {
+        let (topic, value, props) = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if topic != "replies/one" {
+            continue;
+        }
+        assert_eq!(
+            props.and_then(|p| p.correlation_data).as_deref(),
+            Some(&b"corr-42"[..])
+        );
+        let terminal = value["type"] != "token";
+        events.push(value);
+        if terminal {
+            break;
+        }
+    }
+    assert_eq!(events.last().unwrap()["type"], "done");
+    assert_eq!(events.last().unwrap()["usage"]["completion_tokens"], 5);
+    assert!(!text_of(&events).is_empty());
+
+    // Without a Response Topic (an MQTT 3.1.1 client): the default response topic.
+    let request = json!({"id": "m2", "prompt": "hello", "raw": true, "max_tokens": 2});
+    client
+        .publish(
+            "test/dev1/request",
+            QoS::AtLeastOnce,
+            false,
+            request.to_string(),
+        )
+        .await
+        .unwrap();
+    loop {
+        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if topic == "test/dev1/response/m2" && value["type"] != "token" {
+            assert_eq!(value["type"], "done");
+            break;
+        }
+    }
+
+    // A bad request is answered, and the daemon keeps serving.
+    let props = PublishProperties {
+        response_topic: Some("replies/bad".into()),
+        ..Default::default()
+    };
+    client
+        .publish_with_properties(
+            "test/dev1/request",
+            QoS::AtLeastOnce,
+            false,
+            "{not json",
+            props,
+        )
+        .await
+        .unwrap();
+    loop {
+        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if topic == "replies/bad" {
+            assert_eq!(value["code"], "bad_request");
+            break;
+        }
+    }
+
+    // Shutdown publishes a retained offline status.
+    daemon.stop().await;
+    loop {
+        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if topic == "test/dev1/status" && value["state"] == "offline" {
+            break;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_cancel_topic_stops_a_running_request() {
+    let broker = Broker::start();
+    let port = broker.port;
+    let daemon = Daemon::start(default_model_dir(), |c| {
+        c.socket.enabled = false;
+        c.mqtt.enabled = true;
+        c.mqtt.port = port;
+        c.mqtt.device_id = "dev2".into();
+    })
+    .await;
+    let (client, mut rx) = mqtt_client(port, "canceller", &["out/#", "emberd/dev2/status"]).await;
+    // emberd is subscribed once its online status is out (it subscribes first).
+    loop {
+        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if topic == "emberd/dev2/status" && value["state"] == "online" {
+            break;
+        }
+    }
+    let mut request = long_request("c1");
+    request["reply_to"] = json!("out/c1");
+    client
+        .publish(
+            "emberd/dev2/request",
+            QoS::AtLeastOnce,
+            false,
+            request.to_string(),
+        )
+        .await
+        .unwrap();
+    let first = loop {
+        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if topic == "out/c1" {
+            break value;
+        }
+    };
+    assert_eq!(first["type"], "token");
+    client
+        .publish(
+            "emberd/dev2/cancel",
+            QoS::AtLeastOnce,
+            false,
+            json!({"type": "cancel", "id": "c1"}).to_string(),
+        )
+        .await
+        .unwrap();
+    loop {
+        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if topic == "out/c1" && value["type"] != "token" {
+            assert_eq!(value["finish_reason"], "cancelled", "{value}");
+            break;
+        }
+    }
+    daemon.stop().await;
+}
+
+#[test]
+fn the_last_will_says_offline_when_emberd_is_killed() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_serve_config(
+        dir.path(),
+        &format!(
+            "[mqtt]\nenabled = true\nport = {}\ndevice_id = \"will\"\n",
+            broker.port
+        ),
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (_client, mut rx) = mqtt_client(broker.port, "watcher", &["emberd/will/status"]).await;
+        let mut daemon = spawn_ready(&config);
+        loop {
+            let (_, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            if value["state"] == "online" {
+                break;
+            }
+        }
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
+        loop {
+            let (_, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            if value["state"] == "offline" {
+                break;
+            }
+        }
+    });
+}
+
+#[test]
+fn mosquitto_pub_with_mqtt5_response_topic_gets_the_reply_on_mosquitto_sub() {
+    let broker = Broker::start();
+    let port = broker.port.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_serve_config(
+        dir.path(),
+        &format!("[mqtt]\nenabled = true\nport = {port}\ndevice_id = \"cli\"\n"),
+    );
+    let mut daemon = spawn_ready(&config);
+    let mut sub = std::process::Command::new("mosquitto_sub")
+        .args([
+            "-V",
+            "mqttv5",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-t",
+            "answers/cli",
+            "-F",
+            "%D|%p",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = sub.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    // mosquitto_sub gives no readiness signal: publish probes until one comes back.
+    loop {
+        std::process::Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-t",
+                "answers/cli",
+                "-m",
+                "probe",
+            ])
+            .status()
+            .unwrap();
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            assert!(line.ends_with("probe"), "{line}");
+            break;
+        }
+    }
+    let status = std::process::Command::new("mosquitto_pub")
+        .args([
+            "-V",
+            "mqttv5",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-q",
+            "1",
+            "-t",
+            "emberd/cli/request",
+        ])
+        .args([
+            "-D",
+            "publish",
+            "response-topic",
+            "answers/cli",
+            "-D",
+            "publish",
+            "correlation-data",
+            "xyz-7",
+        ])
+        .args([
+            "-m",
+            r#"{"id":"p1","prompt":"hello","raw":true,"max_tokens":3,"ignore_eos":true}"#,
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    loop {
+        let line = rx
+            .recv_timeout(PATIENCE)
+            .expect("a reply on the response topic");
+        let (correlation, payload) = line.split_once('|').unwrap();
+        let event: Value = serde_json::from_str(payload).unwrap();
+        assert_eq!(correlation, "xyz-7", "{line}");
+        assert_eq!(event["id"], "p1");
+        if event["type"] != "token" {
+            assert_eq!(event["type"], "done", "{event}");
+            break;
+        }
+    }
+    let _ = sub.kill();
+    let _ = sub.wait();
+    unsafe { libc_kill(daemon.id() as i32, 15) };
+    assert!(daemon.wait().unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_group_splits_requests_between_two_daemons_with_none_lost_or_doubled() {
+    let broker = Broker::start();
+    let port = broker.port;
+    let fleet = |device: &'static str| {
+        move |c: &mut Config| {
+            c.socket.enabled = false;
+            c.mqtt.enabled = true;
+            c.mqtt.port = port;
+            c.mqtt.device_id = device.into();
+            c.mqtt.share_group = Some("fleet".into());
+        }
+    };
+    let a = Daemon::start(tiny_dir("optimum"), fleet("fleet-a")).await;
+    let b = Daemon::start(tiny_dir("optimum"), fleet("fleet-b")).await;
+    let (client, mut rx) = mqtt_client(
+        port,
+        "dispatcher",
+        &[
+            "emberd/fleet-a/status",
+            "emberd/fleet-b/status",
+            "fleet/replies/#",
+        ],
+    )
+    .await;
+    // Both members are subscribed once each has published its online status.
+    let mut online = std::collections::HashSet::new();
+    while online.len() < 2 {
+        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if value["state"] == "online" {
+            online.insert(topic);
+        }
+    }
+    for i in 0..10 {
+        let request = json!({"id": format!("job{i}"), "prompt": "hello", "raw": true, "max_tokens": 20, "ignore_eos": true});
+        let properties = PublishProperties {
+            response_topic: Some(format!("fleet/replies/{i}")),
+            ..Default::default()
+        };
+        client
+            .publish_with_properties(
+                "emberd/request",
+                QoS::AtLeastOnce,
+                false,
+                request.to_string(),
+                properties,
+            )
+            .await
+            .unwrap();
+    }
+    let mut done: std::collections::HashMap<String, usize> = Default::default();
+    while done.values().sum::<usize>() < 10 {
+        let (_, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if value["type"] == "done" {
+            *done
+                .entry(value["id"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(done.len(), 10, "every request answered: {done:?}");
+    assert!(
+        done.values().all(|&n| n == 1),
+        "none answered twice: {done:?}"
+    );
+    let served_a = a.stats.served.load(Ordering::Relaxed);
+    let served_b = b.stats.served.load(Ordering::Relaxed);
+    assert_eq!(served_a + served_b, 10);
+    assert!(
+        served_a > 0 && served_b > 0,
+        "the group split the work: {served_a} + {served_b}"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+// ------------------------------------------------- authentication, TLS and broker outages
+
+/// Runs a command of the test's own setup (openssl, mosquitto_passwd) and insists it works.
+fn run(program: &str, args: &[&str], dir: &Path) {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} must be installed (the setup installs it): {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, made with
+/// openssl; and a mosquitto password file with `emberd:secret` and `tester:tested`.
+fn make_credentials(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=emberd test CA"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.crt"]);
+    run("openssl", &ca, dir);
+    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for (name, cn) in [("server", "127.0.0.1"), ("client", "emberd")] {
+        let subject = format!("/CN={cn}");
+        let (key, csr) = (format!("{name}.key"), format!("{name}.csr"));
+        let mut req = vec!["req", "-subj", subject.as_str()];
+        req.extend(ec);
+        req.extend(["-keyout", key.as_str(), "-out", csr.as_str()]);
+        run("openssl", &req, dir);
+        let (crt, ext) = (format!("{name}.crt"), format!("{name}.ext"));
+        run(
+            "openssl",
+            &[
+                "x509",
+                "-req",
+                "-days",
+                "2",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-extfile",
+                &ext,
+                "-out",
+                &crt,
+            ],
+            dir,
+        );
+    }
+    run(
+        "mosquitto_passwd",
+        &["-c", "-b", "passwords", "emberd", "secret"],
+        dir,
+    );
+    run(
+        "mosquitto_passwd",
+        &["-b", "passwords", "tester", "tested"],
+        dir,
+    );
+    std::fs::write(dir.join("emberd-password"), "secret\n").unwrap();
+}
+
+/// A broker that takes only TLS clients with a certificate from the test CA and a password.
+fn tls_broker() -> Broker {
+    Broker::with_config(|port, dir| {
+        make_credentials(dir);
+        let d = dir.display();
+        format!(
+            "listener {port} 127.0.0.1\ncafile {d}/ca.crt\ncertfile {d}/server.crt\n\
+             keyfile {d}/server.key\nrequire_certificate true\nallow_anonymous false\n\
+             password_file {d}/passwords\npersistence false\n"
+        )
+    })
+}
+
+fn test_tls(dir: &Path) -> TlsConfig {
+    TlsConfig {
+        ca: Some(dir.join("ca.crt")),
+        cert: Some(dir.join("client.crt")),
+        key: Some(dir.join("client.key")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_tls_with_a_client_certificate_and_a_password() {
+    let broker = tls_broker();
+    let (port, dir) = (broker.port, broker.dir.path().to_path_buf());
+    let daemon = Daemon::start(tiny_dir("q4"), |c| {
+        c.socket.enabled = false;
+        c.mqtt.enabled = true;
+        c.mqtt.port = port;
+        c.mqtt.device_id = "secure".into();
+        c.mqtt.username = Some("emberd".into());
+        c.mqtt.password_file = Some(dir.join("emberd-password"));
+        c.mqtt.tls = Some(test_tls(&dir));
+    })
+    .await;
+
+    let mut options = MqttOptions::new("tester", "127.0.0.1", port);
+    options
+        .set_keep_alive(Duration::from_secs(10))
+        .set_credentials("tester", "tested")
+        .set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls_client_config(&test_tls(&dir)).unwrap()),
+        ));
+    let (client, mut rx) =
+        mqtt_client_with(options, &["emberd/secure/status", "secure-out/#"]).await;
+    assert_eq!(
+        next_on(&mut rx, "emberd/secure/status").await["state"],
+        "online"
+    );
+    let request = json!({"id": "t1", "prompt": "hello", "raw": true, "max_tokens": 4,
+                         "ignore_eos": true, "reply_to": "secure-out/t1"});
+    client
+        .publish(
+            "emberd/secure/request",
+            QoS::AtLeastOnce,
+            false,
+            request.to_string(),
+        )
+        .await
+        .unwrap();
+    let mut tokens = 0;
+    loop {
+        let event = next_on(&mut rx, "secure-out/t1").await;
+        if event["type"] == "token" {
+            tokens += 1;
+            continue;
+        }
+        assert_eq!(event["type"], "done", "{event}");
+        assert_eq!(event["usage"]["completion_tokens"], 4);
+        break;
+    }
+    assert!(tokens > 0, "tokens were streamed over TLS");
+    daemon.stop().await;
+}
+
+#[test]
+fn tls_files_that_are_missing_or_not_pem_are_named_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = TlsConfig {
+        ca: Some(dir.path().join("nope.crt")),
+        ..Default::default()
+    };
+    let error = tls_client_config(&missing).unwrap_err().to_string();
+    assert!(
+        error.contains("CA") && error.contains("nope.crt"),
+        "{error}"
+    );
+
+    std::fs::write(dir.path().join("empty.crt"), "not a certificate\n").unwrap();
+    let empty = TlsConfig {
+        ca: Some(dir.path().join("empty.crt")),
+        ..Default::default()
+    };
+    let error = tls_client_config(&empty).unwrap_err().to_string();
+    assert!(error.contains("empty.crt"), "{error}");
+
+    let half = TlsConfig {
+        cert: Some(dir.path().join("client.crt")),
+        ..Default::default()
+    };
+    let error = tls_client_config(&half).unwrap_err().to_string();
+    assert!(error.contains("cert") && error.contains("key"), "{error}");
+}
+
+#[test]
+fn a_wrong_password_is_logged_clearly_and_retried_with_backoff() {
+    let broker = tls_broker();
+    let dir = tempfile::tempdir().unwrap();
+    let bdir = broker.dir.path();
+    std::fs::write(dir.path().join("wrong"), "not-the-password\n").unwrap();
+    let config = write_serve_config(
+        dir.path(),
+        &format!(
+            "[mqtt]\nenabled = true\nport = {}\ndevice_id = \"locked-out\"\nusername = \"emberd\"\n\
+             password_file = {:?}\n[mqtt.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            broker.port,
+            dir.path().join("wrong"),
+            bdir.join("ca.crt"),
+            bdir.join("client.crt"),
+            bdir.join("client.key"),
+        ),
+    );
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_emberd"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = daemon.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+            if tx.send((std::time::Instant::now(), line.unwrap())).is_err() {
+                return;
+            }
+        }
+    });
+    // Watch a fixed window from the first refusal: a client that spins would reconnect
+    // hundreds of times in it; one that backs off (0.1 s doubling to 5 s) a handful.
+    let window = Duration::from_secs(4);
+    let mut refusals = Vec::new();
+    while let Ok((at, line)) = rx.recv_timeout(PATIENCE) {
+        if line.contains("refused the connection") {
+            assert!(
+                (line.contains("BadUserNamePassword") || line.contains("NotAuthorized"))
+                    && line.contains("mqtt.password_file"),
+                "the refusal names the cause and what to check: {line}"
+            );
+            refusals.push(at);
+        }
+        if refusals
+            .first()
+            .is_some_and(|first| at.duration_since(*first) > window)
+        {
+            break;
+        }
+    }
+    unsafe { libc_kill(daemon.id() as i32, 15) };
+    daemon.wait().unwrap();
+    assert!(
+        (3..=10).contains(&refusals.len()),
+        "{} connection attempts in {window:?}: expected a few, backing off",
+        refusals.len()
+    );
+    let gaps: Vec<Duration> = refusals.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.last() > gaps.first(),
+        "the pause between attempts grows: {gaps:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_stream_loses_nothing_and_requests_sent_meanwhile_are_answered() {
+    // A broker that keeps sessions and queued messages across a restart, as a packaged
+    // mosquitto does.
+    let mut broker = Broker::with_config(|port, dir| {
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+             persistence_location {}/\n",
+            dir.display()
+        )
+    });
+    let port = broker.port;
+    let daemon = Daemon::start(default_model_dir(), |c| {
+        c.socket.enabled = false;
+        c.mqtt.enabled = true;
+        c.mqtt.port = port;
+        c.mqtt.device_id = "outage".into();
+    })
+    .await;
+    // A client with a persistent session too, so its replies wait for it at the broker.
+    let mut options = MqttOptions::new("outage-tester", "127.0.0.1", port);
+    options
+        .set_keep_alive(Duration::from_secs(5))
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(3600));
+    let (client, mut rx) =
+        mqtt_client_with(options, &["emberd/outage/status", "outage-out/#"]).await;
+    assert_eq!(
+        next_on(&mut rx, "emberd/outage/status").await["state"],
+        "online"
+    );
+
+    let long = json!({"id": "long", "prompt": "Tell me about the sea.", "max_tokens": 96,
+                      "ignore_eos": true, "reply_to": "outage-out/long"});
+    client
+        .publish(
+            "emberd/outage/request",
+            QoS::AtLeastOnce,
+            false,
+            long.to_string(),
+        )
+        .await
+        .unwrap();
+    let first = next_on(&mut rx, "outage-out/long").await;
+    assert_eq!(first["type"], "token", "{first}");
+
+    // The broker goes away mid-stream; a request is published while it is down (the
+    // client holds it until it reconnects), then the broker comes back.
+    tokio::task::block_in_place(|| broker.stop());
+    let during = json!({"id": "during", "prompt": "Hi", "max_tokens": 4, "ignore_eos": true,
+                        "reply_to": "outage-out/during"});
+    client
+        .publish(
+            "emberd/outage/request",
+            QoS::AtLeastOnce,
+            false,
+            during.to_string(),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::task::block_in_place(|| broker.restart());
+
+    // Every event of both requests arrives (QoS 1 may repeat one; `seq` tells).
+    let mut seqs: std::collections::HashMap<&str, std::collections::BTreeMap<u64, Value>> =
+        Default::default();
+    seqs.entry("long")
+        .or_default()
+        .insert(first["seq"].as_u64().unwrap(), first.clone());
+    let finished = |s: &std::collections::HashMap<&str, std::collections::BTreeMap<u64, Value>>,
+                    id: &str| {
+        s.get(id).is_some_and(|events| {
+            events.values().any(|e| {
+                e["type"] == "done" && events.len() as u64 == e["seq"].as_u64().unwrap() + 1
+            })
+        })
+    };
+    while !(finished(&seqs, "long") && finished(&seqs, "during")) {
+        let (topic, event, _) = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("events still missing: {seqs:?}\n{}", broker.log()))
+            .unwrap();
+        let id = match topic.as_str() {
+            "outage-out/long" => "long",
+            "outage-out/during" => "during",
+            _ => continue,
+        };
+        assert_ne!(event["type"], "error", "{event}");
+        seqs.entry(id)
+            .or_default()
+            .insert(event["seq"].as_u64().unwrap(), event);
+    }
+    let done = |id: &str| seqs[id].values().last().unwrap().clone();
+    assert_eq!(done("long")["usage"]["completion_tokens"], 96);
+    assert_eq!(done("during")["usage"]["completion_tokens"], 4);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_is_notified_only_once_the_broker_holds_emberds_subscriptions() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(PATIENCE)).unwrap();
+    let config = write_serve_config(
+        dir.path(),
+        &format!(
+            "[mqtt]\nenabled = true\nport = {}\ndevice_id = \"fresh\"\n",
+            broker.port
+        ),
+    );
+    let (client, mut rx) = mqtt_client(broker.port, "first-caller", &["fresh-out/#"]).await;
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_emberd"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = notify.recv(&mut buf).expect("a notification");
+        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+            break;
+        }
+    }
+    // Published the moment READY arrives (no session of emberd's holds it otherwise):
+    // answered only if emberd's subscription was in place before READY.
+    let request = json!({"id": "first", "prompt": "hi", "raw": true, "max_tokens": 2,
+                         "reply_to": "fresh-out/first"});
+    client
+        .publish(
+            "emberd/fresh/request",
+            QoS::AtLeastOnce,
+            false,
+            request.to_string(),
+        )
+        .await
+        .unwrap();
+    loop {
+        let event = next_on(&mut rx, "fresh-out/first").await;
+        if event["type"] != "token" {
+            assert_eq!(event["type"], "done", "{event}");
+            break;
+        }
+    }
+    unsafe { libc_kill(daemon.id() as i32, 15) };
+    assert!(daemon.wait().unwrap().success());
+}
