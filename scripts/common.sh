@@ -18,6 +18,8 @@ install_apt_packages() {
     python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
     # systemd-analyze and systemd-socket-activate, for the unit and socket-activation tests.
     command -v systemd-socket-activate >/dev/null 2>&1 || missing+=(systemd)
+    # systemd-nspawn, to boot the units under a real systemd (tests/systemd/nspawn.sh).
+    command -v systemd-nspawn >/dev/null 2>&1 || missing+=(systemd-container)
     if [ ${#missing[@]} -gt 0 ]; then
         command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get to install them"
         local sudo=""

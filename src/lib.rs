@@ -12,10 +12,12 @@
 //! | [`serve`] | the daemon: scheduler + transports until shutdown, then drain |
 //! | [`service`] | systemd: sd_notify, watchdog, socket activation, journald logging |
 //! | [`shutdown`] | the one shutdown signal every task watches |
+//! | [`client`] | the client side of both APIs, for `emberd ask` |
 //! | [`bench`] | load/prefill/decode figures of one model on this machine |
 //! | [`paths`] | where the setup's files are found when nothing names them |
 
 pub mod bench;
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod generate;

@@ -44,16 +44,30 @@ enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
-    /// Send PROMPT to a running daemon over its Unix socket and stream the reply.
+    /// Send PROMPT to a running daemon (Unix socket, or MQTT with --mqtt) and stream the
+    /// reply; Ctrl-C cancels the request.
     Ask {
         /// The daemon's socket.
         #[arg(long, env = "EMBERD_SOCKET", default_value = "/run/emberd/emberd.sock")]
         socket: PathBuf,
+        /// Ask over MQTT instead, through the broker at HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        mqtt: Option<String>,
+        /// The daemon's mqtt.device_id.
+        #[arg(long, default_value = "emberd", requires = "mqtt")]
+        device: String,
+        /// The daemon's mqtt.prefix.
+        #[arg(long, default_value = "emberd", requires = "mqtt")]
+        prefix: String,
         #[command(flatten)]
         sampling: SamplingArgs,
         /// Print the wire events, one JSON object per line, instead of text.
         #[arg(long)]
         json: bool,
+        /// At the end, print to stderr one JSON line with the timings seen by this client
+        /// next to the daemon's own.
+        #[arg(long)]
+        stats: bool,
         prompt: String,
     },
     /// Show the model package and the engine that would serve it.
@@ -122,6 +136,9 @@ struct SamplingArgs {
     /// Feed the prompt as-is, without the chat template.
     #[arg(long)]
     raw: bool,
+    /// Generate max_tokens even past end-of-sequence (benchmarks).
+    #[arg(long)]
+    ignore_eos: bool,
 }
 
 impl SamplingArgs {
@@ -138,6 +155,7 @@ impl SamplingArgs {
             repetition_penalty: self.repetition_penalty,
             seed: self.seed,
             stop: (!self.stop.is_empty()).then_some(self.stop),
+            ignore_eos: self.ignore_eos,
             ..Request::default()
         }
     }
@@ -299,63 +317,41 @@ fn serve(model: ModelArgs, socket: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-fn ask(socket: PathBuf, sampling: SamplingArgs, json: bool, prompt: String) -> Result<bool> {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+fn ask(
+    endpoint: emberd::client::Endpoint,
+    sampling: SamplingArgs,
+    json: bool,
+    stats: bool,
+    prompt: String,
+) -> Result<bool> {
     let mut request = sampling.into_request(prompt);
     request.id = Some(format!("ask-{}", std::process::id()));
-    let id = request.id.clone().unwrap_or_default();
-    let line = serde_json::to_string(&request)? + "\n";
-    runtime()?.block_on(async move {
-        let stream = tokio::net::UnixStream::connect(&socket)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot connect to {} (is emberd serve running?)",
-                    socket.display()
-                )
-            })?;
-        let (reader, mut writer) = stream.into_split();
-        writer.write_all(line.as_bytes()).await?;
-        let mut lines = BufReader::new(reader).lines();
-        let mut cancelled = false;
-        let mut stdout = std::io::stdout();
-        loop {
-            let next = tokio::select! {
-                line = lines.next_line() => line?,
-                _ = tokio::signal::ctrl_c(), if !cancelled => {
-                    cancelled = true;
-                    let cancel = serde_json::json!({"type": "cancel", "id": id}).to_string() + "\n";
-                    writer.write_all(cancel.as_bytes()).await?;
-                    continue;
-                }
-            };
-            let Some(line) = next else {
-                anyhow::bail!("emberd closed the connection before the request ended");
-            };
-            let event: Event =
-                serde_json::from_str(&line).with_context(|| format!("unexpected reply: {line}"))?;
-            if json {
-                writeln!(stdout, "{line}")?;
+    let mut stdout = std::io::stdout();
+    let (last, client) = runtime()?.block_on(emberd::client::ask(&endpoint, &request, |event| {
+        // A closed stdout (a pipe into `head`) is no reason to stop reading the stream.
+        let _ = match event {
+            _ if json => serde_json::to_string(event)
+                .map_err(std::io::Error::other)
+                .and_then(|line| writeln!(stdout, "{line}")),
+            Event::Token { text, .. } => write!(stdout, "{text}").and_then(|_| stdout.flush()),
+            Event::Done { .. } => writeln!(stdout),
+            Event::Error { .. } => Ok(()),
+        };
+    }))?;
+    match last {
+        Event::Done { timings, .. } => {
+            if stats {
+                let line = serde_json::json!({"client": client, "daemon": timings});
+                eprintln!("{line}");
             }
-            match event {
-                Event::Token { text, .. } if !json => {
-                    write!(stdout, "{text}")?;
-                    stdout.flush()?;
-                }
-                Event::Done { .. } => {
-                    if !json {
-                        writeln!(stdout)?;
-                    }
-                    return Ok(true);
-                }
-                Event::Error { code, message, .. } => {
-                    eprintln!("error ({code}): {message}");
-                    return Ok(false);
-                }
-                _ => {}
-            }
+            Ok(true)
         }
-    })
+        Event::Error { code, message, .. } => {
+            eprintln!("error ({code}): {message}");
+            Ok(false)
+        }
+        Event::Token { .. } => unreachable!("ask returns on a terminal event"),
+    }
 }
 
 /// Log level: EMBERD_LOG wins, then the given default.
@@ -388,11 +384,30 @@ fn main() -> Result<()> {
         Command::Serve { model, socket } => serve(model, socket)?,
         Command::Ask {
             socket,
+            mqtt,
+            device,
+            prefix,
             sampling,
             json,
+            stats,
             prompt,
         } => {
-            if !ask(socket, sampling, json, prompt)? {
+            let endpoint = match mqtt {
+                Some(address) => {
+                    let (host, port) = address
+                        .rsplit_once(':')
+                        .and_then(|(h, p)| Some((h.to_string(), p.parse().ok()?)))
+                        .with_context(|| format!("--mqtt {address}: expected HOST:PORT"))?;
+                    emberd::client::Endpoint::Mqtt {
+                        host,
+                        port,
+                        prefix,
+                        device,
+                    }
+                }
+                None => emberd::client::Endpoint::Socket(socket),
+            };
+            if !ask(endpoint, sampling, json, stats, prompt)? {
                 std::process::exit(1);
             }
         }

@@ -242,7 +242,7 @@ fn the_binary_exits_zero_on_sigterm_and_removes_its_socket() {
 fn emberd_ask_streams_a_reply_from_the_running_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = spawn_ready(&write_serve_config(dir.path(), ""));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_emberd"))
+    let out = emberd_command()
         .args([
             "ask",
             "--json",

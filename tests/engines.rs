@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::process::Command;
 
 use common::*;
 use emberd::engine::Backend;
@@ -92,7 +91,7 @@ fn tract_matches_the_exact_reference_on_the_default_model() {
 }
 
 fn emberd(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_emberd"))
+    emberd_command()
         .args(args)
         .env("ORT_DYLIB_PATH", ort_library())
         .env("EMBERD_LOG", "warn")

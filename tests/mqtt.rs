@@ -635,7 +635,7 @@ fn a_wrong_password_is_logged_clearly_and_retried_with_backoff() {
             bdir.join("client.key"),
         ),
     );
-    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_emberd"))
+    let mut daemon = emberd_command()
         .args(["serve", "--config"])
         .arg(&config)
         .stderr(std::process::Stdio::piped())
@@ -797,7 +797,7 @@ async fn ready_is_notified_only_once_the_broker_holds_emberds_subscriptions() {
         ),
     );
     let (client, mut rx) = mqtt_client(broker.port, "first-caller", &["fresh-out/#"]).await;
-    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_emberd"))
+    let mut daemon = emberd_command()
         .args(["serve", "--config"])
         .arg(&config)
         .env("NOTIFY_SOCKET", &notify_path)

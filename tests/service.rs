@@ -48,7 +48,7 @@ fn readiness_watchdog_and_stopping_are_notified_to_systemd() {
         .unwrap();
     let socket = dir.path().join("emberd.sock");
     let config = write_config(dir.path(), &socket);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_emberd"))
+    let mut child = emberd_command()
         .args(["serve", "--config"])
         .arg(&config)
         .env("NOTIFY_SOCKET", &notify_path)
@@ -92,7 +92,7 @@ fn socket_activation_starts_emberd_on_the_first_connection() {
     let mut activator = Command::new("systemd-socket-activate")
         .arg("-l")
         .arg(&socket)
-        .arg(env!("CARGO_BIN_EXE_emberd"))
+        .args(emberd_argv())
         .args(["serve", "--config"])
         .arg(&config)
         .stderr(Stdio::piped())

@@ -58,8 +58,22 @@ pub struct EngineOptions {
     /// Execution providers in priority order; the CPU provider is always the last resort.
     pub providers: Vec<String>,
     pub ort_library: Option<PathBuf>,
-    /// Intra-op threads; 0 lets the engine choose (one per core).
+    /// Intra-op threads; 0: one per core this process may use.
     pub threads: usize,
+}
+
+impl EngineOptions {
+    /// The thread count to give the engine. 0 is resolved here, from the CPUs this process
+    /// may run on (affinity and cgroup quota), rather than left to ONNX Runtime: left to
+    /// itself it reads /proc/cpuinfo (hidden by the unit's ProcSubset=pid) and pins its
+    /// threads with sched_setaffinity (refused by the unit's seccomp filter: SIGSYS).
+    pub fn resolved_threads(&self) -> usize {
+        if self.threads > 0 {
+            self.threads
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
 }
 
 impl Default for EngineOptions {

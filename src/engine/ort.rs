@@ -153,11 +153,8 @@ impl OrtEngine {
             .map_err(ort_error)?
             .with_optimization_level(GraphOptimizationLevel::All)
             .map_err(ort_error)?;
-        if options.threads > 0 {
-            builder = builder
-                .with_intra_threads(options.threads)
-                .map_err(ort_error)?;
-        }
+        let threads = options.resolved_threads();
+        builder = builder.with_intra_threads(threads).map_err(ort_error)?;
         let mut provider = None;
         for name in &options.providers {
             match register(&mut builder, name) {
@@ -179,7 +176,7 @@ impl OrtEngine {
         let info = EngineInfo {
             engine: "ort",
             provider,
-            threads: options.threads,
+            threads,
             model_file: package.ort_file.clone(),
             version: library_version(&library),
             fallback_reason: None,

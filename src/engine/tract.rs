@@ -133,13 +133,7 @@ impl TractEngine {
             present_outputs.push(find_output(&io.present_keys[layer])?);
             present_outputs.push(find_output(&io.present_values[layer])?);
         }
-        let threads = if options.threads > 0 {
-            options.threads
-        } else {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        };
+        let threads = options.resolved_threads();
         let typed = model.into_optimized().map_err(|e| {
             EngineError::Tract(format!("cannot optimize {}: {e:#}", path.display()))
         })?;

@@ -326,7 +326,7 @@ pub fn write_serve_config(dir: &Path, extra: &str) -> PathBuf {
 
 /// Starts the built binary and returns once it says it is ready.
 pub fn spawn_ready(config: &Path) -> std::process::Child {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_emberd"))
+    let mut child = emberd_command()
         .args(["serve", "--config"])
         .arg(config)
         .stderr(std::process::Stdio::piped())

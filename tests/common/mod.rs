@@ -77,3 +77,24 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// The argv that runs the built emberd binary. When the tests themselves run under an
+/// emulator (cross/qemu-run.sh), `EMBERD_TEST_EXEC_WRAPPER` names it: the kernel cannot run
+/// the foreign binary on its own (no binfmt here).
+pub fn emberd_argv() -> Vec<String> {
+    let mut argv: Vec<String> = std::env::var("EMBERD_TEST_EXEC_WRAPPER")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    argv.push(env!("CARGO_BIN_EXE_emberd").to_string());
+    argv
+}
+
+/// The built emberd binary as a command (through the emulator when cross-testing).
+pub fn emberd_command() -> std::process::Command {
+    let argv = emberd_argv();
+    let mut command = std::process::Command::new(&argv[0]);
+    command.args(&argv[1..]);
+    command
+}
