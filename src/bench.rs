@@ -15,6 +15,10 @@ pub struct BenchOptions {
     pub prompt_tokens: usize,
     pub gen_tokens: usize,
     pub runs: usize,
+    /// Also measure decode speed after prompts of these lengths (cost growing with the cache).
+    pub decode_positions: Vec<usize>,
+    /// Also measure TTFT of a request whose system prompt the previous request already sent.
+    pub shared_prefix: bool,
 }
 
 /// min / median / max of one figure over the runs.
@@ -56,6 +60,11 @@ pub struct BenchReport {
     pub prefill_tokens_per_s: f64,
     pub ttft_ms: f64,
     pub decode_tokens_per_s: f64,
+    /// Median decode tokens/s after a prompt of each length in `decode_positions`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub decode_by_position: Vec<PositionFigure>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared_prefix: Option<SharedPrefixFigure>,
     pub peak_rss_mb: f64,
     pub spread: BenchSpread,
 }
@@ -66,6 +75,24 @@ pub struct BenchSpread {
     pub prefill_tokens_per_s: Spread,
     pub ttft_ms: Spread,
     pub decode_tokens_per_s: Spread,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PositionFigure {
+    pub position: usize,
+    pub decode_tokens_per_s: Spread,
+}
+
+/// A first request with a system prompt, then one with the same system prompt and another
+/// question: the second prefills only what differs.
+#[derive(Debug, Clone, Serialize)]
+pub struct SharedPrefixFigure {
+    pub prompt_tokens: usize,
+    pub cached_prompt_tokens: usize,
+    pub first_ttft_ms: Spread,
+    pub second_ttft_ms: Spread,
+    /// Median second TTFT over median first TTFT.
+    pub ratio: f64,
 }
 
 /// Peak resident set size of this process (VmHWM), in MiB; 0 where /proc is absent.
@@ -90,6 +117,89 @@ fn prompt_of(generator: &Generator, n: usize) -> Result<Vec<u32>, GenerateError>
     Ok(ids)
 }
 
+fn greedy(id: &str, input: PromptInput, max_tokens: usize) -> ValidRequest {
+    ValidRequest {
+        id: id.into(),
+        input,
+        max_tokens: max_tokens as u32,
+        sampling: SamplingParams::greedy(),
+        stop: Vec::new(),
+        stream: true,
+        timeout: std::time::Duration::from_secs(3600),
+        reply_to: None,
+        ignore_eos: true,
+    }
+}
+
+/// Decode tokens/s of `gen_tokens` tokens generated after a prompt of `position` tokens.
+fn decode_at(
+    generator: &mut Generator,
+    position: usize,
+    options: &BenchOptions,
+) -> Result<PositionFigure, GenerateError> {
+    let request = greedy(
+        "bench-position",
+        PromptInput::Tokens(prompt_of(generator, position)?),
+        options.gen_tokens,
+    );
+    let mut rates = Vec::new();
+    for _ in 0..options.runs {
+        generator.clear_cache();
+        let stats = generator.run(&request, &RunControl::new(), &mut |_| true);
+        let decoded = stats.generated_tokens.saturating_sub(1) as f64;
+        rates.push(decoded / (stats.decode_ms.max(1e-9) / 1e3));
+    }
+    Ok(PositionFigure {
+        position,
+        decode_tokens_per_s: Spread::of(rates),
+    })
+}
+
+/// An IoT-style system prompt sent with every request, then different questions.
+fn shared_prefix(
+    generator: &mut Generator,
+    runs: usize,
+) -> Result<SharedPrefixFigure, GenerateError> {
+    let system = "You are the assistant of an industrial gateway. Answer in one short sentence. \
+        Readings come as JSON with fields sensor, unit and value; temperatures are in degrees \
+        Celsius, pressures in kilopascal. Never invent readings that you were not given. If a \
+        value is outside the normal range say so first. Normal ranges: temperature 10 to 35, \
+        pressure 95 to 105, humidity 20 to 60 percent.";
+    let ask = |question: &str| {
+        PromptInput::Chat(vec![
+            crate::protocol::Message {
+                role: "system".into(),
+                content: system.into(),
+            },
+            crate::protocol::Message {
+                role: "user".into(),
+                content: question.into(),
+            },
+        ])
+    };
+    let first = greedy("bench-first", ask("Is 41 degrees normal for sensor t1?"), 4);
+    let second = greedy("bench-second", ask("Pressure p2 reads 99. Fine?"), 4);
+    let (mut first_ttft, mut second_ttft) = (Vec::new(), Vec::new());
+    let (mut prompt_tokens, mut cached) = (0, 0);
+    for _ in 0..runs.max(1) {
+        generator.clear_cache();
+        let a = generator.run(&first, &RunControl::new(), &mut |_| true);
+        let b = generator.run(&second, &RunControl::new(), &mut |_| true);
+        first_ttft.push(a.ttft_ms);
+        second_ttft.push(b.ttft_ms);
+        prompt_tokens = b.prompt_tokens;
+        cached = b.cached_prompt_tokens;
+    }
+    let (first_ttft_ms, second_ttft_ms) = (Spread::of(first_ttft), Spread::of(second_ttft));
+    Ok(SharedPrefixFigure {
+        prompt_tokens,
+        cached_prompt_tokens: cached,
+        ratio: second_ttft_ms.median / first_ttft_ms.median,
+        first_ttft_ms,
+        second_ttft_ms,
+    })
+}
+
 pub fn run(
     package: ModelPackage,
     engine: &EngineOptions,
@@ -99,17 +209,11 @@ pub fn run(
     let mut generator = Generator::load(package, engine)?;
     let load_ms = loading.elapsed().as_secs_f64() * 1e3;
     let prompt = prompt_of(&generator, options.prompt_tokens)?;
-    let request = ValidRequest {
-        id: "bench".into(),
-        input: PromptInput::Tokens(prompt.clone()),
-        max_tokens: options.gen_tokens as u32,
-        sampling: SamplingParams::greedy(),
-        stop: Vec::new(),
-        stream: true,
-        timeout: std::time::Duration::from_secs(3600),
-        reply_to: None,
-        ignore_eos: true,
-    };
+    let request = greedy(
+        "bench",
+        PromptInput::Tokens(prompt.clone()),
+        options.gen_tokens,
+    );
     let mut prefill = Vec::new();
     let mut prefill_tps = Vec::new();
     let mut ttft = Vec::new();
@@ -132,6 +236,15 @@ pub fn run(
             0.0
         });
     }
+    let mut decode_by_position = Vec::new();
+    for &position in &options.decode_positions {
+        decode_by_position.push(decode_at(&mut generator, position, options)?);
+    }
+    let shared_prefix = if options.shared_prefix {
+        Some(shared_prefix(&mut generator, options.runs)?)
+    } else {
+        None
+    };
     let info = generator.engine_info().clone();
     let spread = BenchSpread {
         prefill_ms: Spread::of(prefill),
@@ -152,6 +265,8 @@ pub fn run(
         prefill_tokens_per_s: spread.prefill_tokens_per_s.median,
         ttft_ms: spread.ttft_ms.median,
         decode_tokens_per_s: spread.decode_tokens_per_s.median,
+        decode_by_position,
+        shared_prefix,
         peak_rss_mb: peak_rss_mb(),
         spread,
     })

@@ -85,6 +85,12 @@ enum Command {
         gen_tokens: usize,
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Also measure decode speed after prompts of these lengths, e.g. 100,2000.
+        #[arg(long, value_delimiter = ',')]
+        decode_at: Vec<usize>,
+        /// Also measure TTFT of a request that repeats the previous one's system prompt.
+        #[arg(long)]
+        shared_prefix: bool,
     },
 }
 
@@ -327,17 +333,18 @@ fn ask(
     let mut request = sampling.into_request(prompt);
     request.id = Some(format!("ask-{}", std::process::id()));
     let mut stdout = std::io::stdout();
-    let (last, client) = runtime()?.block_on(emberd::client::ask(&endpoint, &request, |event| {
-        // A closed stdout (a pipe into `head`) is no reason to stop reading the stream.
-        let _ = match event {
-            _ if json => serde_json::to_string(event)
-                .map_err(std::io::Error::other)
-                .and_then(|line| writeln!(stdout, "{line}")),
-            Event::Token { text, .. } => write!(stdout, "{text}").and_then(|_| stdout.flush()),
-            Event::Done { .. } => writeln!(stdout),
-            Event::Error { .. } => Ok(()),
-        };
-    }))?;
+    let (last, client) =
+        runtime()?.block_on(emberd::client::ask(&endpoint, &request, |event| {
+            // A closed stdout (a pipe into `head`) is no reason to stop reading the stream.
+            let _ = match event {
+                _ if json => serde_json::to_string(event)
+                    .map_err(std::io::Error::other)
+                    .and_then(|line| writeln!(stdout, "{line}")),
+                Event::Token { text, .. } => write!(stdout, "{text}").and_then(|_| stdout.flush()),
+                Event::Done { .. } => writeln!(stdout),
+                Event::Error { .. } => Ok(()),
+            };
+        }))?;
     match last {
         Event::Done { timings, .. } => {
             if stats {
@@ -416,6 +423,8 @@ fn main() -> Result<()> {
             prompt_tokens,
             gen_tokens,
             runs,
+            decode_at,
+            shared_prefix,
         } => {
             let config = model.config()?;
             let package = load_package(&config)?;
@@ -423,6 +432,8 @@ fn main() -> Result<()> {
                 prompt_tokens,
                 gen_tokens,
                 runs: runs.max(1),
+                decode_positions: decode_at,
+                shared_prefix,
             };
             let report = emberd::bench::run(package, &config.model.engine_options(), &options)?;
             println!("{}", serde_json::to_string_pretty(&report)?);

@@ -2,7 +2,6 @@
 
 mod common;
 
-
 use common::*;
 use emberd::engine::Backend;
 

