@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Decode speed as a client sees it over the Unix socket and over MQTT, next to `emberd bench`
-# in-process, in one run; plus the daemon's idle CPU and its memory idle and under load.
+# Decode speed as a client sees it over the Unix socket and over MQTT, next to the same
+# request generated in-process (`emberd generate`), round after round in one run; plus the daemon's idle CPU and its memory idle and under load.
 #
 #   bash bench/transports.sh [--threads N] [--runs N] [--model DIR]
 #
@@ -61,13 +61,18 @@ idle_cpu="$(python3 -c "import os; print(($t1-$t0)/os.sysconf('SC_CLK_TCK')/10*1
 # About 128 prompt tokens, as `emberd bench` uses; 64 generated, greedy, past end-of-sequence.
 prompt="$(python3 -c 'print(("The quick brown fox jumps over the lazy dog while the sensor reports a steady temperature. " * 8).strip())')"
 ask() { "$emberd" ask "$@" --raw --max-tokens 64 --ignore-eos --temperature 0 --stats "$prompt" 2>&1 >/dev/null | tail -n1; }
-: > "$work/socket.jsonl"; : > "$work/mqtt.jsonl"
+# The same request in-process (`emberd generate`: no daemon, no transport), in the same round.
+in_process() {
+    "$emberd" generate --model "$model" --threads "$threads" --raw --max-tokens 64 --ignore-eos \
+        --temperature 0 --json "$prompt" 2>/dev/null | tail -n1
+}
+: > "$work/socket.jsonl"; : > "$work/mqtt.jsonl"; : > "$work/in_process.jsonl"
 for _ in $(seq "$runs"); do
+    in_process >> "$work/in_process.jsonl"
     ask --socket "$work/emberd.sock" >> "$work/socket.jsonl"
     ask --mqtt "127.0.0.1:$port" --device bench >> "$work/mqtt.jsonl"
 done
 load_hwm="$(hwm_kb)"
-"$emberd" bench --model "$model" --threads "$threads" --prompt-tokens 128 --gen-tokens 64 --runs "$runs" > "$work/bench.json" 2>/dev/null
 
 python3 - "$work" "$idle_cpu" "$idle_rss" "$load_hwm" "$threads" <<'PY'
 import json, statistics, sys
@@ -75,7 +80,8 @@ work, idle_cpu, idle_rss, load_hwm, threads = sys.argv[1:]
 def rates(name):
     rows = [json.loads(l) for l in open(f"{work}/{name}.jsonl") if l.strip()]
     return [r["client"]["decode_tokens_per_s"] for r in rows], [r["daemon"]["decode_tokens_per_s"] for r in rows]
-bench = json.load(open(f"{work}/bench.json"))["decode_tokens_per_s"]
+inproc = [json.loads(l)["timings"]["decode_tokens_per_s"] for l in open(f"{work}/in_process.jsonl") if l.strip()]
+bench = statistics.median(inproc)
 out = {"threads": int(threads), "in_process_decode_tokens_per_s": round(bench, 1)}
 for name in ("socket", "mqtt"):
     client, daemon = rates(name)
@@ -83,6 +89,7 @@ for name in ("socket", "mqtt"):
     out[name] = {"client_decode_tokens_per_s": round(med, 1),
                  "daemon_decode_tokens_per_s": round(statistics.median(daemon), 1),
                  "client_over_in_process": round(med / bench, 3),
+                 "client_over_daemon": round(statistics.median(c / d for c, d in zip(client, daemon)), 3),
                  "runs": len(client)}
 out["idle_cpu_percent"] = round(float(idle_cpu), 2)
 out["rss_idle_mib"] = round(int(idle_rss) / 1024, 1)

@@ -24,6 +24,12 @@ Weight forms (see README.md for the measurements behind the defaults):
   panics on a single MatMulNBits over [x, x] with both planes, so they stay separate). ``nbits8``: 8-bit MatMulNBits (ORT only).
   ``f32``: dequantized MatMul. The embedding gathers rows of the same packed bytes and unpacks
   them in the graph (Gather + arithmetic), so the tied matrix is stored once.
+
+Attention forms: ``plain`` (standard ops, both engines) and ``gqa`` (ONNX Runtime only, optimum
+layout, same I/O): per layer one com.microsoft GroupQueryAttention on the packed q/k/v
+projection, with rotary inside (rotate-half, cos/sin tables up to max_position_embeddings) and
+the present K/V written by the kernel, and RMSNorm as (Skip)SimplifiedLayerNormalization.
+Same weights, so the decode step runs a few hundred kernels instead of ~1500.
 """
 from __future__ import annotations
 
@@ -134,6 +140,7 @@ class BuildOptions:
     fuse: bool = True              # fuse q/k/v and gate/up projections
     blocksum: str = "reduce"       # Q4_1 correction's block sums: reduce (Reshape+ReduceSum) | matmul
     accuracy_overrides: dict = dataclasses.field(default_factory=dict)  # name substring -> level
+    attention: str = "plain"       # plain (both engines) | gqa (ONNX Runtime contrib ops, optimum layout)
     doc: str = ""
 
     def acc_for(self, name: str) -> int:
@@ -410,6 +417,65 @@ def _decoder_body(g: G, cfg: LlamaConfig, opts: BuildOptions, lin: dict, embed_f
     return g.op("Identity", [lin["lm_head"](x)], out=names["logits"])
 
 
+def _decoder_body_gqa(g: G, cfg: LlamaConfig, opts: BuildOptions, lin: dict, embed_fn, names: dict):
+    """ONNX Runtime form of _decoder_body (optimum layout, batch rows without padding).
+
+    GroupQueryAttention derives the past length from seqlens_k = sum(attention_mask) - 1 (as
+    onnxruntime-genai's builder does) and total_sequence_length from the mask's shape, reads
+    the query/key/value packed as the fused projection emits them, applies rotary from
+    position_ids and the cos/sin tables, and writes present = past + new itself. Left-padded
+    batches (zeros in attention_mask) are not honoured the way the plain graph does; emberd
+    feeds batch 1 with an all-ones mask.
+    """
+    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    eps = float(cfg.rms_norm_eps)
+    am = names["attention_mask"]
+    seqlens_k = g.op("Cast", [g.op("Sub", [g.op("ReduceSum", [am, g.const([1])], keepdims=0), g.const(1)])],
+                     to=TensorProto.INT32)                                            # [B]
+    total = g.op("Cast", [g.op("Gather", [g.op("Shape", [am]), g.const(1)], axis=0)],
+                 to=TensorProto.INT32)                                                # scalar
+    # rotary tables as the plain graph computes them: f32 position * f32 inv_freq, then cos/sin
+    inv_freq = (1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
+                ).astype(np.float32)
+    fr = np.arange(cfg.max_position_embeddings, dtype=np.float32)[:, None] * inv_freq[None, :]
+    g.init("rotary.cos_cache", np.cos(fr).astype(np.float32))                        # [max_pos, hd/2]
+    g.init("rotary.sin_cache", np.sin(fr).astype(np.float32))
+    # the 1/sqrt(hd) scale is folded into the Q weights when exact (see build_model)
+    scale = 1.0 if _exact_q_scale(hd) else float(1.0 / np.sqrt(hd))
+
+    def skip_norm(delta, resid, w):
+        """RMSNorm(resid + delta) and the new residual stream, in one kernel."""
+        nm = g.name("SkipSimplifiedLayerNormalization")
+        out, _, _, s = g.op("SkipSimplifiedLayerNormalization", [delta, resid, w], name=nm,
+                            out=[f"{nm}_out0", "", "", f"{nm}_sum"], domain="com.microsoft", epsilon=eps)
+        return out, s
+
+    x = embed_fn(g, names["input_ids"])
+    h = g.op("SimplifiedLayerNormalization", [x, "model.layers.0.input_layernorm.weight"],
+             axis=-1, epsilon=eps)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        qkv = lin[f"{p}.qkv"](h) if opts.fuse else g.op(
+            "Concat", [lin[f"{p}.{c}"](h) for c in "qkv"], axis=-1)
+        at = g.op("GroupQueryAttention",
+                  [qkv, "", "", names[f"past_key.{i}"], names[f"past_value.{i}"], seqlens_k, total,
+                   "rotary.cos_cache", "rotary.sin_cache", names["position_ids"]],
+                  out=[f"{p}.attn_out", names[f"present_key.{i}"], names[f"present_value.{i}"]],
+                  name=f"{p}.attn", domain="com.microsoft", num_heads=nh, kv_num_heads=nkv,
+                  do_rotary=1, rotary_interleaved=0, scale=scale)[0]
+        h, x = skip_norm(lin[f"{p}.o"](at), x, f"{p}.post_attention_layernorm.weight")
+        if opts.fuse:
+            gt, up = g.op("Split", [lin[f"{p}.gate_up"](h), g.const([cfg.intermediate_size] * 2)],
+                          n_out=2, axis=-1)
+        else:
+            gt, up = lin[f"{p}.gate"](h), lin[f"{p}.up"](h)
+        act = g.op("Mul", [g.op("Mul", [gt, g.op("Sigmoid", [gt])]), up])
+        nxt = (f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < cfg.num_hidden_layers
+               else "model.norm.weight")
+        h, x = skip_norm(lin[f"{p}.down"](act), x, nxt)
+    return g.op("Identity", [lin["lm_head"](h)], out=names["logits"])
+
+
 def build_model(cfg: LlamaConfig, weights: dict, opts: BuildOptions) -> onnx.ModelProto:
     """weights: HF-order names -> F32W/Q41W/Q80W (linears, [N, K]) or np.ndarray (norms).
 
@@ -495,7 +561,12 @@ def build_model(cfg: LlamaConfig, weights: dict, opts: BuildOptions) -> onnx.Mod
             n[f"present_value.{i}"] = f"{prefix}present.{i}.value"
         return n
 
-    if opts.layout in ("optimum", "genai"):
+    if opts.attention == "gqa":
+        if opts.layout != "optimum":
+            raise ValueError("attention=gqa is built for the optimum layout only")
+        _decoder_body_gqa(g, cfg, opts, lin, embed_fn, io_names())
+        graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits)
+    elif opts.layout in ("optimum", "genai"):
         _decoder_body(g, cfg, opts, lin, embed_fn, io_names(), use_past=True)
         graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits)
     elif opts.layout == "merged":

@@ -5,7 +5,7 @@
 //! in arrival order. A full queue answers `busy` at once instead of waiting.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -43,6 +43,8 @@ pub struct Stats {
     pub timed_out: AtomicU64,
     /// Milliseconds since `started` at the engine worker's last sign of life.
     pub heartbeat_ms: AtomicU64,
+    /// Whether the worker is running a job (an idle worker waits on the queue and cannot hang).
+    pub working: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -174,13 +176,13 @@ impl Scheduler {
 
     /// Time since the engine worker last showed it is alive (between jobs and between steps).
     pub fn since_heartbeat(&self) -> Duration {
+        if !self.stats.working.load(Ordering::Acquire) {
+            return Duration::ZERO;
+        }
         let now = self.started.elapsed().as_millis() as u64;
         Duration::from_millis(now.saturating_sub(self.stats.heartbeat_ms.load(Ordering::Acquire)))
     }
 }
-
-/// How often an idle worker reports that it is alive.
-const IDLE_HEARTBEAT: Duration = Duration::from_millis(250);
 
 fn worker(
     mut generator: Generator,
@@ -199,14 +201,11 @@ fn worker(
     let hang_marker = std::env::var("EMBERD_DEBUG_HANG_ON_PROMPT")
         .ok()
         .filter(|m| !m.is_empty());
-    loop {
+    // Idle, the worker sleeps on the queue: no wake-ups, so an idle daemon uses no CPU.
+    // Every Scheduler handle gone means no more work can arrive.
+    while let Ok(job) = jobs.recv() {
         beat(&stats);
-        let job = match jobs.recv_timeout(IDLE_HEARTBEAT) {
-            Ok(job) => job,
-            Err(mpsc::RecvTimeoutError::Timeout) => continue,
-            // Every Scheduler handle is gone: no more work can arrive.
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        };
+        stats.working.store(true, Ordering::Release);
         let Job {
             request,
             control,
@@ -244,6 +243,7 @@ fn worker(
                 _ => 0,
             };
         }
+        stats.working.store(false, Ordering::Release);
         active.lock().expect("active lock").remove(&key);
         stats.in_flight.fetch_sub(1, Ordering::AcqRel);
         stats.served.fetch_add(1, Ordering::Relaxed);
