@@ -141,6 +141,7 @@ class BuildOptions:
     blocksum: str = "reduce"       # Q4_1 correction's block sums: reduce (Reshape+ReduceSum) | matmul
     accuracy_overrides: dict = dataclasses.field(default_factory=dict)  # name substring -> level
     attention: str = "plain"       # plain (both engines) | gqa (ONNX Runtime contrib ops, optimum layout)
+    last_logits: bool = False      # gqa only, experiment: logits [B, 1, V] of the last position (not Optimum's I/O)
     doc: str = ""
 
     def acc_for(self, name: str) -> int:
@@ -473,6 +474,8 @@ def _decoder_body_gqa(g: G, cfg: LlamaConfig, opts: BuildOptions, lin: dict, emb
         nxt = (f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < cfg.num_hidden_layers
                else "model.norm.weight")
         h, x = skip_norm(lin[f"{p}.down"](act), x, nxt)
+    if opts.last_logits:
+        h = g.op("Slice", [h, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1])])
     return g.op("Identity", [lin["lm_head"](h)], out=names["logits"])
 
 
@@ -544,7 +547,7 @@ def build_model(cfg: LlamaConfig, weights: dict, opts: BuildOptions) -> onnx.Mod
         for kv in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", TensorProto.FLOAT,
                                                         [B, nkv, Pd, hd]))
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [B, Sd, V])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [B, 1 if opts.last_logits else Sd, V])]
     for i in range(L):
         for kv in ("key", "value"):
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", TensorProto.FLOAT,
@@ -609,3 +612,87 @@ def save_model(model: onnx.ModelProto, path):
     data = model.SerializeToString()
     with open(path, "wb") as f:
         f.write(data)
+
+
+# ----------------------------------------------------------------------------- shared weights
+def _varint(buf, i):
+    v = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        v |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            return v, i
+
+
+def _fields(buf, start, end):
+    """(field number, wire type, payload start, payload end) of one protobuf message."""
+    i = start
+    while i < end:
+        key, i = _varint(buf, i)
+        num, wt = key >> 3, key & 7
+        if wt == 0:
+            _, j = _varint(buf, i)
+            yield num, wt, i, j
+        elif wt == 1:
+            j = i + 8
+            yield num, wt, i, j
+        elif wt == 2:
+            n, i = _varint(buf, i)
+            j = i + n
+            yield num, wt, i, j
+        elif wt == 5:
+            j = i + 4
+            yield num, wt, i, j
+        else:
+            raise ValueError(f"protobuf wire type {wt} at byte {i}")
+        i = j
+
+
+def raw_data_offsets(path) -> Dict[str, tuple]:
+    """name -> (byte offset, length) of each initializer's raw_data inside a saved ONNX file."""
+    buf = memoryview(open(path, "rb").read())
+    out = {}
+    for num, _, gs, ge in _fields(buf, 0, len(buf)):
+        if num != 7:                                   # ModelProto.graph
+            continue
+        for gnum, _, ts, te in _fields(buf, gs, ge):
+            if gnum != 5:                              # GraphProto.initializer
+                continue
+            name, raw = None, None
+            for tnum, _, s, e in _fields(buf, ts, te):
+                if tnum == 8:                          # TensorProto.name
+                    name = bytes(buf[s:e]).decode()
+                elif tnum == 9:                        # TensorProto.raw_data
+                    raw = (s, e - s)
+            if name is not None and raw is not None:
+                out[name] = raw
+    return out
+
+
+def share_weights(model: onnx.ModelProto, base_path, min_bytes=1024) -> int:
+    """Point `model`'s initializers at identical tensors inside the saved ONNX file `base_path`
+    (ONNX external data with that file as location), so a second graph over the same weights
+    adds no weight bytes on disk. The base file stays an ordinary self-contained model.
+    Returns the number of bytes referenced."""
+    from pathlib import Path
+    base_path = Path(base_path)
+    offsets = raw_data_offsets(base_path)
+    data = open(base_path, "rb").read()
+    shared = 0
+    for t in model.graph.initializer:
+        ref = offsets.get(t.name)
+        if ref is None or len(t.raw_data) < min_bytes or len(t.raw_data) != ref[1]:
+            continue
+        off, n = ref
+        if data[off:off + n] != t.raw_data:
+            continue
+        t.ClearField("raw_data")
+        t.data_location = TensorProto.EXTERNAL
+        del t.external_data[:]
+        for k, v in (("location", base_path.name), ("offset", str(off)), ("length", str(n))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        shared += n
+    return shared

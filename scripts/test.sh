@@ -13,6 +13,8 @@ say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy"
 cargo clippy --release --locked --all-targets -- -D warnings
+# The build without the tract engine (smaller binary, ONNX Runtime only) stays clean too.
+cargo clippy --release --locked --no-default-features --lib --bins -- -D warnings
 say "model package checks (pytest)"
 .venv/bin/python -m pytest models/tests -q
 say "Rust tests"

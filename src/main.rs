@@ -280,6 +280,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn serve(model: ModelArgs, socket: Option<PathBuf>) -> Result<()> {
+    let config_path = model.config.clone();
     let mut config = model.config()?;
     if let Some(path) = socket {
         config.socket.path = path;
@@ -295,17 +296,18 @@ fn serve(model: ModelArgs, socket: Option<PathBuf>) -> Result<()> {
     let runtime = runtime()?;
     runtime.block_on(async move {
         let (trigger, shutdown) = emberd::shutdown::channel();
+        // Handlers go in before serve reports ready: a signal in between would otherwise get
+        // its default action (SIGHUP: terminate).
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
         tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-            let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
             loop {
                 tokio::select! {
                     _ = term.recv() => break,
                     _ = int.recv() => break,
-                    // Changing the model or transports needs a restart; say so rather than die.
-                    _ = hup.recv() => log::warn!("SIGHUP: reloading is not supported; restart emberd to apply config changes"),
+                    _ = hup.recv() => reload_log_level(config_path.as_deref()),
                 }
             }
             trigger.trigger();
@@ -318,9 +320,9 @@ fn serve(model: ModelArgs, socket: Option<PathBuf>) -> Result<()> {
             // serve logs the ready line itself (socket, broker, engine).
             |_ready| {},
         )
-        .await
-    })?;
-    Ok(())
+        .await?;
+        anyhow::Ok(())
+    })
 }
 
 fn ask(
@@ -358,6 +360,26 @@ fn ask(
             Ok(false)
         }
         Event::Token { .. } => unreachable!("ask returns on a terminal event"),
+    }
+}
+
+/// SIGHUP: the log level is re-read from the config file; everything else (model, engine,
+/// transports, limits) is fixed while the daemon runs and needs a restart.
+fn reload_log_level(path: Option<&std::path::Path>) {
+    let Some(path) = path else {
+        log::warn!("SIGHUP: no --config file to reload");
+        return;
+    };
+    match Config::from_file(path) {
+        Ok(config) => {
+            let level = log_level(&config.log.level);
+            log::set_max_level(level);
+            log::warn!(
+                "SIGHUP: log level is now {level} (from {}); other settings need a restart",
+                path.display()
+            );
+        }
+        Err(e) => log::error!("SIGHUP: {e}; keeping the running settings"),
     }
 }
 

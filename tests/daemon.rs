@@ -268,3 +268,43 @@ fn emberd_ask_streams_a_reply_from_the_running_daemon() {
     unsafe { libc_kill(daemon.id() as i32, 15) };
     assert!(daemon.wait().unwrap().success());
 }
+
+#[test]
+fn sighup_rereads_the_log_level_and_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_serve_config(dir.path(), "");
+    let mut daemon = emberd_command()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = daemon.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let mut next_with = |text: &str| loop {
+        let line = lines.next().expect("emberd exited").unwrap();
+        if line.contains(text) {
+            return line;
+        }
+    };
+    next_with("ready: model");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("[log]\n", "[log]\nlevel = \"debug\"\n"),
+    )
+    .unwrap();
+    unsafe { libc_kill(daemon.id() as i32, 1) };
+    let line = next_with("SIGHUP");
+    assert!(line.contains("log level is now DEBUG"), "{line}");
+    // Still serving, and still the same process.
+    let ask = emberd_command()
+        .args(["ask", "--socket"])
+        .arg(dir.path().join("emberd.sock"))
+        .args(["--max-tokens", "2", "hi"])
+        .output()
+        .unwrap();
+    assert!(ask.status.success());
+    unsafe { libc_kill(daemon.id() as i32, 15) };
+    assert!(daemon.wait().unwrap().success());
+}

@@ -4,6 +4,7 @@
 
 pub mod kv;
 pub mod ort;
+#[cfg(feature = "tract")]
 pub mod tract;
 
 use std::path::PathBuf;
@@ -24,6 +25,8 @@ pub enum EngineError {
     UnknownProvider(String),
     #[error("no engine could start: {0}")]
     NoEngine(String),
+    #[error("this emberd was built without the tract engine (cargo feature `tract`)")]
+    TractNotBuilt,
     #[error("the model produced {got} logits, expected a multiple of the vocabulary size {vocab}")]
     BadLogits { got: usize, vocab: usize },
     #[error("the KV cache holds {len} positions, the context is {context}")]
@@ -147,18 +150,37 @@ pub fn load(
 ) -> Result<Box<dyn Engine>, EngineError> {
     match options.backend {
         Backend::Ort => Ok(Box::new(ort::OrtEngine::load(package, options)?)),
-        Backend::Tract => Ok(Box::new(tract::TractEngine::load(package, options, None)?)),
+        Backend::Tract => load_tract(package, options, None),
         Backend::Auto => match ort::OrtEngine::load(package, options) {
             Ok(engine) => Ok(Box::new(engine)),
             Err(ort_error) => {
                 log::warn!("ONNX Runtime unavailable ({ort_error}); falling back to tract");
-                let engine =
-                    tract::TractEngine::load(package, options, Some(ort_error.to_string()))
-                        .map_err(|e| {
-                            EngineError::NoEngine(format!("ONNX Runtime: {ort_error}; tract: {e}"))
-                        })?;
-                Ok(Box::new(engine))
+                load_tract(package, options, Some(ort_error.to_string())).map_err(|e| {
+                    EngineError::NoEngine(format!("ONNX Runtime: {ort_error}; tract: {e}"))
+                })
             }
         },
     }
+}
+
+#[cfg(feature = "tract")]
+fn load_tract(
+    package: &ModelPackage,
+    options: &EngineOptions,
+    fallback_reason: Option<String>,
+) -> Result<Box<dyn Engine>, EngineError> {
+    Ok(Box::new(tract::TractEngine::load(
+        package,
+        options,
+        fallback_reason,
+    )?))
+}
+
+#[cfg(not(feature = "tract"))]
+fn load_tract(
+    _package: &ModelPackage,
+    _options: &EngineOptions,
+    _fallback_reason: Option<String>,
+) -> Result<Box<dyn Engine>, EngineError> {
+    Err(EngineError::TractNotBuilt)
 }
