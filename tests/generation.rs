@@ -154,8 +154,12 @@ fn default_model_greedy_ids_equal_onnx_runtime_python() {
             "prompt ids differ from Hugging Face tokenization"
         );
         let expected = ids(&case["greedy_ids"]);
-        let n = expected.len().min(if X86_REFERENCE { 64 } else { 32 });
+        let n = expected.len().min(64);
         assert!(n >= 32, "the reference holds at least 32 tokens");
+        if !X86_REFERENCE {
+            greedy_ids_follow_the_exact_reference(&mut generator, &prompt, case);
+            continue;
+        }
         let (got, _) = generator.greedy_trace(&prompt, n).unwrap();
         assert_eq!(
             got[..n],
@@ -164,6 +168,40 @@ fn default_model_greedy_ids_equal_onnx_runtime_python() {
             case["text"]
         );
     }
+}
+
+/// Where ONNX Runtime's int8 activations differ from x86's (see X86_REFERENCE): the greedy ids
+/// follow the exact reference until, at most, a near tie, where emberd's pick must be one of
+/// the exact top 5 and within the int8 activations' error of the best.
+fn greedy_ids_follow_the_exact_reference(
+    generator: &mut emberd::generate::Generator,
+    prompt: &[u32],
+    case: &serde_json::Value,
+) {
+    let exact = ids(&case["greedy_ids_exact"]);
+    let n = exact.len().min(32);
+    let (got, _) = generator.greedy_trace(prompt, n).unwrap();
+    let Some(step) = (0..n).find(|&i| got[i] != exact[i]) else {
+        return;
+    };
+    let top: Vec<(u32, f32)> = case["step_top_exact"][step]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
+        .collect();
+    let picked = top.iter().find(|(id, _)| *id == got[step]);
+    let gap = picked.map(|(_, logit)| top[0].1 - logit);
+    assert!(
+        gap.is_some_and(|g| g <= INT8_ACTIVATION_TOLERANCE),
+        "step {step}: emberd picked {} where the exact best is {:?} (gap {gap:?})",
+        got[step],
+        top[0]
+    );
+    eprintln!(
+        "greedy ids equal the exact reference for {step} tokens, then a near tie (gap {:.2})",
+        gap.unwrap_or_default()
+    );
 }
 
 #[test]
