@@ -24,12 +24,6 @@ Weight forms (see README.md for the measurements behind the defaults):
   panics on a single MatMulNBits over [x, x] with both planes, so they stay separate). ``nbits8``: 8-bit MatMulNBits (ORT only).
   ``f32``: dequantized MatMul. The embedding gathers rows of the same packed bytes and unpacks
   them in the graph (Gather + arithmetic), so the tied matrix is stored once.
-
-Attention forms: ``plain`` (standard ops, both engines) and ``gqa`` (ONNX Runtime only, optimum
-layout, same I/O): per layer one com.microsoft GroupQueryAttention on the packed q/k/v
-projection, with rotary inside (rotate-half, cos/sin tables up to max_position_embeddings) and
-the present K/V written by the kernel, and RMSNorm as (Skip)SimplifiedLayerNormalization.
-Same weights, so the decode step runs a few hundred kernels instead of ~1500.
 """
 from __future__ import annotations
 
@@ -140,8 +134,6 @@ class BuildOptions:
     fuse: bool = True              # fuse q/k/v and gate/up projections
     blocksum: str = "reduce"       # Q4_1 correction's block sums: reduce (Reshape+ReduceSum) | matmul
     accuracy_overrides: dict = dataclasses.field(default_factory=dict)  # name substring -> level
-    attention: str = "plain"       # plain (both engines) | gqa (ONNX Runtime contrib ops, optimum layout)
-    last_logits: bool = False      # gqa only, experiment: logits [B, 1, V] of the last position (not Optimum's I/O)
     doc: str = ""
 
     def acc_for(self, name: str) -> int:
@@ -418,67 +410,6 @@ def _decoder_body(g: G, cfg: LlamaConfig, opts: BuildOptions, lin: dict, embed_f
     return g.op("Identity", [lin["lm_head"](x)], out=names["logits"])
 
 
-def _decoder_body_gqa(g: G, cfg: LlamaConfig, opts: BuildOptions, lin: dict, embed_fn, names: dict):
-    """ONNX Runtime form of _decoder_body (optimum layout, batch rows without padding).
-
-    GroupQueryAttention derives the past length from seqlens_k = sum(attention_mask) - 1 (as
-    onnxruntime-genai's builder does) and total_sequence_length from the mask's shape, reads
-    the query/key/value packed as the fused projection emits them, applies rotary from
-    position_ids and the cos/sin tables, and writes present = past + new itself. Left-padded
-    batches (zeros in attention_mask) are not honoured the way the plain graph does; emberd
-    feeds batch 1 with an all-ones mask.
-    """
-    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    eps = float(cfg.rms_norm_eps)
-    am = names["attention_mask"]
-    seqlens_k = g.op("Cast", [g.op("Sub", [g.op("ReduceSum", [am, g.const([1])], keepdims=0), g.const(1)])],
-                     to=TensorProto.INT32)                                            # [B]
-    total = g.op("Cast", [g.op("Gather", [g.op("Shape", [am]), g.const(1)], axis=0)],
-                 to=TensorProto.INT32)                                                # scalar
-    # rotary tables as the plain graph computes them: f32 position * f32 inv_freq, then cos/sin
-    inv_freq = (1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
-                ).astype(np.float32)
-    fr = np.arange(cfg.max_position_embeddings, dtype=np.float32)[:, None] * inv_freq[None, :]
-    g.init("rotary.cos_cache", np.cos(fr).astype(np.float32))                        # [max_pos, hd/2]
-    g.init("rotary.sin_cache", np.sin(fr).astype(np.float32))
-    # the 1/sqrt(hd) scale is folded into the Q weights when exact (see build_model)
-    scale = 1.0 if _exact_q_scale(hd) else float(1.0 / np.sqrt(hd))
-
-    def skip_norm(delta, resid, w):
-        """RMSNorm(resid + delta) and the new residual stream, in one kernel."""
-        nm = g.name("SkipSimplifiedLayerNormalization")
-        out, _, _, s = g.op("SkipSimplifiedLayerNormalization", [delta, resid, w], name=nm,
-                            out=[f"{nm}_out0", "", "", f"{nm}_sum"], domain="com.microsoft", epsilon=eps)
-        return out, s
-
-    x = embed_fn(g, names["input_ids"])
-    h = g.op("SimplifiedLayerNormalization", [x, "model.layers.0.input_layernorm.weight"],
-             axis=-1, epsilon=eps)
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}"
-        qkv = lin[f"{p}.qkv"](h) if opts.fuse else g.op(
-            "Concat", [lin[f"{p}.{c}"](h) for c in "qkv"], axis=-1)
-        at = g.op("GroupQueryAttention",
-                  [qkv, "", "", names[f"past_key.{i}"], names[f"past_value.{i}"], seqlens_k, total,
-                   "rotary.cos_cache", "rotary.sin_cache", names["position_ids"]],
-                  out=[f"{p}.attn_out", names[f"present_key.{i}"], names[f"present_value.{i}"]],
-                  name=f"{p}.attn", domain="com.microsoft", num_heads=nh, kv_num_heads=nkv,
-                  do_rotary=1, rotary_interleaved=0, scale=scale)[0]
-        h, x = skip_norm(lin[f"{p}.o"](at), x, f"{p}.post_attention_layernorm.weight")
-        if opts.fuse:
-            gt, up = g.op("Split", [lin[f"{p}.gate_up"](h), g.const([cfg.intermediate_size] * 2)],
-                          n_out=2, axis=-1)
-        else:
-            gt, up = lin[f"{p}.gate"](h), lin[f"{p}.up"](h)
-        act = g.op("Mul", [g.op("Mul", [gt, g.op("Sigmoid", [gt])]), up])
-        nxt = (f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < cfg.num_hidden_layers
-               else "model.norm.weight")
-        h, x = skip_norm(lin[f"{p}.down"](act), x, nxt)
-    if opts.last_logits:
-        h = g.op("Slice", [h, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1])])
-    return g.op("Identity", [lin["lm_head"](h)], out=names["logits"])
-
-
 def build_model(cfg: LlamaConfig, weights: dict, opts: BuildOptions) -> onnx.ModelProto:
     """weights: HF-order names -> F32W/Q41W/Q80W (linears, [N, K]) or np.ndarray (norms).
 
@@ -547,7 +478,7 @@ def build_model(cfg: LlamaConfig, weights: dict, opts: BuildOptions) -> onnx.Mod
         for kv in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", TensorProto.FLOAT,
                                                         [B, nkv, Pd, hd]))
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [B, 1 if opts.last_logits else Sd, V])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [B, Sd, V])]
     for i in range(L):
         for kv in ("key", "value"):
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", TensorProto.FLOAT,
@@ -564,12 +495,7 @@ def build_model(cfg: LlamaConfig, weights: dict, opts: BuildOptions) -> onnx.Mod
             n[f"present_value.{i}"] = f"{prefix}present.{i}.value"
         return n
 
-    if opts.attention == "gqa":
-        if opts.layout != "optimum":
-            raise ValueError("attention=gqa is built for the optimum layout only")
-        _decoder_body_gqa(g, cfg, opts, lin, embed_fn, io_names())
-        graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits)
-    elif opts.layout in ("optimum", "genai"):
+    if opts.layout in ("optimum", "genai"):
         _decoder_body(g, cfg, opts, lin, embed_fn, io_names(), use_past=True)
         graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits)
     elif opts.layout == "merged":
@@ -612,87 +538,3 @@ def save_model(model: onnx.ModelProto, path):
     data = model.SerializeToString()
     with open(path, "wb") as f:
         f.write(data)
-
-
-# ----------------------------------------------------------------------------- shared weights
-def _varint(buf, i):
-    v = shift = 0
-    while True:
-        b = buf[i]
-        i += 1
-        v |= (b & 0x7F) << shift
-        shift += 7
-        if b < 0x80:
-            return v, i
-
-
-def _fields(buf, start, end):
-    """(field number, wire type, payload start, payload end) of one protobuf message."""
-    i = start
-    while i < end:
-        key, i = _varint(buf, i)
-        num, wt = key >> 3, key & 7
-        if wt == 0:
-            _, j = _varint(buf, i)
-            yield num, wt, i, j
-        elif wt == 1:
-            j = i + 8
-            yield num, wt, i, j
-        elif wt == 2:
-            n, i = _varint(buf, i)
-            j = i + n
-            yield num, wt, i, j
-        elif wt == 5:
-            j = i + 4
-            yield num, wt, i, j
-        else:
-            raise ValueError(f"protobuf wire type {wt} at byte {i}")
-        i = j
-
-
-def raw_data_offsets(path) -> Dict[str, tuple]:
-    """name -> (byte offset, length) of each initializer's raw_data inside a saved ONNX file."""
-    buf = memoryview(open(path, "rb").read())
-    out = {}
-    for num, _, gs, ge in _fields(buf, 0, len(buf)):
-        if num != 7:                                   # ModelProto.graph
-            continue
-        for gnum, _, ts, te in _fields(buf, gs, ge):
-            if gnum != 5:                              # GraphProto.initializer
-                continue
-            name, raw = None, None
-            for tnum, _, s, e in _fields(buf, ts, te):
-                if tnum == 8:                          # TensorProto.name
-                    name = bytes(buf[s:e]).decode()
-                elif tnum == 9:                        # TensorProto.raw_data
-                    raw = (s, e - s)
-            if name is not None and raw is not None:
-                out[name] = raw
-    return out
-
-
-def share_weights(model: onnx.ModelProto, base_path, min_bytes=1024) -> int:
-    """Point `model`'s initializers at identical tensors inside the saved ONNX file `base_path`
-    (ONNX external data with that file as location), so a second graph over the same weights
-    adds no weight bytes on disk. The base file stays an ordinary self-contained model.
-    Returns the number of bytes referenced."""
-    from pathlib import Path
-    base_path = Path(base_path)
-    offsets = raw_data_offsets(base_path)
-    data = open(base_path, "rb").read()
-    shared = 0
-    for t in model.graph.initializer:
-        ref = offsets.get(t.name)
-        if ref is None or len(t.raw_data) < min_bytes or len(t.raw_data) != ref[1]:
-            continue
-        off, n = ref
-        if data[off:off + n] != t.raw_data:
-            continue
-        t.ClearField("raw_data")
-        t.data_location = TensorProto.EXTERNAL
-        del t.external_data[:]
-        for k, v in (("location", base_path.name), ("offset", str(off)), ("length", str(n))):
-            e = t.external_data.add()
-            e.key, e.value = k, v
-        shared += n
-    return shared

@@ -111,10 +111,9 @@ def tiny_cfg(d: Path) -> lo.LlamaConfig:
                           max_position_embeddings=c["max_position_embeddings"])
 
 
-def model_file(d: Path, engine: str = "ort") -> str:
+def model_file(d: Path) -> str:
     if (d / "emberd.json").exists():
-        files = json.loads((d / "emberd.json").read_text())["files"]
-        return files.get(engine, files["ort"])
+        return json.loads((d / "emberd.json").read_text())["files"]["ort"]
     return json.loads((d / "genai_config.json").read_text())["model"]["decoder"]["filename"]
 
 

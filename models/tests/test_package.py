@@ -146,7 +146,7 @@ def tract_mod():
 def test_tiny_models_in_tract(tract_mod, name):
     d = tiny_dir(name)
     ref = json.loads((d / "reference.json").read_text())
-    dec = TractDecoder(d / model_file(d, "tract"), tiny_cfg(d))
+    dec = TractDecoder(d / model_file(d), tiny_cfg(d))
     key = "step_logits_exact" if name == "q4" else "step_logits"
     for c in ref["cases"]:
         got = teacher_forced(dec, c["prompt_ids"], c["greedy_ids"][:-1])
