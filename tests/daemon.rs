@@ -273,21 +273,8 @@ fn emberd_ask_streams_a_reply_from_the_running_daemon() {
 fn sighup_rereads_the_log_level_and_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_serve_config(dir.path(), "");
-    let mut daemon = emberd_command()
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = daemon.stderr.take().unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-    let mut next_with = |text: &str| loop {
-        let line = lines.next().expect("emberd exited").unwrap();
-        if line.contains(text) {
-            return line;
-        }
-    };
-    next_with("ready: model");
+    let (mut daemon, mut lines) = spawn_serve(&config);
+    next_log_with(&mut lines, "ready: model");
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
         &config,
@@ -295,7 +282,7 @@ fn sighup_rereads_the_log_level_and_keeps_serving() {
     )
     .unwrap();
     unsafe { libc_kill(daemon.id() as i32, 1) };
-    let line = next_with("SIGHUP");
+    let line = next_log_with(&mut lines, "SIGHUP");
     assert!(line.contains("log level is now DEBUG"), "{line}");
     // Still serving, and still the same process.
     let ask = emberd_command()

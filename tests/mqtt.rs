@@ -36,15 +36,7 @@ async fn mqtt_requests_stream_to_the_response_topic_with_correlation_data() {
     .await;
 
     // The retained status says online, with the engine.
-    let status = loop {
-        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if topic == "test/dev1/status" && value["state"] == "online" {
-            break value;
-        }
-    };
+    let status = wait_on(&mut rx, "test/dev1/status", |v| v["state"] == "online").await;
     assert_eq!(status["engine"], "ort");
     assert_eq!(status["model"], "tiny-optimum");
 
@@ -100,16 +92,10 @@ async fn mqtt_requests_stream_to_the_response_topic_with_correlation_data() {
         )
         .await
         .unwrap();
-    loop {
-        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if topic == "test/dev1/response/m2" && value["type"] != "token" {
-            assert_eq!(value["type"], "done");
-            break;
-        }
-    }
+    assert_eq!(
+        end_on(&mut rx, "test/dev1/response/m2").await["type"],
+        "done"
+    );
 
     // A bad request is answered, and the daemon keeps serving.
     let props = PublishProperties {
@@ -126,28 +112,11 @@ async fn mqtt_requests_stream_to_the_response_topic_with_correlation_data() {
         )
         .await
         .unwrap();
-    loop {
-        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if topic == "replies/bad" {
-            assert_eq!(value["code"], "bad_request");
-            break;
-        }
-    }
+    assert_eq!(next_on(&mut rx, "replies/bad").await["code"], "bad_request");
 
     // Shutdown publishes a retained offline status.
     daemon.stop().await;
-    loop {
-        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if topic == "test/dev1/status" && value["state"] == "offline" {
-            break;
-        }
-    }
+    wait_on(&mut rx, "test/dev1/status", |v| v["state"] == "offline").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,15 +132,7 @@ async fn mqtt_cancel_topic_stops_a_running_request() {
     .await;
     let (client, mut rx) = mqtt_client(port, "canceller", &["out/#", "emberd/dev2/status"]).await;
     // emberd is subscribed once its online status is out (it subscribes first).
-    loop {
-        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if topic == "emberd/dev2/status" && value["state"] == "online" {
-            break;
-        }
-    }
+    wait_on(&mut rx, "emberd/dev2/status", |v| v["state"] == "online").await;
     let mut request = long_request("c1");
     request["reply_to"] = json!("out/c1");
     client
@@ -183,15 +144,7 @@ async fn mqtt_cancel_topic_stops_a_running_request() {
         )
         .await
         .unwrap();
-    let first = loop {
-        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if topic == "out/c1" {
-            break value;
-        }
-    };
+    let first = next_on(&mut rx, "out/c1").await;
     assert_eq!(first["type"], "token");
     client
         .publish(
@@ -202,16 +155,8 @@ async fn mqtt_cancel_topic_stops_a_running_request() {
         )
         .await
         .unwrap();
-    loop {
-        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if topic == "out/c1" && value["type"] != "token" {
-            assert_eq!(value["finish_reason"], "cancelled", "{value}");
-            break;
-        }
-    }
+    let end = end_on(&mut rx, "out/c1").await;
+    assert_eq!(end["finish_reason"], "cancelled", "{end}");
     daemon.stop().await;
 }
 
@@ -230,26 +175,10 @@ fn the_last_will_says_offline_when_emberd_is_killed() {
     runtime.block_on(async {
         let (_client, mut rx) = mqtt_client(broker.port, "watcher", &["emberd/will/status"]).await;
         let mut daemon = spawn_ready(&config);
-        loop {
-            let (_, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
-                .await
-                .unwrap()
-                .unwrap();
-            if value["state"] == "online" {
-                break;
-            }
-        }
+        wait_on(&mut rx, "emberd/will/status", |v| v["state"] == "online").await;
         daemon.kill().unwrap();
         daemon.wait().unwrap();
-        loop {
-            let (_, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
-                .await
-                .unwrap()
-                .unwrap();
-            if value["state"] == "offline" {
-                break;
-            }
-        }
+        wait_on(&mut rx, "emberd/will/status", |v| v["state"] == "offline").await;
     });
 }
 
@@ -635,16 +564,10 @@ fn a_wrong_password_is_logged_clearly_and_retried_with_backoff() {
             bdir.join("client.key"),
         ),
     );
-    let mut daemon = emberd_command()
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = daemon.stderr.take().unwrap();
+    let (mut daemon, lines) = spawn_serve(&config);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+        for line in lines {
             if tx.send((std::time::Instant::now(), line.unwrap())).is_err() {
                 return;
             }
@@ -824,13 +747,8 @@ async fn ready_is_notified_only_once_the_broker_holds_emberds_subscriptions() {
         )
         .await
         .unwrap();
-    loop {
-        let event = next_on(&mut rx, "fresh-out/first").await;
-        if event["type"] != "token" {
-            assert_eq!(event["type"], "done", "{event}");
-            break;
-        }
-    }
+    let end = end_on(&mut rx, "fresh-out/first").await;
+    assert_eq!(end["type"], "done", "{end}");
     unsafe { libc_kill(daemon.id() as i32, 15) };
     assert!(daemon.wait().unwrap().success());
 }

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::daemon::libc_kill;
 use common::*;
 
 fn write_config(dir: &Path, socket: &Path) -> std::path::PathBuf {
@@ -75,7 +76,7 @@ fn readiness_watchdog_and_stopping_are_notified_to_systemd() {
             pings += 1;
         }
     }
-    unsafe { kill(child.id() as i32, 15) };
+    unsafe { libc_kill(child.id() as i32, 15) };
     loop {
         if next().contains("STOPPING=1") {
             break;
@@ -113,7 +114,7 @@ fn socket_activation_starts_emberd_on_the_first_connection() {
         .find(|l| l.as_ref().is_ok_and(|l| l.contains("ready: model")))
         .is_some();
     assert!(ready, "emberd reported ready");
-    unsafe { kill(activator.id() as i32, 15) };
+    unsafe { libc_kill(activator.id() as i32, 15) };
     let status = activator.wait().unwrap();
     assert!(status.success(), "{status:?}");
     // systemd owns an inherited socket file: emberd leaves it alone.
@@ -167,8 +168,4 @@ fn the_units_pass_systemd_analyze_verify_without_warnings() {
         .find_map(|w| w.parse().ok())
         .unwrap_or_else(|| panic!("no exposure figure in:\n{text}"));
     assert!(exposure <= 2.0, "exposure {exposure} > 2.0:\n{text}");
-}
-
-extern "C" {
-    fn kill(pid: i32, sig: i32) -> i32;
 }

@@ -293,20 +293,34 @@ pub async fn mqtt_client_with(
     (client, rx)
 }
 
-/// The next message on `topic`, skipping others.
-pub async fn next_on(
+/// The next message on `topic` that `wanted` accepts, skipping all others.
+pub async fn wait_on(
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<Received>,
     topic: &str,
+    wanted: impl Fn(&Value) -> bool,
 ) -> Value {
     loop {
         let (t, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
             .await
             .expect("a message in time")
             .expect("the client is running");
-        if t == topic {
+        if t == topic && wanted(&value) {
             return value;
         }
     }
+}
+
+/// The next message on `topic`, skipping others.
+pub async fn next_on(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Received>,
+    topic: &str,
+) -> Value {
+    wait_on(rx, topic, |_| true).await
+}
+
+/// The terminal event (`done` or `error`) on `topic`, skipping token events and others.
+pub async fn end_on(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Received>, topic: &str) -> Value {
+    wait_on(rx, topic, |v| v["type"] != "token").await
 }
 
 pub fn write_serve_config(dir: &Path, extra: &str) -> PathBuf {
@@ -324,8 +338,11 @@ pub fn write_serve_config(dir: &Path, extra: &str) -> PathBuf {
     config
 }
 
-/// Starts the built binary and returns once it says it is ready.
-pub fn spawn_ready(config: &Path) -> std::process::Child {
+/// The log lines of a daemon started by `spawn_serve`.
+pub type LogLines = std::io::Lines<std::io::BufReader<std::process::ChildStderr>>;
+
+/// Starts `emberd serve --config CONFIG` with its log (stderr) piped to the caller.
+pub fn spawn_serve(config: &Path) -> (std::process::Child, LogLines) {
     let mut child = emberd_command()
         .args(["serve", "--config"])
         .arg(config)
@@ -333,16 +350,29 @@ pub fn spawn_ready(config: &Path) -> std::process::Child {
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    (
+        child,
+        std::io::BufRead::lines(std::io::BufReader::new(stderr)),
+    )
+}
+
+/// The next log line containing `text`; panics if emberd exits first.
+pub fn next_log_with(lines: &mut LogLines, text: &str) -> String {
     loop {
         let line = lines
             .next()
-            .expect("emberd exited before it was ready")
+            .expect("emberd exited before logging it")
             .unwrap();
-        if line.contains("ready: model") {
-            break;
+        if line.contains(text) {
+            return line;
         }
     }
+}
+
+/// Starts the built binary and returns once it says it is ready.
+pub fn spawn_ready(config: &Path) -> std::process::Child {
+    let (child, mut lines) = spawn_serve(config);
+    next_log_with(&mut lines, "ready: model");
     // Keep draining stderr so the daemon never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
     child
