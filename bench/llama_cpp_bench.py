@@ -9,10 +9,10 @@ argmax over the last logits). Prints one JSON object.
 import argparse
 import json
 import resource
-import statistics
 import time
 
 import numpy as np
+from greedy_timing import time_greedy
 from llama_cpp import Llama
 
 
@@ -43,33 +43,25 @@ def main():
     text = "The quick brown fox jumps over the lazy dog while the sensor reports a steady temperature. "
     prompt = llm.tokenize((text * (args.prompt_tokens // 8 + 4)).encode(), add_bos=False)[: args.prompt_tokens]
 
-    prefill, ttft, decode = [], [], []
-    for run in range(args.runs + 1):
+    def reset():
         llm.reset()
         llm._ctx.kv_cache_clear()
-        t0 = time.perf_counter()
+
+    def prefill():
         llm.eval(prompt)
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        t1 = time.perf_counter()
-        for _ in range(args.gen_tokens - 1):
-            llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        t2 = time.perf_counter()
-        if run == 0:
-            continue  # warm-up
-        prefill.append((t1 - t0) * 1e3)
-        ttft.append((t1 - t0) * 1e3)
-        decode.append((args.gen_tokens - 1) / (t2 - t1))
-    med = statistics.median
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    def step(token):
+        llm.eval([token])
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    figures = time_greedy(reset, prefill, step, args.prompt_tokens, args.gen_tokens, args.runs)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({
         "engine": "llama.cpp", "threads": args.threads, "context": args.context,
-        "load_ms": load_ms, "prefill_ms": med(prefill),
-        "prefill_tokens_per_s": args.prompt_tokens / (med(prefill) / 1e3),
-        "ttft_ms": med(ttft), "decode_tokens_per_s": med(decode),
+        "load_ms": load_ms, **figures,
         "peak_rss_mb": peak, "peak_rss_mb_without_python": peak - base_rss,
     }))
-
 
 if __name__ == "__main__":
     main()

@@ -8,12 +8,12 @@ same keys as `emberd bench` (medians over --runs).
 """
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from greedy_timing import time_greedy
 
 
 def main():
@@ -38,7 +38,7 @@ def main():
     # Ordinary token ids (not special tokens), the same shape of prompt as emberd's bench.
     prompt = (np.arange(args.prompt_tokens, dtype=np.int64) * 7919) % 40000 + 100
 
-    def step(ids, past, start):
+    def run(ids, past, start):
         n = len(ids)
         feed = {
             "input_ids": ids[None, :],
@@ -49,34 +49,25 @@ def main():
             feed[f"past_key_values.{i}.key"] = past[2 * i]
             feed[f"past_key_values.{i}.value"] = past[2 * i + 1]
         out = sess.run(None, feed)
-        return out[0][0, -1], out[1:]
+        return int(np.argmax(out[0][0, -1])), out[1:]
 
-    prefill, ttft, decode = [], [], []
-    for run in range(args.runs + 1):
-        past = [np.zeros((1, kv, 0, hd), dtype=np.float32) for _ in range(2 * layers)]
-        t0 = time.perf_counter()
-        logits, past = step(prompt, past, 0)
-        token = int(np.argmax(logits))
-        t1 = time.perf_counter()
-        pos = len(prompt)
-        for _ in range(args.gen_tokens - 1):
-            logits, past = step(np.array([token], dtype=np.int64), past, pos)
-            pos += 1
-            token = int(np.argmax(logits))
-        t2 = time.perf_counter()
-        if run == 0:
-            continue  # warm-up
-        prefill.append((t1 - t0) * 1e3)
-        ttft.append((t1 - t0) * 1e3)
-        decode.append((args.gen_tokens - 1) / (t2 - t1))
-    med = statistics.median
+    # The cache between calls: past tensors and the next position.
+    state = {}
+
+    def reset():
+        state["past"] = [np.zeros((1, kv, 0, hd), dtype=np.float32) for _ in range(2 * layers)]
+        state["pos"] = 0
+
+    def feed(ids):
+        token, state["past"] = run(ids, state["past"], state["pos"])
+        state["pos"] += len(ids)
+        return token
+
+    figures = time_greedy(reset, lambda: feed(prompt), lambda t: feed(np.array([t], dtype=np.int64)),
+                          args.prompt_tokens, args.gen_tokens, args.runs)
     print(json.dumps({
-        "engine": "onnxruntime-python", "threads": args.threads, "load_ms": load_ms,
-        "prefill_ms": med(prefill), "prefill_tokens_per_s": args.prompt_tokens / (med(prefill) / 1e3),
-        "ttft_ms": med(ttft), "decode_tokens_per_s": med(decode),
-        "decode_tokens_per_s_min": min(decode), "decode_tokens_per_s_max": max(decode),
+        "engine": "onnxruntime-python", "threads": args.threads, "load_ms": load_ms, **figures,
     }))
-
 
 if __name__ == "__main__":
     main()
