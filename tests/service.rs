@@ -10,18 +10,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::daemon::libc_kill;
+use common::daemon::{libc_kill, write_serve_config};
 use common::*;
-
-fn write_config(dir: &Path, socket: &Path) -> std::path::PathBuf {
-    let config = dir.join("emberd.toml");
-    std::fs::write(
-        &config,
-        format!("[model]\ndir = {:?}\nort_library = {:?}\n[socket]\npath = {:?}\n[log]\njournald = \"off\"\n", tiny_dir("q4"), ort_library(), socket),
-    )
-    .unwrap();
-    config
-}
 
 fn ask(socket: &Path) -> serde_json::Value {
     let mut stream = UnixStream::connect(socket).unwrap();
@@ -47,8 +37,8 @@ fn readiness_watchdog_and_stopping_are_notified_to_systemd() {
     notify
         .set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
+    let config = write_serve_config(dir.path(), "");
     let socket = dir.path().join("emberd.sock");
-    let config = write_config(dir.path(), &socket);
     let mut child = emberd_command()
         .args(["serve", "--config"])
         .arg(&config)
@@ -88,8 +78,8 @@ fn readiness_watchdog_and_stopping_are_notified_to_systemd() {
 #[test]
 fn socket_activation_starts_emberd_on_the_first_connection() {
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("activated.sock");
-    let config = write_config(dir.path(), &socket);
+    let config = write_serve_config(dir.path(), "");
+    let socket = dir.path().join("emberd.sock");
     let mut activator = Command::new("systemd-socket-activate")
         .arg("-l")
         .arg(&socket)
