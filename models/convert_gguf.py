@@ -3,9 +3,11 @@
 
     python models/convert_gguf.py --gguf X.gguf --out DIR
 
-Writes into DIR: model.onnx (ONNX Runtime and tract), emberd.json, tokenizer.json,
-tokenizer_config.json, generation_config.json, config.json and reference.json (greedy
-generations from onnxruntime). Q4_0/Q4_1 weights become 4-bit MatMulNBits with no loss,
+Writes into DIR: model.onnx (tract; plain ONNX ops), model.ort.onnx (ONNX Runtime: the same
+weights and I/O with its fused GroupQueryAttention/SimplifiedLayerNormalization ops; its
+weights are external data pointing into model.onnx, so it adds ~2 MB), emberd.json,
+tokenizer.json, tokenizer_config.json, generation_config.json, config.json and reference.json
+(greedy generations from onnxruntime on model.ort.onnx). Q4_0/Q4_1 weights become 4-bit MatMulNBits with no loss,
 Q8_0 weights become a lossless pair of 4-bit planes (see llama_onnx.py), F16/F32 stay f32, other
 quantization types are dequantized to f32.
 """
@@ -375,8 +377,8 @@ def _top(step_logits, k=5):
 
 def write_reference(out: Path, model_file: str, cfg, tok, exact_weights=None, exact_opts=None, max_new=64):
     """reference.json: greedy generations with onnxruntime on `model_file`; with `exact_weights`
-    also `greedy_ids_exact` from the same weights at MatMulNBits accuracy_level 0 (no int8
-    activation quantization: what tract computes)."""
+    also `greedy_ids_exact` from the same weights in the plain graph at MatMulNBits
+    accuracy_level 0 (no int8 activation quantization: what tract computes)."""
     from tokenizers import Tokenizer
     tk = Tokenizer.from_file(str(out / "tokenizer.json"))
     eos = set(eos_ids(tok))
@@ -406,8 +408,8 @@ def write_reference(out: Path, model_file: str, cfg, tok, exact_weights=None, ex
     ref = {"engine": "onnxruntime (Python), CPU, greedy, batch 1, prefill then 1-token steps",
            "model_file": model_file, "max_new_tokens": max_new, "eos_token_ids": sorted(eos),
            "note": "greedy_ids: model_file as shipped (MatMulNBits accuracy_level 4, int8 activations "
-                   "in ONNX Runtime). greedy_ids_exact: same weights, accuracy_level 0 (f32 "
-                   "activations), which is what tract computes. Runs stop at an eos id (included). "
+                   "in ONNX Runtime). greedy_ids_exact: same weights in the plain graph (files.tract), "
+                   "accuracy_level 0 (f32 activations), which is what tract computes. Runs stop at an eos id (included). "
                    "step_top[_exact]: per generated token, the 5 best [id, logit] of that step "
                    "(prefill first), for tolerance-aware comparisons: greedy runs on other CPUs "
                    "may part ways where the top two logits are close.",
@@ -426,7 +428,17 @@ def tract_loadable(opts: lo.BuildOptions) -> bool:
     return opts.q8 in ("split4", "f32")
 
 
-def convert(gguf_path, out, name=None, opts: lo.BuildOptions = None, reference=True, log=print):
+def write_ort_graph(out: Path, cfg, W, opts: lo.BuildOptions, base="model.onnx", name="model.ort.onnx",
+                    last_logits=False):
+    """The ONNX Runtime graph (GroupQueryAttention etc.) over the weights already in `base`."""
+    m = lo.build_model(cfg, W, dataclasses.replace(opts, attention="gqa", last_logits=last_logits))
+    shared = lo.share_weights(m, out / base)
+    lo.save_model(m, out / name)
+    return shared
+
+
+def convert(gguf_path, out, name=None, opts: lo.BuildOptions = None, reference=True, ort_graph="gqa",
+            ort_last_logits=True, log=print):
     gguf_path, out = Path(gguf_path), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -447,6 +459,11 @@ def convert(gguf_path, out, name=None, opts: lo.BuildOptions = None, reference=T
         lo.save_model(lo.build_model(cfg, W, t_opts), out / "model.tract.onnx")
         files["tract"] = "model.tract.onnx"
         log(f"[convert] wrote model.tract.onnx ({(out / 'model.tract.onnx').stat().st_size / 1e6:.1f} MB)")
+    if ort_graph == "gqa":
+        shared = write_ort_graph(out, cfg, W, opts, last_logits=ort_last_logits)
+        files["ort"] = "model.ort.onnx"
+        log(f"[convert] wrote model.ort.onnx ({(out / 'model.ort.onnx').stat().st_size / 1e6:.1f} MB, "
+            f"{shared / 1e6:.1f} MB of weights read from model.onnx)")
     write_json(out / "tokenizer.json", tokenizer_json(tok))
     write_json(out / "tokenizer_config.json", tokenizer_config(tok, cfg.max_position_embeddings))
     write_json(out / "config.json", config_json(cfg, tok))
@@ -460,7 +477,7 @@ def convert(gguf_path, out, name=None, opts: lo.BuildOptions = None, reference=T
     log(f"[convert] package written in {t1 - t0:.1f} s")
     if reference:
         log("[convert] greedy reference generations (onnxruntime)")
-        ref = write_reference(out, "model.onnx", cfg, tok, exact_weights=W if opts.accuracy_level else None,
+        ref = write_reference(out, files["ort"], cfg, tok, exact_weights=W if opts.accuracy_level else None,
                               exact_opts=dataclasses.replace(opts, accuracy_level=0, accuracy_overrides={}))
         for p in ref["prompts"]:
             log(f"    {p['messages'][-1]['content'][:40]!r} -> {p['greedy_text'][:70]!r}...")
@@ -478,9 +495,16 @@ def main(argv=None):
     ap.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level (ORT)")
     ap.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up projections separate")
     ap.add_argument("--no-reference", action="store_true", help="skip reference.json generation")
+    ap.add_argument("--ort-graph", default="gqa", choices=["gqa", "same"],
+                    help="gqa: model.ort.onnx with ONNX Runtime's fused ops for files.ort; same: model.onnx")
+    ap.add_argument("--ort-full-logits", action="store_true",
+                    help="model.ort.onnx returns logits for every position, as model.onnx does "
+                         "(default: [batch, 1, vocab] of the last position, which is all emberd reads; "
+                         "computing the others costs prefill time and memory)")
     a = ap.parse_args(argv)
     opts = lo.BuildOptions(linear=a.linear, q8=a.q8, accuracy_level=a.accuracy_level, fuse=not a.no_fuse)
-    convert(a.gguf, a.out, a.name, opts, reference=not a.no_reference)
+    convert(a.gguf, a.out, a.name, opts, reference=not a.no_reference, ort_graph=a.ort_graph,
+            ort_last_logits=not a.ort_full_logits)
 
 
 if __name__ == "__main__":

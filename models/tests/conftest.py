@@ -111,9 +111,10 @@ def tiny_cfg(d: Path) -> lo.LlamaConfig:
                           max_position_embeddings=c["max_position_embeddings"])
 
 
-def model_file(d: Path) -> str:
+def model_file(d: Path, engine: str = "ort") -> str:
     if (d / "emberd.json").exists():
-        return json.loads((d / "emberd.json").read_text())["files"]["ort"]
+        files = json.loads((d / "emberd.json").read_text())["files"]
+        return files.get(engine, files["ort"])
     return json.loads((d / "genai_config.json").read_text())["model"]["decoder"]["filename"]
 
 

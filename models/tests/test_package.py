@@ -47,7 +47,7 @@ def _io(path):
 
 
 def test_default_model_io_and_ops(pkg, manifest):
-    m, ins, outs = _io(pkg / manifest["files"]["ort"])
+    m, ins, outs = _io(pkg / manifest["files"]["tract"])
     I64, F32 = onnx.TensorProto.INT64, onnx.TensorProto.FLOAT
     assert ins["input_ids"] == (I64, ["batch_size", "sequence_length"])
     assert ins["attention_mask"] == (I64, ["batch_size", "total_sequence_length"])
@@ -146,7 +146,7 @@ def tract_mod():
 def test_tiny_models_in_tract(tract_mod, name):
     d = tiny_dir(name)
     ref = json.loads((d / "reference.json").read_text())
-    dec = TractDecoder(d / model_file(d), tiny_cfg(d))
+    dec = TractDecoder(d / model_file(d, "tract"), tiny_cfg(d))
     key = "step_logits_exact" if name == "q4" else "step_logits"
     for c in ref["cases"]:
         got = teacher_forced(dec, c["prompt_ids"], c["greedy_ids"][:-1])
