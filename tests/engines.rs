@@ -248,3 +248,57 @@ fn bench_runs_on_both_engines_and_prints_the_figures() {
         );
     }
 }
+
+/// ONNX Runtime keeps the cache of a GroupQueryAttention graph (the 4-bit packages'
+/// model.ort.onnx) in buffers that the graph appends to in place. They start at 256 positions
+/// and grow by copying what they hold; truncating only shortens the mask. Neither may change
+/// what the model computes: the logits after growing, and after truncating and running on,
+/// match one prefill over the same ids.
+#[test]
+fn the_in_place_kv_cache_grows_and_truncates_without_changing_the_logits() {
+    use emberd::engine::{EngineOptions, KvCache};
+    let package = emberd::model::ModelPackage::load(&tiny_dir("q4")).unwrap();
+    let options = EngineOptions {
+        backend: Backend::Ort,
+        ..EngineOptions::default()
+    };
+    let mut engine = emberd::engine::load(&package, &options).unwrap();
+    assert!(engine.info().kv_in_place, "{:?}", engine.info());
+    let ids: Vec<u32> = (0..300u32).map(|i| 3 + i * 37 % 380).collect();
+    let prefill = |engine: &mut Box<dyn emberd::engine::Engine>, ids: &[u32]| {
+        let (mut cache, mut logits) = (KvCache::new(), Vec::new());
+        engine.forward(ids, &mut cache, &mut logits).unwrap();
+        logits
+    };
+    // 250 positions, then single steps across the 256-position buffers' growth.
+    let mut cache = KvCache::new();
+    let mut logits = Vec::new();
+    engine
+        .forward(&ids[..250], &mut cache, &mut logits)
+        .unwrap();
+    let mut worst = 0.0f32;
+    for end in 251..=300 {
+        engine
+            .forward(&ids[end - 1..end], &mut cache, &mut logits)
+            .unwrap();
+        if end % 10 == 0 {
+            worst = worst.max(max_abs_diff(&logits, &prefill(&mut engine, &ids[..end])));
+        }
+    }
+    // Back to 100 positions, then a chunk over what the buffers held before.
+    engine.truncate(&mut cache, 100).unwrap();
+    engine
+        .forward(&ids[100..280], &mut cache, &mut logits)
+        .unwrap();
+    assert_eq!(cache.len(), 280);
+    worst = worst.max(max_abs_diff(&logits, &prefill(&mut engine, &ids[..280])));
+    eprintln!("in-place KV vs one prefill: max |Δlogit| {worst:e}");
+    // Measured 1e-5 (float summation order); a misplaced position moves them by whole units.
+    assert!(worst < 1e-3, "max |Δlogit| {worst}");
+    let spread = logits.iter().cloned().fold(f32::MIN, f32::max)
+        - logits.iter().cloned().fold(f32::MAX, f32::min);
+    assert!(
+        spread > 1.0,
+        "the logits carry information: spread {spread}"
+    );
+}

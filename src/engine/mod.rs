@@ -105,6 +105,9 @@ pub struct EngineInfo {
     pub fallback_reason: Option<String>,
     /// Providers the loaded ONNX Runtime library offers (empty for tract).
     pub available_providers: Vec<String>,
+    /// The graph appends each step's keys and values to the cache in place; otherwise it
+    /// returns a grown copy of the cache every step.
+    pub kv_in_place: bool,
 }
 
 impl EngineInfo {

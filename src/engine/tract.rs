@@ -153,6 +153,7 @@ impl TractEngine {
             version: "tract-onnx 0.23".into(),
             fallback_reason,
             available_providers: Vec::new(),
+            kv_in_place: false,
         };
         log::info!("tract serving {} on the CPU", path.display());
         Ok(TractEngine {

@@ -74,6 +74,10 @@ pub struct ModelPackage {
     pub ort_file: PathBuf,
     /// ONNX file for tract; differs where tract cannot load ONNX Runtime's quantized form.
     pub tract_file: PathBuf,
+    /// The ONNX Runtime graph attends with com.microsoft.GroupQueryAttention, which writes
+    /// the new keys and values into a buffer bound as both past and present: the engine can
+    /// keep the cache in place instead of receiving a grown copy every step.
+    pub ort_kv_in_place: bool,
     pub io: IoNames,
     pub layers: usize,
     pub kv_heads: usize,
@@ -152,6 +156,7 @@ impl ModelPackage {
             .map_err(|e| ModelError::bad(&ort_file, format!("cannot read the ONNX graph: {e}")))?;
         let genai_decoder = genai.as_ref().and_then(|g| g.pointer("/model/decoder"));
         let io = io_names(&ort_file, &graph, genai_decoder)?;
+        let ort_kv_in_place = graph.op_types.contains("GroupQueryAttention");
         let layout = if genai.is_some() {
             Layout::Genai
         } else if io.use_cache_branch.is_some() {
@@ -262,6 +267,7 @@ impl ModelPackage {
             layout,
             ort_file,
             tract_file,
+            ort_kv_in_place,
             layers: io.past_keys.len(),
             io,
             kv_heads,

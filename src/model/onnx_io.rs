@@ -4,6 +4,7 @@
 //! weights, most of the file) and the `input`/`output` value infos we need. We walk the
 //! protobuf fields and seek over everything else, so a 100 MB model costs a few reads.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
@@ -33,6 +34,8 @@ pub const ELEM_BOOL: i32 = 9;
 pub struct GraphIo {
     pub inputs: Vec<ValueInfo>,
     pub outputs: Vec<ValueInfo>,
+    /// The operator types of the main graph's nodes (not of subgraphs), each once.
+    pub op_types: BTreeSet<String>,
 }
 
 struct Reader<R> {
@@ -84,7 +87,16 @@ impl<R: Read + Seek> Reader<R> {
             5 => 4,
             _ => return Err(invalid("unsupported protobuf wire type")),
         };
-        self.inner.seek(SeekFrom::Current(n as i64))?;
+        if n < 64 * 1024 {
+            // Node fields are small and many: read past them in the buffer, where a seek
+            // would throw the buffer away each time.
+            let copied = std::io::copy(&mut (&mut self.inner).take(n), &mut std::io::sink())?;
+            if copied != n {
+                return Err(invalid("truncated field"));
+            }
+        } else {
+            self.inner.seek(SeekFrom::Current(n as i64))?;
+        }
         self.pos += n;
         Ok(())
     }
@@ -136,6 +148,11 @@ pub fn read_graph_io(path: &Path) -> std::io::Result<GraphIo> {
                 match (field, wire) {
                     (11, 2) => io.inputs.push(value_info(&mut r)?),
                     (12, 2) => io.outputs.push(value_info(&mut r)?),
+                    (1, 2) => {
+                        if let Some(op) = node_op_type(&mut r)? {
+                            io.op_types.insert(op);
+                        }
+                    }
                     _ => r.skip(wire)?,
                 }
             }
@@ -149,6 +166,20 @@ pub fn read_graph_io(path: &Path) -> std::io::Result<GraphIo> {
         ));
     }
     Ok(io)
+}
+
+/// The `op_type` of one `NodeProto`; its attributes (which may hold constant tensors) are
+/// skipped.
+fn node_op_type<R: Read + Seek>(r: &mut Reader<R>) -> std::io::Result<Option<String>> {
+    let end = r.sub_end()?;
+    let mut op_type = None;
+    while let Some((field, wire)) = r.key(end)? {
+        match (field, wire) {
+            (4, 2) => op_type = Some(r.string()?),
+            _ => r.skip(wire)?,
+        }
+    }
+    Ok(op_type)
 }
 
 fn value_info<R: Read + Seek>(r: &mut Reader<R>) -> std::io::Result<ValueInfo> {
