@@ -46,9 +46,13 @@ for r in $(seq "$rounds"); do
     echo >> "$work/emberd.json"
 done
 
-echo "[compare] emberd's other targets" >&2
+echo "[compare] the other targets" >&2
 "$emberd" bench --model "$model" --threads "$threads" --prompt-tokens "$prompt" --gen-tokens 32 \
     --runs 3 --decode-at 100,2000 --shared-prefix 2>/dev/null > "$work/extra.json"
+# llama.cpp deep in the context too, for scale (its cache is f16)
+"$venv/bin/python" "$root/bench/llama_cpp_bench.py" --gguf "$gguf" --threads "$threads" \
+    --context "$context" --prompt-tokens "$prompt" --gen-tokens 32 --runs 1 --decode-at 100,2000 \
+    > "$work/llama-extra.json"
 ready=()
 for _ in 1 2 3; do
     printf '[model]\ndir = "%s"\nthreads = %s\n[socket]\npath = "%s/s.sock"\n[log]\njournald = "off"\n' \
@@ -89,6 +93,9 @@ print(f"shared system prompt: second TTFT {sp['second_ttft_ms']['median']:.1f} m
       f"{sp['first_ttft_ms']['median']:.1f} ms (ratio {sp['ratio']:.2f}; {sp['cached_prompt_tokens']} of "
       f"{sp['prompt_tokens']} prompt tokens from the cache)")
 pos = {p["position"]: p["decode_tokens_per_s"]["median"] for p in x["decode_by_position"]}
-print(f"decode at position 2000 vs 100: {pos[2000]:.1f} vs {pos[100]:.1f} tokens/s (ratio {pos[2000] / pos[100]:.2f})")
+lx = json.load(open(f"{work}/llama-extra.json"))
+lpos = {p["position"]: p["decode_tokens_per_s"]["median"] for p in lx["decode_by_position"]}
+print(f"decode at position 2000 vs 100: {pos[2000]:.1f} vs {pos[100]:.1f} tokens/s (ratio {pos[2000] / pos[100]:.2f}); "
+      f"llama.cpp {lpos[2000]:.1f} vs {lpos[100]:.1f} (ratio {lpos[2000] / lpos[100]:.2f})")
 print(f"emberd serve, start to ready: {' / '.join(ready)} ms")
 PY

@@ -31,6 +31,7 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--decode-at", default="", help="also decode speed after prompts of these lengths, e.g. 100,2000")
     args = ap.parse_args()
 
     # What the interpreter and the library take before any model: not llama.cpp's cost.
@@ -41,7 +42,18 @@ def main():
     load_ms = (time.perf_counter() - t0) * 1e3
     # The same kind of prompt as `emberd bench`: ordinary text, cut to exactly N tokens.
     text = "The quick brown fox jumps over the lazy dog while the sensor reports a steady temperature. "
-    prompt = llm.tokenize((text * (args.prompt_tokens // 8 + 4)).encode(), add_bos=False)[: args.prompt_tokens]
+
+    def prompt_of(n):
+        return llm.tokenize((text * (n // 8 + 4)).encode(), add_bos=False)[:n]
+
+    prompt = prompt_of(args.prompt_tokens)
+
+    n_vocab = llm.n_vocab()
+
+    def next_token():
+        # llama.cpp's logits of the last evaluated position (llm.scores is only filled with
+        # logits_all=True, which would compute the logits of every prompt position)
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
 
     def reset():
         llm.reset()
@@ -49,17 +61,31 @@ def main():
 
     def prefill():
         llm.eval(prompt)
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return next_token()
 
     def step(token):
         llm.eval([token])
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return next_token()
 
     figures = time_greedy(reset, prefill, step, args.prompt_tokens, args.gen_tokens, args.runs)
+    by_position = []
+    for n in [int(x) for x in args.decode_at.split(",") if x]:
+        # as `emberd bench --decode-at`: 32 greedy tokens after an n-token prompt, median of 3
+        speeds = []
+        for _ in range(3):
+            reset()
+            llm.eval(prompt_of(n))
+            token = next_token()
+            t0 = time.perf_counter()
+            for _ in range(32):
+                token = step(token)
+            speeds.append(32 / (time.perf_counter() - t0))
+        by_position.append({"position": n, "decode_tokens_per_s": {
+            "min": min(speeds), "median": float(np.median(speeds)), "max": max(speeds)}})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({
         "engine": "llama.cpp", "threads": args.threads, "context": args.context,
-        "load_ms": load_ms, **figures,
+        "load_ms": load_ms, **figures, "decode_by_position": by_position,
         "peak_rss_mb": peak, "peak_rss_mb_without_python": peak - base_rss,
     }))
 
