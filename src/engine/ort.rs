@@ -485,11 +485,11 @@ impl Engine for OrtEngine {
 
 /// After the session is built, the pages of the model files that ONNX Runtime mapped (external
 /// data) and read while prepacking stay resident, though the prepacked copies are what runs;
-/// only the embedding rows a prompt gathers are read again. Unmapping those pages lets the
-/// kernel count them as page cache instead of this process's memory (measured on the default
-/// model: peak RSS in `emberd bench` 254 → 230 MiB);
-/// a later read maps them back from the page cache. Only mappings without a dirty page are
-/// touched: for a clean private mapping this changes no contents. Returns the bytes released.
+/// only the embedding rows a prompt gathers are read again. Dropping those pages from this
+/// process lets them count as page cache instead (measured on the default model: peak RSS in
+/// `emberd bench` 254 → 230 MiB); a later read maps them back from the page cache. Only
+/// mappings without a dirty page are touched: for a clean private mapping this changes no
+/// contents. Returns the bytes released.
 #[cfg(target_os = "linux")]
 fn unmap_clean_weight_pages(model_file: &Path) -> usize {
     let Some(dir) = model_file.parent().and_then(|d| d.canonicalize().ok()) else {
