@@ -133,6 +133,20 @@ pub trait Engine: Send {
     fn truncate(&self, cache: &mut KvCache, len: usize) -> Result<(), EngineError>;
 }
 
+/// Copies the last `vocab` values of `all`, the logits of an output's last position, into
+/// `out`; `all` must hold whole rows of `vocab`.
+fn copy_last_row(all: &[f32], vocab: usize, out: &mut Vec<f32>) -> Result<(), EngineError> {
+    if vocab == 0 || all.is_empty() || !all.len().is_multiple_of(vocab) {
+        return Err(EngineError::BadLogits {
+            got: all.len(),
+            vocab,
+        });
+    }
+    out.clear();
+    out.extend_from_slice(&all[all.len() - vocab..]);
+    Ok(())
+}
+
 /// Resolves the ONNX Runtime library: config, else `ORT_DYLIB_PATH`, else the copy that the
 /// setup extracted next to the binary's repository (`vendor/onnxruntime/lib`).
 pub fn ort_library_path(configured: Option<&PathBuf>) -> PathBuf {

@@ -139,8 +139,8 @@ pub struct OrtEngine {
     kv_heads: usize,
     head_dim: usize,
     vocab_size: usize,
-    /// Keep the KV cache in buffers that the graph appends to (see `InPlaceKv`).
-    kv_in_place: bool,
+    /// Where ONNX Runtime puts the logits of an in-place step (see `InPlaceKv`).
+    cpu_memory: MemoryInfo<'static>,
     info: EngineInfo,
 }
 
@@ -201,6 +201,10 @@ impl OrtEngine {
                 released / 1024
             );
         }
+        // In place only where the cache lives in CPU memory: a device provider would copy the
+        // bound buffers to and from the device each step, and past and present would no
+        // longer be the same memory.
+        let kv_in_place = package.ort_kv_in_place && matches!(provider.as_str(), "cpu" | "xnnpack");
         let info = EngineInfo {
             engine: "ort",
             provider,
@@ -209,7 +213,7 @@ impl OrtEngine {
             version: library_version(&library),
             fallback_reason: None,
             available_providers: available,
-            kv_in_place: false,
+            kv_in_place,
         };
         log::info!(
             "ONNX Runtime {} from {} serving {} on {}",
@@ -218,22 +222,20 @@ impl OrtEngine {
             package.ort_file.display(),
             info.provider
         );
-        // In place only where the cache lives in CPU memory: a device provider would copy the
-        // bound buffers to and from the device each step, and past and present would no
-        // longer be the same memory.
-        let kv_in_place =
-            package.ort_kv_in_place && matches!(info.provider.as_str(), "cpu" | "xnnpack");
-        let info = EngineInfo {
-            kv_in_place,
-            ..info
-        };
+        let cpu_memory = MemoryInfo::new(
+            AllocationDevice::CPU,
+            0,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )
+        .map_err(ort_error)?;
         Ok(OrtEngine {
             session,
             io: package.io.clone(),
             kv_heads: package.kv_heads,
             head_dim: package.head_dim,
             vocab_size: package.vocab_size,
-            kv_in_place,
+            cpu_memory,
             info,
         })
     }
@@ -301,15 +303,8 @@ impl OrtEngine {
                     .map_err(ort_error)?;
             }
         }
-        let cpu = MemoryInfo::new(
-            AllocationDevice::CPU,
-            0,
-            AllocatorType::Device,
-            MemoryType::Default,
-        )
-        .map_err(ort_error)?;
         binding
-            .bind_output_to_device(self.io.logits.as_str(), &cpu)
+            .bind_output_to_device(self.io.logits.as_str(), &self.cpu_memory)
             .map_err(ort_error)?;
         let outputs = self.session.run_binding(&binding).map_err(ort_error)?;
         last_logits(&outputs[self.io.logits.as_str()], self.vocab_size, logits)?;
@@ -368,15 +363,13 @@ fn token_inputs<'a>(
 fn last_logits(value: &DynValue, vocab_size: usize, out: &mut Vec<f32>) -> Result<(), EngineError> {
     let (shape, all) = value.try_extract_tensor::<f32>().map_err(ort_error)?;
     let vocab = shape.last().copied().unwrap_or(0) as usize;
-    if vocab == 0 || all.len() % vocab != 0 || (vocab != vocab_size && vocab_size != 0) {
+    if vocab_size != 0 && vocab != vocab_size {
         return Err(EngineError::BadLogits {
             got: all.len(),
             vocab: vocab_size,
         });
     }
-    out.clear();
-    out.extend_from_slice(&all[all.len() - vocab..]);
-    Ok(())
+    super::copy_last_row(all, vocab, out)
 }
 
 impl Engine for OrtEngine {
@@ -392,7 +385,7 @@ impl Engine for OrtEngine {
             cache.clear();
             return Ok(());
         }
-        if self.kv_in_place {
+        if self.info.kv_in_place {
             // Positions past `len` are beyond the attention mask from now on and are
             // overwritten by the next forward.
             cache.truncate_tokens(len);
@@ -431,7 +424,7 @@ impl Engine for OrtEngine {
         cache: &mut KvCache,
         logits: &mut Vec<f32>,
     ) -> Result<(), EngineError> {
-        if self.kv_in_place {
+        if self.info.kv_in_place {
             return self.forward_in_place(ids, cache, logits);
         }
         let past_len = cache.len();

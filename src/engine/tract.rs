@@ -260,15 +260,7 @@ impl Engine for TractEngine {
             .try_as_plain_ram()
             .and_then(|plain| plain.as_slice::<f32>())
             .map_err(tract_error)?;
-        let vocab = self.vocab_size;
-        if vocab == 0 || all.len() % vocab != 0 || all.is_empty() {
-            return Err(EngineError::BadLogits {
-                got: all.len(),
-                vocab,
-            });
-        }
-        logits.clear();
-        logits.extend_from_slice(&all[all.len() - vocab..]);
+        super::copy_last_row(all, self.vocab_size, logits)?;
         let mut next = Vec::with_capacity(2 * self.layers);
         for &ix in &self.present_outputs {
             // Outputs are exclusively owned here, so this moves the tensor out without a copy.
