@@ -438,7 +438,7 @@ def write_ort_graph(out: Path, cfg, W, opts: lo.BuildOptions, base="model.onnx",
 
 
 def convert(gguf_path, out, name=None, opts: lo.BuildOptions = None, reference=True, ort_graph="gqa",
-            ort_last_logits=True, log=print):
+            last_logits=True, log=print):
     gguf_path, out = Path(gguf_path), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -450,6 +450,7 @@ def convert(gguf_path, out, name=None, opts: lo.BuildOptions = None, reference=T
         f"{cfg.num_key_value_heads}, vocab {cfg.vocab_size}; building graph "
         f"(linear={opts.linear}, q8={opts.q8}, accuracy_level={opts.accuracy_level})")
     opts.doc = f"emberd package {name} from {gguf_path.name}"
+    opts.last_logits = last_logits
     lo.save_model(lo.build_model(cfg, W, opts), out / "model.onnx")
     files = {"ort": "model.onnx", "tract": "model.onnx"}
     log(f"[convert] wrote model.onnx ({(out / 'model.onnx').stat().st_size / 1e6:.1f} MB)")
@@ -460,7 +461,7 @@ def convert(gguf_path, out, name=None, opts: lo.BuildOptions = None, reference=T
         files["tract"] = "model.tract.onnx"
         log(f"[convert] wrote model.tract.onnx ({(out / 'model.tract.onnx').stat().st_size / 1e6:.1f} MB)")
     if ort_graph == "gqa":
-        shared = write_ort_graph(out, cfg, W, opts, last_logits=ort_last_logits)
+        shared = write_ort_graph(out, cfg, W, opts, last_logits=last_logits)
         files["ort"] = "model.ort.onnx"
         log(f"[convert] wrote model.ort.onnx ({(out / 'model.ort.onnx').stat().st_size / 1e6:.1f} MB, "
             f"{shared / 1e6:.1f} MB of weights read from model.onnx)")
@@ -497,14 +498,14 @@ def main(argv=None):
     ap.add_argument("--no-reference", action="store_true", help="skip reference.json generation")
     ap.add_argument("--ort-graph", default="gqa", choices=["gqa", "same"],
                     help="gqa: model.ort.onnx with ONNX Runtime's fused ops for files.ort; same: model.onnx")
-    ap.add_argument("--ort-full-logits", action="store_true",
-                    help="model.ort.onnx returns logits for every position, as model.onnx does "
+    ap.add_argument("--full-logits", action="store_true",
+                    help="both graphs return logits for every position, as Optimum exports do "
                          "(default: [batch, 1, vocab] of the last position, which is all emberd reads; "
                          "computing the others costs prefill time and memory)")
     a = ap.parse_args(argv)
     opts = lo.BuildOptions(linear=a.linear, q8=a.q8, accuracy_level=a.accuracy_level, fuse=not a.no_fuse)
     convert(a.gguf, a.out, a.name, opts, reference=not a.no_reference, ort_graph=a.ort_graph,
-            ort_last_logits=not a.ort_full_logits)
+            last_logits=not a.full_logits)
 
 
 if __name__ == "__main__":

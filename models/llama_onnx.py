@@ -143,7 +143,7 @@ class BuildOptions:
     blocksum: str = "reduce"       # Q4_1 correction's block sums: reduce (Reshape+ReduceSum) | matmul
     accuracy_overrides: dict = dataclasses.field(default_factory=dict)  # name substring -> level
     attention: str = "plain"       # plain (both engines) | gqa (ONNX Runtime contrib ops, optimum layout)
-    last_logits: bool = False      # gqa only: logits [B, 1, V] of the last position (what emberd reads; not Optimum's I/O)
+    last_logits: bool = False      # logits [B, 1, V] of the last position (what emberd reads; not Optimum's I/O)
     doc: str = ""
 
     def acc_for(self, name: str) -> int:
@@ -439,6 +439,8 @@ def _decoder_body(g: G, cfg: LlamaConfig, opts: BuildOptions, lin: dict, embed_f
         act = g.op("Mul", [g.op("Mul", [gt, g.op("Sigmoid", [gt])]), up])
         x = g.op("Add", [x, lin[f"{p}.down"](act)])
 
+    if opts.last_logits:
+        x = g.op("Slice", [x, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1])])
     x = _rms_norm(g, x, "model.norm.weight", cfg.rms_norm_eps)
     return g.op("Identity", [lin["lm_head"](x)], out=names["logits"])
 
