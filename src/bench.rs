@@ -66,6 +66,9 @@ pub struct BenchReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shared_prefix: Option<SharedPrefixFigure>,
     pub peak_rss_mb: f64,
+    /// Resident set size after the runs: what a serving process holds, without the peak
+    /// that loading passes through.
+    pub rss_mb: f64,
     pub spread: BenchSpread,
 }
 
@@ -97,11 +100,20 @@ pub struct SharedPrefixFigure {
 
 /// Peak resident set size of this process (VmHWM), in MiB; 0 where /proc is absent.
 pub fn peak_rss_mb() -> f64 {
+    status_mb("VmHWM:")
+}
+
+/// Resident set size of this process now (VmRSS), in MiB; 0 where /proc is absent.
+pub fn rss_mb() -> f64 {
+    status_mb("VmRSS:")
+}
+
+fn status_mb(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
@@ -236,6 +248,8 @@ pub fn run(
             0.0
         });
     }
+    // Before the position runs, whose longer caches are not what the figure compares.
+    let rss_after_runs = rss_mb();
     let mut decode_by_position = Vec::new();
     for &position in &options.decode_positions {
         decode_by_position.push(decode_at(&mut generator, position, options)?);
@@ -268,6 +282,7 @@ pub fn run(
         decode_by_position,
         shared_prefix,
         peak_rss_mb: peak_rss_mb(),
+        rss_mb: rss_after_runs,
         spread,
     })
 }

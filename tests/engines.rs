@@ -233,6 +233,7 @@ fn bench_runs_on_both_engines_and_prints_the_figures() {
             "ttft_ms",
             "decode_tokens_per_s",
             "peak_rss_mb",
+            "rss_mb",
         ] {
             assert!(
                 report[key].as_f64().unwrap() > 0.0,
@@ -240,6 +241,10 @@ fn bench_runs_on_both_engines_and_prints_the_figures() {
                 report[key]
             );
         }
+        assert!(
+            report["rss_mb"].as_f64().unwrap() <= report["peak_rss_mb"].as_f64().unwrap(),
+            "{backend}: resident now above the peak"
+        );
         assert!(
             report["spread"]["decode_tokens_per_s"]["min"]
                 .as_f64()

@@ -148,6 +148,7 @@ impl TractEngine {
             tract_linalg::multithread::set_threading_mac_threshold(1 << 16);
         }
         let plan = typed.into_runnable().map_err(tract_error)?;
+        release_freed_heap();
         let info = EngineInfo {
             engine: "tract",
             provider: "cpu".into(),
@@ -171,6 +172,18 @@ impl TractEngine {
             threads,
             info,
         })
+    }
+}
+
+/// Loading parses the whole file and builds each weight more than once on its way to the
+/// packed form, and the allocator keeps what was freed: returning it cuts the resident
+/// memory of a loaded SmolLM2-135M from 300 to 200 MB (ONNX Runtime, measured the same
+/// way, gains nothing, so only tract does this).
+fn release_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only hands free heap pages back to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
