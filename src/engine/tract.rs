@@ -141,7 +141,7 @@ impl TractEngine {
         if threads > 1 {
             // tract's defaults (64 panels or 2^21 multiply-adds) keep every decode-sized
             // product of a small model on one thread; with steps on a pool worker (see
-            // `step_pool`) splitting them pays: decode 45 -> 60-66 tok/s on 2 threads
+            // `step_pool`) splitting them pays: decode 45 -> 57-66 tok/s on 2 threads
             // (SmolLM2-135M), prefill unchanged. These are process-wide, and only tract
             // reads them.
             tract_linalg::multithread::set_threading_panel_threshold(8);
@@ -269,6 +269,12 @@ impl Engine for TractEngine {
         cache: &mut KvCache,
         logits: &mut Vec<f32>,
     ) -> Result<(), EngineError> {
+        // Before the cache is taken apart, so that an error here leaves it whole.
+        let pool = if self.threads > 1 {
+            Some(step_pool(self.threads)?)
+        } else {
+            None
+        };
         let past_len = cache.len();
         let n = ids.len();
         let mut past: Vec<Option<Tensor>> = match cache
@@ -301,14 +307,12 @@ impl Engine for TractEngine {
             inputs.push(tensor.into_tvalue());
         }
         let run = || self.plan.run(inputs);
-        let result = if self.threads > 1 {
-            let pool = step_pool(self.threads)?;
-            tract_linalg::multithread::multithread_tract_scope(
+        let result = match pool {
+            Some(pool) => tract_linalg::multithread::multithread_tract_scope(
                 tract_linalg::multithread::Executor::MultiThread(pool),
                 run,
-            )
-        } else {
-            run()
+            ),
+            None => run(),
         };
         let mut outputs = match result {
             Ok(outputs) => outputs,
