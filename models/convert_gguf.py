@@ -428,10 +428,9 @@ def tract_loadable(opts: lo.BuildOptions) -> bool:
     return opts.q8 in ("split4", "f32")
 
 
-def write_ort_graph(out: Path, cfg, W, opts: lo.BuildOptions, base="model.onnx", name="model.ort.onnx",
-                    last_logits=False):
+def write_ort_graph(out: Path, cfg, W, opts: lo.BuildOptions, base="model.onnx", name="model.ort.onnx"):
     """The ONNX Runtime graph (GroupQueryAttention etc.) over the weights already in `base`."""
-    m = lo.build_model(cfg, W, dataclasses.replace(opts, attention="gqa", last_logits=last_logits))
+    m = lo.build_model(cfg, W, dataclasses.replace(opts, attention="gqa"))
     shared = lo.share_weights(m, out / base)
     lo.save_model(m, out / name)
     return shared
@@ -444,13 +443,13 @@ def convert(gguf_path, out, name=None, opts: lo.BuildOptions = None, reference=T
     t0 = time.time()
     log(f"[convert] reading {gguf_path.name}")
     cfg, W, tok, meta = read_gguf(gguf_path)
-    opts = opts or lo.BuildOptions()
+    # a copy: the caller's options stay as they were
+    opts = dataclasses.replace(opts or lo.BuildOptions(), last_logits=last_logits)
     name = name or gguf_path.stem.lower()
     log(f"[convert] {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}/"
         f"{cfg.num_key_value_heads}, vocab {cfg.vocab_size}; building graph "
         f"(linear={opts.linear}, q8={opts.q8}, accuracy_level={opts.accuracy_level})")
     opts.doc = f"emberd package {name} from {gguf_path.name}"
-    opts.last_logits = last_logits
     lo.save_model(lo.build_model(cfg, W, opts), out / "model.onnx")
     files = {"ort": "model.onnx", "tract": "model.onnx"}
     log(f"[convert] wrote model.onnx ({(out / 'model.onnx').stat().st_size / 1e6:.1f} MB)")
@@ -461,7 +460,7 @@ def convert(gguf_path, out, name=None, opts: lo.BuildOptions = None, reference=T
         files["tract"] = "model.tract.onnx"
         log(f"[convert] wrote model.tract.onnx ({(out / 'model.tract.onnx').stat().st_size / 1e6:.1f} MB)")
     if ort_graph == "gqa":
-        shared = write_ort_graph(out, cfg, W, opts, last_logits=last_logits)
+        shared = write_ort_graph(out, cfg, W, opts)
         files["ort"] = "model.ort.onnx"
         log(f"[convert] wrote model.ort.onnx ({(out / 'model.ort.onnx').stat().st_size / 1e6:.1f} MB, "
             f"{shared / 1e6:.1f} MB of weights read from model.onnx)")

@@ -19,7 +19,6 @@ pub struct TractEngine {
     head_dim: usize,
     layers: usize,
     vocab_size: usize,
-    threads: usize,
     info: EngineInfo,
 }
 
@@ -169,7 +168,6 @@ impl TractEngine {
             head_dim: package.head_dim,
             layers: package.layers,
             vocab_size: package.vocab_size,
-            threads,
             info,
         })
     }
@@ -270,8 +268,9 @@ impl Engine for TractEngine {
         logits: &mut Vec<f32>,
     ) -> Result<(), EngineError> {
         // Before the cache is taken apart, so that an error here leaves it whole.
-        let pool = if self.threads > 1 {
-            Some(step_pool(self.threads)?)
+        let threads = self.info.threads;
+        let pool = if threads > 1 {
+            Some(step_pool(threads)?)
         } else {
             None
         };
