@@ -10,6 +10,8 @@
 # llama.cpp comes from PyPI (llama-cpp-python, built once from source with this machine's
 # gcc into bench/.venv-llama, ~12 minutes on 2 cores). Not part of the test command.
 set -euo pipefail
+# No ONNX Runtime telemetry (its Linux library otherwise looks up Microsoft's collector).
+export ORT_DISABLE_TELEMETRY=1
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 threads=2 rounds=3 runs=5 context=4096 prompt=128 gen=64
 while [ $# -gt 0 ]; do

@@ -7,6 +7,8 @@
 # Starts its own mosquitto on a free 127.0.0.1 port and its own `emberd serve`; prints one
 # JSON object. Run it on a quiet machine: it measures speed.
 set -euo pipefail
+# No ONNX Runtime telemetry (its Linux library otherwise looks up Microsoft's collector).
+export ORT_DISABLE_TELEMETRY=1
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 threads=2 runs=5 model="$root/models/smollm2-135m-instruct"
 while [ $# -gt 0 ]; do

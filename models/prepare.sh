@@ -9,6 +9,8 @@
 # Idempotent: each step is skipped when its sha256 stamp matches. Env: PYTHON (default python3),
 # EMBERD_SKIP_MODEL=1 skips step 3, EMBERD_FORCE=1 redoes steps 3 and 4.
 set -euo pipefail
+# No ONNX Runtime telemetry (its Linux library otherwise looks up Microsoft's collector).
+export ORT_DISABLE_TELEMETRY=1
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

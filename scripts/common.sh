@@ -20,6 +20,9 @@ install_apt_packages() {
     command -v systemd-socket-activate >/dev/null 2>&1 || missing+=(systemd)
     # systemd-nspawn, to boot the units under a real systemd (tests/systemd/nspawn.sh).
     command -v systemd-nspawn >/dev/null 2>&1 || missing+=(systemd-container)
+    # /bin/kill, which the unit's ExecReload= runs (systemd-analyze verify checks it exists);
+    # a minimal Debian lacks procps.
+    [ -x /bin/kill ] || missing+=(procps)
     if [ ${#missing[@]} -gt 0 ]; then
         command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get to install them"
         local sudo=""
@@ -42,4 +45,7 @@ prepare_models() {
     bash "$ROOT/models/prepare.sh"
 }
 
+# ONNX Runtime (the library emberd loads, and the Python package the model preparation and
+# checks use) otherwise writes telemetry under ~/.cache and looks up Microsoft's collector.
+export ORT_DISABLE_TELEMETRY=1
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$ROOT/vendor/onnxruntime/lib/libonnxruntime.so}"

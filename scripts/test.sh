@@ -2,7 +2,7 @@
 # The whole test suite (what CI runs): installs what is missing, prepares the models,
 # checks formatting and lints, then runs the Python model checks and the Rust tests against
 # the real ONNX Runtime library, tract, mosquitto and the real models; then the units under
-# a real systemd (nspawn) and the Rust tests for aarch64 under qemu-user.
+# a real systemd (nspawn) and the Rust tests for aarch64 and armv7 (tract only) under qemu-user.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 require_toolchain
@@ -34,3 +34,4 @@ run_or_report() {
 }
 run_or_report "systemd units under a real systemd (systemd-nspawn)" bash tests/systemd/nspawn.sh target/release/emberd
 run_or_report "the test suite for aarch64 under qemu-user" bash cross/test.sh aarch64
+run_or_report "the test suite for armv7 (tract only) under qemu-user" bash cross/test.sh armv7

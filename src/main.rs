@@ -286,6 +286,7 @@ fn serve(model: ModelArgs, socket: Option<PathBuf>) -> Result<()> {
         config.socket.path = path;
     }
     emberd::service::init_logging(config.log.journald, log_level(&config.log.level));
+    emberd::service::debug_call_denied_syscall();
     emberd::service::notify("STATUS=loading the model");
     let mut generator = load_generator(&config)?;
     let socket_source = match emberd::service::inherited_listener() {

@@ -60,6 +60,27 @@ pub fn inherited_listener() -> Option<UnixListener> {
     Some(unsafe { UnixListener::from_raw_fd(3) })
 }
 
+/// Test-only fault injection: with `EMBERD_DEBUG_DENIED_SYSCALL` set, makes one system call
+/// that the shipped unit's filter denies (`sched_setaffinity` to the CPUs already allowed: a
+/// no-op where it is permitted) and logs what came of it, so the service tests can see that
+/// a denied call fails with an error under the unit instead of killing emberd.
+pub fn debug_call_denied_syscall() {
+    if std::env::var_os("EMBERD_DEBUG_DENIED_SYSCALL").is_none() {
+        return;
+    }
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; both calls get its true size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let outcome = if unsafe { libc::sched_getaffinity(0, size, &mut set) } != 0 {
+        format!("sched_getaffinity: {}", std::io::Error::last_os_error())
+    } else if unsafe { libc::sched_setaffinity(0, size, &set) } != 0 {
+        format!("sched_setaffinity: {}", std::io::Error::last_os_error())
+    } else {
+        "sched_setaffinity: allowed".to_string()
+    };
+    log::warn!("EMBERD_DEBUG_DENIED_SYSCALL: {outcome}; still running");
+}
+
 /// Logs to journald (with structured fields) under systemd, else to stderr.
 pub fn init_logging(mode: JournaldMode, level: log::LevelFilter) {
     let use_journal = match mode {

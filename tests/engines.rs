@@ -50,7 +50,7 @@ fn tract_matches_the_exact_reference_on_the_default_model() {
     // with f32 activations (accuracy_level 0), which is what tract computes.
     let reference = read_json(default_model_dir().join("reference.json"));
     let mut tract = generator(default_model_dir(), Backend::Tract);
-    let mut ort = generator(default_model_dir(), Backend::Ort);
+    let mut ort = ORT_ON_TARGET.then(|| generator(default_model_dir(), Backend::Ort));
     for case in reference["prompts"].as_array().unwrap().iter().take(2) {
         let prompt = ids(&case["prompt_ids"]);
         let exact_ids = ids(&case["greedy_ids_exact"]);
@@ -81,11 +81,14 @@ fn tract_matches_the_exact_reference_on_the_default_model() {
             worst <= 1e-2,
             "tract's top logits differ from the exact reference by {worst}"
         );
-        let (_, ort_logits) = ort.greedy_trace(&prompt, 8).unwrap();
-        let vs_ort = (0..8)
-            .map(|s| max_abs_diff(&ort_logits[s], &tract_logits[s]))
-            .fold(0.0, f32::max);
-        eprintln!("default model, first 8 steps: tract vs exact top-5 max |Δlogit| {worst:e}; vs ONNX Runtime accuracy_level 4: {vs_ort:e}");
+        eprintln!("default model, first 8 steps: tract vs exact top-5 max |Δlogit| {worst:e}");
+        if let Some(ort) = ort.as_mut() {
+            let (_, ort_logits) = ort.greedy_trace(&prompt, 8).unwrap();
+            let vs_ort = (0..8)
+                .map(|s| max_abs_diff(&ort_logits[s], &tract_logits[s]))
+                .fold(0.0, f32::max);
+            eprintln!("  vs ONNX Runtime accuracy_level 4 (all logits): {vs_ort:e}");
+        }
     }
 }
 
@@ -134,6 +137,10 @@ fn auto_falls_back_to_tract_when_onnx_runtime_is_missing() {
 }
 
 #[test]
+#[cfg_attr(
+    target_arch = "arm",
+    ignore = "ONNX Runtime ships no 32-bit ARM library"
+)]
 fn a_provider_the_library_lacks_is_skipped_with_a_warning_naming_it() {
     let model = tiny_dir("optimum");
     let out = emberd(&[
@@ -155,6 +162,52 @@ fn a_provider_the_library_lacks_is_skipped_with_a_warning_naming_it() {
         "{stderr}"
     );
     assert_eq!(last_event(&out.stdout)["timings"]["engine"], "ort/cpu");
+}
+
+/// ONNX Runtime's Linux library starts Microsoft's telemetry when its environment is
+/// created (a device id and event queue under ~/.cache/Microsoft, a lookup of its collector)
+/// unless ORT_DISABLE_TELEMETRY is set: emberd sets it itself, so a user's shell need not.
+#[test]
+#[cfg_attr(
+    target_arch = "arm",
+    ignore = "ONNX Runtime ships no 32-bit ARM library"
+)]
+fn onnx_runtime_telemetry_stays_off_without_the_users_help() {
+    let home = tempfile::tempdir().unwrap();
+    let out = emberd_command()
+        .args(["generate", "--backend", "ort", "--raw", "--max-tokens", "2"])
+        .arg("--model")
+        .arg(tiny_dir("optimum"))
+        .arg("--ort-library")
+        .arg(ort_library())
+        .arg("hello")
+        .env_remove("ORT_DISABLE_TELEMETRY")
+        .env("HOME", home.path())
+        .env("EMBERD_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let written: Vec<_> = walk(home.path());
+    assert!(
+        written.is_empty(),
+        "ONNX Runtime wrote into $HOME: {written:?}"
+    );
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        }
+        found.push(path);
+    }
+    found
 }
 
 #[test]
@@ -182,6 +235,10 @@ fn forcing_onnx_runtime_with_a_bad_library_is_a_clear_error() {
 }
 
 #[test]
+#[cfg_attr(
+    target_arch = "arm",
+    ignore = "ONNX Runtime ships no 32-bit ARM library"
+)]
 fn info_reports_layout_engine_and_available_providers() {
     let out = emberd(&["info", "--model", tiny_dir("genai").to_str().unwrap()]);
     assert!(
@@ -202,7 +259,12 @@ fn info_reports_layout_engine_and_available_providers() {
 
 #[test]
 fn bench_runs_on_both_engines_and_prints_the_figures() {
-    for backend in ["tract", "ort"] {
+    let backends: &[&str] = if ORT_ON_TARGET {
+        &["tract", "ort"]
+    } else {
+        &["tract"]
+    };
+    for &backend in backends {
         let out = emberd(&[
             "bench",
             "--model",
@@ -260,6 +322,10 @@ fn bench_runs_on_both_engines_and_prints_the_figures() {
 /// what the model computes: the logits after growing, and after truncating and running on,
 /// match one prefill over the same ids.
 #[test]
+#[cfg_attr(
+    target_arch = "arm",
+    ignore = "ONNX Runtime ships no 32-bit ARM library"
+)]
 fn the_in_place_kv_cache_grows_and_truncates_without_changing_the_logits() {
     use emberd::engine::{EngineOptions, KvCache};
     let package = emberd::model::ModelPackage::load(&tiny_dir("q4")).unwrap();

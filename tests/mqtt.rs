@@ -37,7 +37,7 @@ async fn mqtt_requests_stream_to_the_response_topic_with_correlation_data() {
 
     // The retained status says online, with the engine.
     let status = wait_on(&mut rx, "test/dev1/status", |v| v["state"] == "online").await;
-    assert_eq!(status["engine"], "ort");
+    assert_eq!(status["engine"], serving_engine());
     assert_eq!(status["model"], "tiny-optimum");
 
     // MQTT 5 request/response: Response Topic and Correlation Data.

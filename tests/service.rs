@@ -157,5 +157,6 @@ fn the_units_pass_systemd_analyze_verify_without_warnings() {
         .split_whitespace()
         .find_map(|w| w.parse().ok())
         .unwrap_or_else(|| panic!("no exposure figure in:\n{text}"));
-    assert!(exposure <= 2.0, "exposure {exposure} > 2.0:\n{text}");
+    // 1.4 with SystemCallErrorNumber=EPERM as with SIGSYS: the filter itself is the same.
+    assert!(exposure <= 1.4, "exposure {exposure} > 1.4:\n{text}");
 }

@@ -52,6 +52,15 @@ pub fn environment(library: &Path) -> Result<&'static Environment, EngineError> 
             reason: "no such file (run the setup, set ORT_DYLIB_PATH or model.ort_library)".into(),
         });
     }
+    // ONNX Runtime's Linux library (1.32) starts Microsoft's 1DS telemetry when its environment
+    // is created, whatever DisableTelemetryEvents says: it writes a device id and an event
+    // queue under ~/.cache/Microsoft/DeveloperTools and resolves mobile.events.data.microsoft.com
+    // to upload them. emberd sends nothing off the device; this variable, read at that moment,
+    // turns it off. (Only when unset: set_var races getenv on other threads, and the test
+    // command exports it before anything starts.)
+    if std::env::var_os("ORT_DISABLE_TELEMETRY").is_none() {
+        std::env::set_var("ORT_DISABLE_TELEMETRY", "1");
+    }
     let env = ort::init_from(library)
         .map_err(|e| EngineError::OrtLibrary {
             path: library.to_path_buf(),
@@ -216,11 +225,12 @@ impl OrtEngine {
             kv_in_place,
         };
         log::info!(
-            "ONNX Runtime {} from {} serving {} on {}",
+            "ONNX Runtime {} from {} serving {} on {} with {} threads",
             info.version,
             library.display(),
             package.ort_file.display(),
-            info.provider
+            info.provider,
+            info.threads
         );
         let cpu_memory = MemoryInfo::new(
             AllocationDevice::CPU,

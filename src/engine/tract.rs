@@ -158,7 +158,11 @@ impl TractEngine {
             available_providers: Vec::new(),
             kv_in_place: false,
         };
-        log::info!("tract serving {} on the CPU", path.display());
+        log::info!(
+            "tract serving {} on the CPU with {} threads",
+            path.display(),
+            info.threads
+        );
         Ok(TractEngine {
             plan,
             input_order,

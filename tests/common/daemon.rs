@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use emberd::config::Config;
-use emberd::engine::Backend;
 use emberd::scheduler::Stats;
 use emberd::serve::{serve, Ready, SocketSource};
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
@@ -37,7 +36,7 @@ impl Daemon {
         config.socket.path = dir.path().join("emberd.sock");
         config.mqtt.enabled = false;
         tweak(&mut config);
-        let generator = tokio::task::spawn_blocking(move || generator(model, Backend::Ort))
+        let generator = tokio::task::spawn_blocking(move || generator(model, serving_backend()))
             .await
             .unwrap();
         let (trigger, shutdown) = emberd::shutdown::channel();
@@ -325,10 +324,11 @@ pub async fn end_on(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Received>, top
 
 pub fn write_serve_config(dir: &Path, extra: &str) -> PathBuf {
     let config = dir.join("emberd.toml");
+    let backend = if ORT_ON_TARGET { "auto" } else { "tract" };
     std::fs::write(
         &config,
         format!(
-            "[model]\ndir = {:?}\nort_library = {:?}\n[socket]\npath = {:?}\n[log]\njournald = \"off\"\n{extra}",
+            "[model]\ndir = {:?}\nort_library = {:?}\nbackend = {backend:?}\n[socket]\npath = {:?}\n[log]\njournald = \"off\"\n{extra}",
             tiny_dir("q4"),
             ort_library(),
             dir.join("emberd.sock")

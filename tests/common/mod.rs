@@ -11,6 +11,34 @@ use emberd::model::ModelPackage;
 
 pub const TINY_LAYOUTS: &[&str] = &["optimum", "optimum-merged", "genai", "q4"];
 
+/// ONNX Runtime publishes no library for 32-bit ARM (a Pi with a 32-bit OS): there emberd
+/// serves with tract, the tests that exercise ONNX Runtime itself are ignored, and the rest
+/// run on tract (`cross/test.sh armv7`).
+pub const ORT_ON_TARGET: bool = !cfg!(target_arch = "arm");
+
+/// The engine a daemon serves with on this target.
+pub fn serving_backend() -> Backend {
+    if ORT_ON_TARGET {
+        Backend::Ort
+    } else {
+        Backend::Tract
+    }
+}
+
+/// The serving engine's name, as the MQTT status and `emberd info` give it.
+pub fn serving_engine() -> &'static str {
+    if ORT_ON_TARGET {
+        "ort"
+    } else {
+        "tract"
+    }
+}
+
+/// `engine/provider`, as events and logs name the serving engine.
+pub fn serving_label() -> String {
+    format!("{}/cpu", serving_engine())
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

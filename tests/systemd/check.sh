@@ -15,6 +15,7 @@ SOCK=/run/emberd/emberd.sock
 UNIT=emberd.service
 HANG_MARKER=emberd-test-hang-now
 WATCHDOG_S=5 # WatchdogSec in the test drop-in
+THREADS=2    # [model] threads in the test config
 
 pass() { printf 'PASS %s: %s\n' "$1" "$2" >>"$RESULTS/checks"; }
 fail() { printf 'FAIL %s: %s\n' "$1" "$2" >>"$RESULTS/checks"; }
@@ -74,9 +75,53 @@ else
         "emberd.socket=$socket_state, $UNIT=$service_state, socket file: $(ls -l "$SOCK" 2>&1)"
 fi
 
+# Saved for the report; the host prints the journal's tail when a check fails.
+collect_logs() {
+    note "collecting logs"
+    systemctl show "$UNIT" -p ActiveState -p SubState -p Result -p NRestarts -p StatusText \
+        -p ExecMainStatus -p MainPID -p WatchdogUSec -p DynamicUser >"$RESULTS/show-emberd.txt"
+    systemctl status --no-pager --full emberd.socket "$UNIT" >"$RESULTS/status.txt" 2>&1
+    unit_log -n 200 -o short-monotonic >"$RESULTS/journal-emberd.txt"
+    journalctl -b --no-pager -o short-monotonic >"$RESULTS/journal-boot.txt"
+}
+
+# How the main process ended, as systemctl status says it: "code=killed, status=31/SYS".
+exit_status() {
+    local code status
+    code=$(prop ExecMainCode)
+    status=$(prop ExecMainStatus)
+    case "$code" in
+        1) printf 'code=exited, status=%s' "$status" ;;
+        2) printf 'code=killed, status=%s/%s' "$status" "$(kill -l "$status" 2>/dev/null)" ;;
+        3) printf 'code=dumped, status=%s/%s' "$status" "$(kill -l "$status" 2>/dev/null)" ;;
+        *) printf 'ExecMainCode=%s ExecMainStatus=%s' "$code" "$status" ;;
+    esac
+}
+
+# The service died or is being restarted: a start that cannot succeed.
+start_failed() {
+    [ "$(prop Result)" != success ] || [ "$(prop ActiveState)" = failed ] ||
+        [ "$(prop SubState)" = auto-restart ] || [ "$(prop NRestarts)" -gt 0 ]
+}
+
 note "first request"
 started=$(now_ms)
-ask first 'Say hi'
+ask first 'Say hi' &
+asker=$!
+# A service that fails to start ends the check at once, with its exit status and journal,
+# instead of waiting out the client's timeout.
+while kill -0 "$asker" 2>/dev/null; do
+    if start_failed; then
+        kill "$asker" 2>/dev/null
+        fail service-start "$UNIT failed to start: $(exit_status), Result=$(prop Result), NRestarts=$(prop NRestarts); last lines: $(unit_log -n 6 -o cat | tr '\n' '|')"
+        collect_logs
+        note "check ended early: the service failed to start"
+        echo finished >"$RESULTS/finished"
+        exit 0
+    fi
+    sleep 0.2
+done
+wait "$asker"
 rc=$?
 figure first_reply_ms $(($(now_ms) - started))
 if [ $rc -eq 0 ] && [ -s "$RESULTS/first.out" ]; then
@@ -137,10 +182,21 @@ else
     ort_mapped=no
 fi
 engine=$(request_entry | grep -o '"ENGINE":"[^"]*"' | cut -d'"' -f4)
-if [ "$ort_mapped" = yes ] && [[ "$engine" == ort/* ]]; then
-    pass onnxruntime "engine $engine; libonnxruntime.so is mapped in the daemon"
+threads_line=$(emberd_log -o cat | grep -m1 '^ONNX Runtime .* serving ')
+if [ "$ort_mapped" = yes ] && [[ "$engine" == ort/* ]] && [[ "$threads_line" == *"with $THREADS threads" ]]; then
+    pass onnxruntime "engine $engine; libonnxruntime.so is mapped in the daemon; $threads_line"
 else
-    fail onnxruntime "engine '$engine', libonnxruntime mapped: $ort_mapped; fallback: $(emberd_log -o cat | grep -i 'falling back' | tail -n 1)"
+    fail onnxruntime "engine '$engine', libonnxruntime mapped: $ort_mapped; engine line: '$threads_line' (want $THREADS threads); fallback: $(emberd_log -o cat | grep -i 'falling back' | tail -n 1)"
+fi
+[ "$pid" -gt 0 ] 2>/dev/null && figure ort_os_threads "$(ls "/proc/$pid/task" | wc -l)"
+
+# The test drop-in sets EMBERD_DEBUG_DENIED_SYSCALL: emberd made a call the filter denies
+# (sched_setaffinity) before loading the model, and must have got EPERM and gone on.
+denied_line=$(emberd_log -o cat | grep -m1 'EMBERD_DEBUG_DENIED_SYSCALL')
+if [[ "$denied_line" == *"Operation not permitted"* ]] && is_active && [ "$(prop NRestarts)" = 0 ]; then
+    pass denied-syscall-errors "a denied call failed with an error and emberd went on: '$denied_line'"
+else
+    fail denied-syscall-errors "hook said '${denied_line:-nothing}'; $UNIT $(prop ActiveState), $(exit_status), NRestarts=$(prop NRestarts)"
 fi
 
 # --- 3. journald got the structured fields ---------------------------------------------------
@@ -236,12 +292,29 @@ else
     fail served-after-restart "emberd ask exited $rc (pid $pid_before -> $pid_after); stderr: $(cat "$RESULTS/after-watchdog.err")"
 fi
 
-# --- 6. Material for debugging -------------------------------------------------------------------
-note "collecting logs"
-systemctl show "$UNIT" -p ActiveState -p SubState -p Result -p NRestarts -p StatusText \
-    -p ExecMainStatus -p MainPID -p WatchdogUSec -p DynamicUser >"$RESULTS/show-emberd.txt"
-systemctl status --no-pager --full emberd.socket "$UNIT" >"$RESULTS/status.txt" 2>&1
-unit_log -n 200 -o short-monotonic >"$RESULTS/journal-emberd.txt"
-journalctl -b --no-pager -o short-monotonic >"$RESULTS/journal-boot.txt"
+# --- 6. tract under the same unit ----------------------------------------------------------------
+# The fallback engine must run under the same filter: a runtime drop-in (gone with the
+# container) forces it, the hardening untouched.
+note "tract"
+mkdir -p "/run/systemd/system/$UNIT.d"
+printf '[Service]\nExecStart=\nExecStart=%s serve --config /etc/emberd/emberd.toml --backend tract\n' \
+    "$EMBERD" >"/run/systemd/system/$UNIT.d/tract.conf"
+systemctl daemon-reload
+timeout 60 systemctl stop "$UNIT"
+ask tract 'Say hi'
+rc=$?
+tract_line=$(emberd_log -o cat | grep '^tract serving ' | tail -n 1)
+tract_engine=$(request_entry | grep -o '"ENGINE":"[^"]*"' | cut -d'"' -f4)
+if [ $rc -eq 0 ] && [ -s "$RESULTS/tract.out" ] && [ "$tract_engine" = tract/cpu ] &&
+    [[ "$tract_line" == *"with $THREADS threads" ]] && is_active && [ "$(prop NRestarts)" = 0 ]; then
+    pass tract-under-unit "answered by $tract_engine under the same hardening: $(tr '\n' ' ' <"$RESULTS/tract.out"); $tract_line"
+else
+    fail tract-under-unit "emberd ask exited $rc, engine '$tract_engine', '$tract_line'; $(exit_status); stderr: $(cat "$RESULTS/tract.err")"
+fi
+pid=$(prop MainPID)
+[ "$pid" -gt 0 ] 2>/dev/null && figure tract_os_threads "$(ls "/proc/$pid/task" | wc -l)"
+
+# --- 7. Material for debugging -------------------------------------------------------------------
+collect_logs
 note "check finished"
 echo finished >"$RESULTS/finished"

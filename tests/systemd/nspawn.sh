@@ -88,13 +88,15 @@ trap 'exit 130' INT TERM
 mkdir -p "$STAGE/root" "$STAGE/results" "$STAGE/emberd.service.d" "$STAGE/sockets.target.wants"
 
 # The only differences from an installed emberd: the binary under test, a 5 s watchdog (the
-# real 30 s would make the test slow) and the test-only hang hook. The hardening is untouched.
+# real 30 s would make the test slow) and the test-only hooks (a hang, a denied system call).
+# The hardening is untouched.
 cat >"$STAGE/emberd.service.d/test.conf" <<'EOF'
 [Service]
 ExecStart=
 ExecStart=/usr/local/bin/emberd serve --config /etc/emberd/emberd.toml
 WatchdogSec=5s
 Environment=EMBERD_DEBUG_HANG_ON_PROMPT=emberd-test-hang-now
+Environment=EMBERD_DEBUG_DENIED_SYSCALL=1
 EOF
 
 # backend = "auto" as installed; the check fails if emberd fell back to tract.
@@ -104,6 +106,7 @@ dir = "/usr/lib/emberd/models/smollm2-135m-instruct"
 ort_library = "/usr/lib/emberd/libonnxruntime.so"
 backend = "auto"
 providers = ["cpu"]
+threads = 2
 
 [socket]
 enabled = true
