@@ -8,7 +8,8 @@
 //! | [`engine`] | one forward step: ONNX Runtime (`engine::ort`) or tract (`engine::tract`), KV cache |
 //! | [`generate`] | template → tokenize → prefill → sample → detokenize → stop; the one loop |
 //! | [`scheduler`] | bounded queue, the engine worker thread, cancellation, deadlines |
-//! | [`transport`] | Unix socket (NDJSON) and MQTT v5; bytes ↔ requests and events |
+//! | [`ingress`] | the one request path: size, parse, cancel, validate, ids, submit, forward |
+//! | [`transport`] | Unix socket (NDJSON) and MQTT v5: framing only, messages ↔ the ingress |
 //! | [`serve`] | the daemon: scheduler + transports until shutdown, then drain |
 //! | [`service`] | systemd: sd_notify, watchdog, socket activation, journald logging |
 //! | [`shutdown`] | the one shutdown signal every task watches |
@@ -21,6 +22,7 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod generate;
+pub mod ingress;
 pub mod model;
 pub mod paths;
 pub mod protocol;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::generate::Generator;
+use crate::ingress::Ingress;
 use crate::scheduler::Scheduler;
 use crate::service;
 use crate::shutdown::Shutdown;
@@ -58,8 +59,12 @@ pub async fn serve(
         return Err(ServeError::NoTransport);
     }
     let (scheduler, worker) = Scheduler::start(generator, config.limits.max_queue);
-    let policy = Arc::new(config.request_policy());
-    let max_request_bytes = config.limits.max_request_bytes;
+    // The one request path every transport hands its messages to.
+    let ingress = Ingress::new(
+        scheduler.clone(),
+        Arc::new(config.request_policy()),
+        config.limits.max_request_bytes,
+    );
     let mut tasks = tokio::task::JoinSet::new();
     let mut ready = Ready {
         socket: None,
@@ -102,9 +107,7 @@ pub async fn serve(
             socket::Listener {
                 listener,
                 path,
-                scheduler: scheduler.clone(),
-                policy: policy.clone(),
-                max_request_bytes,
+                ingress: ingress.clone(),
                 shutdown: shutdown.clone(),
             }
             .run(),
@@ -112,13 +115,7 @@ pub async fn serve(
     }
     let mut mqtt_subscribed = None;
     if config.mqtt.enabled {
-        let mut transport = mqtt::Transport::new(
-            &config.mqtt,
-            scheduler.clone(),
-            policy.clone(),
-            max_request_bytes,
-            shutdown.clone(),
-        )?;
+        let mut transport = mqtt::Transport::new(&config.mqtt, ingress.clone(), shutdown.clone())?;
         ready.mqtt = Some(format!("{}:{}", config.mqtt.host, config.mqtt.port));
         mqtt_subscribed = Some(transport.subscribed());
         tasks.spawn(transport.run());

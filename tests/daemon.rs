@@ -133,6 +133,21 @@ async fn a_full_queue_answers_busy_at_once_and_requests_run_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_for_an_id_that_is_not_running_is_ignored() {
+    let daemon = Daemon::start(tiny_dir("optimum"), |_| {}).await;
+    let mut client = daemon.connect().await;
+    client.send(json!({"type": "cancel", "id": "ghost"})).await;
+    client
+        .send(json!({"id": "after", "prompt": "hi", "max_tokens": 2}))
+        .await;
+    // No answer to the cancel: the first event is the next request's.
+    assert_eq!(client.event().await["id"], "after");
+    let events = client.until_end("after").await;
+    assert_eq!(events.last().unwrap()["type"], "done");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closing_the_connection_cancels_its_requests() {
     let daemon = Daemon::start(default_model_dir(), |_| {}).await;
     let mut client = daemon.connect().await;

@@ -6,10 +6,10 @@
 //! One task owns rumqttc's `EventLoop` and only polls it; replies go out through clones of
 //! the `AsyncClient`, from one task per request.
 
-use std::collections::HashMap;
+use std::future::Future;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -25,8 +25,8 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
 use crate::config::{MqttConfig, TlsConfig};
-use crate::generate::CancelToken;
-use crate::protocol::{id_hint, parse_request, ErrorCode, Event, RequestPolicy};
+use crate::ingress::{Ingress, Intent, Reply, Route, Scope};
+use crate::protocol::Event;
 use crate::scheduler::Scheduler;
 use crate::shutdown::Shutdown;
 
@@ -100,18 +100,15 @@ pub struct Transport {
     client: AsyncClient,
     eventloop: EventLoop,
     topics: Topics,
-    scheduler: Scheduler,
-    policy: Arc<RequestPolicy>,
-    max_request_bytes: usize,
+    ingress: Ingress,
     shutdown: Shutdown,
-    running: Arc<Mutex<HashMap<String, CancelToken>>>,
+    /// Every MQTT request that has not ended: cancels come on one topic for the device.
+    running: Scope,
     /// Fired once the first connection's subscriptions are acknowledged.
     subscribed: Option<tokio::sync::oneshot::Sender<()>>,
     /// Subscriptions of the current connection not yet acknowledged.
     pending_subacks: usize,
 }
-
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 pub fn options(
     config: &MqttConfig,
@@ -250,27 +247,37 @@ struct ReplyTo {
     correlation: Option<Bytes>,
 }
 
+/// A request's reply address on the broker, with the client that publishes there.
+struct MqttReply {
+    client: AsyncClient,
+    to: ReplyTo,
+}
+
+impl Reply for MqttReply {
+    fn deliver(&self, event: Event) -> impl Future<Output = bool> + Send + 'static {
+        let client = self.client.clone();
+        let to = self.to.clone();
+        async move { publish_event(&client, &to, &event).await }
+    }
+}
+
 impl Transport {
     pub fn new(
         config: &MqttConfig,
-        scheduler: Scheduler,
-        policy: Arc<RequestPolicy>,
-        max_request_bytes: usize,
+        ingress: Ingress,
         shutdown: Shutdown,
     ) -> Result<Self, MqttError> {
         let topics = Topics::new(config);
-        let offline = status_json(&scheduler, false);
-        let options = options(config, max_request_bytes, &topics, offline)?;
+        let offline = status_json(ingress.scheduler(), false);
+        let options = options(config, ingress.max_request_bytes(), &topics, offline)?;
         let (client, eventloop) = AsyncClient::new(options, 64);
         Ok(Transport {
             client,
             eventloop,
             topics,
-            scheduler,
-            policy,
-            max_request_bytes,
+            ingress,
             shutdown,
-            running: Arc::default(),
+            running: Scope::default(),
             subscribed: None,
             pending_subacks: 0,
         })
@@ -348,7 +355,7 @@ impl Transport {
     fn on_connect(&self, session_present: bool) {
         let client = self.client.clone();
         let topics = self.topics.clone();
-        let status = status_json(&self.scheduler, true);
+        let status = status_json(self.ingress.scheduler(), true);
         let subscriptions = if session_present {
             Vec::new()
         } else {
@@ -370,137 +377,47 @@ impl Transport {
     }
 
     fn on_publish(&self, publish: Publish) {
-        let accepted_at = Instant::now();
-        let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-        let properties = publish.properties.clone().unwrap_or_default();
-        let reply = properties.response_topic.clone().map(|topic| ReplyTo {
-            topic,
-            correlation: properties.correlation_data.clone(),
-        });
-        if publish.payload.len() > self.max_request_bytes {
-            let message = format!(
-                "request of {} bytes exceeds max_request_bytes = {}",
-                publish.payload.len(),
-                self.max_request_bytes
-            );
-            let to = reply.unwrap_or(ReplyTo {
-                topic: self.topics.errors(),
-                correlation: None,
-            });
-            self.send_one(to, Event::error("", ErrorCode::TooLong, message));
-            return;
-        }
-        let request = match parse_request(&publish.payload) {
-            Ok(r) => r,
-            Err(e) => {
-                let to = reply.unwrap_or(ReplyTo {
-                    topic: self.topics.errors(),
-                    correlation: None,
-                });
-                self.send_one(
-                    to,
-                    Event::error(id_hint(&publish.payload), e.code(), e.to_string()),
-                );
-                return;
-            }
+        let topic = String::from_utf8_lossy(&publish.topic);
+        let intent = if topic == self.topics.cancel {
+            Intent::Cancel
+        } else {
+            Intent::Any
         };
-        if request.is_cancel() || topic == self.topics.cancel {
-            let token = request
-                .id
-                .as_deref()
-                .and_then(|id| self.running.lock().expect("running lock").get(id).cloned());
-            match token {
-                Some(token) => token.cancel(),
-                None => log::info!("mqtt: cancel for unknown request {:?}", request.id),
-            }
-            return;
-        }
-        let given_id = request.id.clone();
-        let fallback_reply = request.reply_to.clone();
-        let valid = match request.validate(&self.policy, || {
-            format!("mqtt-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed))
-        }) {
-            Ok(v) => v,
-            Err(e) => {
-                let id = given_id.unwrap_or_default();
-                let to = reply
-                    .or_else(|| {
-                        fallback_reply.map(|topic| ReplyTo {
-                            topic,
-                            correlation: None,
-                        })
-                    })
-                    .unwrap_or_else(|| ReplyTo {
-                        topic: if id.is_empty() {
-                            self.topics.errors()
-                        } else {
-                            self.topics.default_response(&id)
-                        },
-                        correlation: None,
-                    });
-                self.send_one(to, Event::error(id, e.code(), e.to_string()));
-                return;
-            }
-        };
-        let to = reply
-            .or_else(|| {
-                valid.reply_to.clone().map(|topic| ReplyTo {
+        // Replies go to the Response Topic (MQTT 5) with its Correlation Data; else to the
+        // request's `reply_to`; else to the response topic of its id; else, for a message
+        // whose id is unknown, to the device's errors topic.
+        let properties = publish.properties.unwrap_or_default();
+        let route = |route: Route| {
+            let to = match (properties.response_topic, route.reply_to) {
+                (Some(topic), _) => ReplyTo {
+                    topic,
+                    correlation: properties.correlation_data,
+                },
+                (None, Some(topic)) => ReplyTo {
                     topic,
                     correlation: None,
-                })
-            })
-            .unwrap_or_else(|| ReplyTo {
-                topic: self.topics.default_response(&valid.id),
-                correlation: None,
-            });
-        if self
-            .running
-            .lock()
-            .expect("running lock")
-            .contains_key(&valid.id)
-        {
-            let id = valid.id.clone();
-            self.send_one(
+                },
+                (None, None) if route.id.is_empty() => ReplyTo {
+                    topic: self.topics.errors(),
+                    correlation: None,
+                },
+                (None, None) => ReplyTo {
+                    topic: self.topics.default_response(&route.id),
+                    correlation: None,
+                },
+            };
+            MqttReply {
+                client: self.client.clone(),
                 to,
-                Event::error(
-                    id.clone(),
-                    ErrorCode::BadRequest,
-                    format!("a request with id {id:?} is still running"),
-                ),
-            );
-            return;
-        }
-        match self.scheduler.submit(valid, accepted_at, "mqtt") {
-            Err(event) => self.send_one(to, *event),
-            Ok(mut submission) => {
-                let running = self.running.clone();
-                running
-                    .lock()
-                    .expect("running lock")
-                    .insert(submission.id.clone(), submission.cancel.clone());
-                let client = self.client.clone();
-                tokio::spawn(async move {
-                    while let Some(event) = submission.events.recv().await {
-                        let terminal = event.is_terminal();
-                        publish_event(&client, &to, &event).await;
-                        if terminal {
-                            break;
-                        }
-                    }
-                    running.lock().expect("running lock").remove(&submission.id);
-                });
             }
-        }
-    }
-
-    fn send_one(&self, to: ReplyTo, event: Event) {
-        let client = self.client.clone();
-        tokio::spawn(async move { publish_event(&client, &to, &event).await });
+        };
+        self.ingress
+            .handle(&publish.payload, intent, &self.running, "mqtt", route);
     }
 
     /// Publishes `offline`, disconnects, and polls until the broker has everything.
     async fn finish(mut self) {
-        let offline = status_json(&self.scheduler, false);
+        let offline = status_json(self.ingress.scheduler(), false);
         let client = self.client.clone();
         let status = self.topics.status.clone();
         let running = self.running.clone();
@@ -508,8 +425,7 @@ impl Transport {
             // Wait for the streams still running (the scheduler's drain ends them).
             let deadline = Instant::now() + FLUSH_TIMEOUT * 6;
             let drained = async {
-                while !running.lock().expect("running lock").is_empty() && Instant::now() < deadline
-                {
+                while !running.is_empty() && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 let _ = client
@@ -539,7 +455,8 @@ impl Transport {
     }
 }
 
-async fn publish_event(client: &AsyncClient, to: &ReplyTo, event: &Event) {
+/// Publishes one event; false when it cannot be handed to the client (its event loop is gone).
+async fn publish_event(client: &AsyncClient, to: &ReplyTo, event: &Event) -> bool {
     let properties = PublishProperties {
         correlation_data: to.correlation.clone(),
         content_type: Some("application/json".into()),
@@ -557,5 +474,7 @@ async fn publish_event(client: &AsyncClient, to: &ReplyTo, event: &Event) {
         .await
     {
         log::warn!("mqtt: publishing to {} failed: {e}", to.topic);
+        return false;
     }
+    true
 }

@@ -2,20 +2,15 @@
 //! out. A connection may carry several requests at once (events carry their `id`);
 //! closing it cancels its requests.
 
-use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
-use crate::generate::CancelToken;
-use crate::protocol::{id_hint, parse_request, ErrorCode, Event, RequestPolicy};
-use crate::scheduler::Scheduler;
+use crate::ingress::{Ingress, Intent, Scope};
+use crate::protocol::{ErrorCode, Event};
 use crate::shutdown::Shutdown;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,16 +48,8 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, SocketError> {
 pub struct Listener {
     pub listener: UnixListener,
     pub path: Option<PathBuf>,
-    pub scheduler: Scheduler,
-    pub policy: Arc<RequestPolicy>,
-    pub max_request_bytes: usize,
+    pub ingress: Ingress,
     pub shutdown: Shutdown,
-}
-
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-
-fn generated_id() -> String {
-    format!("req-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed))
 }
 
 impl Listener {
@@ -75,9 +62,7 @@ impl Listener {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         let handler = Handler {
-                            scheduler: self.scheduler.clone(),
-                            policy: self.policy.clone(),
-                            max_request_bytes: self.max_request_bytes,
+                            ingress: self.ingress.clone(),
                             shutdown: self.shutdown.clone(),
                         };
                         connections.spawn(handler.run(stream));
@@ -98,20 +83,17 @@ impl Listener {
 }
 
 struct Handler {
-    scheduler: Scheduler,
-    policy: Arc<RequestPolicy>,
-    max_request_bytes: usize,
+    ingress: Ingress,
     shutdown: Shutdown,
 }
-
-/// Requests of one connection that have not ended, by id, for cancels and disconnects.
-type Pending = Arc<Mutex<HashMap<String, CancelToken>>>;
 
 impl Handler {
     async fn run(self, stream: UnixStream) {
         let (mut reader, mut writer) = stream.into_split();
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Event>();
-        let pending: Pending = Arc::default();
+        // The connection's requests that have not ended, for cancels and the disconnect.
+        let scope = Scope::default();
+        let max_request_bytes = self.ingress.max_request_bytes();
 
         // The writer ends when every sender is gone: the reader and each request's forwarder.
         let writer_task = tokio::spawn(async move {
@@ -147,7 +129,7 @@ impl Handler {
                         if !discarding {
                             buf.extend_from_slice(&rest[..at]);
                             let line = std::mem::take(&mut buf);
-                            self.handle_line(&line, &out_tx, &pending);
+                            self.handle_line(&line, &out_tx, &scope);
                         }
                         discarding = false;
                         rest = &rest[at + 1..];
@@ -160,16 +142,13 @@ impl Handler {
                     }
                 }
                 // Cap the line before it grows without bound.
-                if !discarding && buf.len() > self.max_request_bytes {
+                if !discarding && buf.len() > max_request_bytes {
                     buf.clear();
                     discarding = true;
                     let _ = out_tx.send(Event::error(
                         "",
                         ErrorCode::TooLong,
-                        format!(
-                            "request line exceeds max_request_bytes = {}",
-                            self.max_request_bytes
-                        ),
+                        format!("request line exceeds max_request_bytes = {max_request_bytes}"),
                     ));
                 }
             }
@@ -177,111 +156,19 @@ impl Handler {
         // A closed connection, or shutdown: cancel what is still running for this client
         // (on shutdown the scheduler's drain does that after the grace period instead).
         if !self.shutdown.is_triggered() {
-            for token in pending.lock().expect("pending lock").values() {
-                token.cancel();
-            }
+            scope.cancel_all();
         }
         drop(out_tx);
         let _ = writer_task.await;
     }
 
-    fn handle_line(&self, line: &[u8], out: &mpsc::UnboundedSender<Event>, pending: &Pending) {
+    fn handle_line(&self, line: &[u8], out: &mpsc::UnboundedSender<Event>, scope: &Scope) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.iter().all(|b| b.is_ascii_whitespace()) {
             return;
         }
-        if line.len() > self.max_request_bytes {
-            let _ = out.send(Event::error(
-                "",
-                ErrorCode::TooLong,
-                format!(
-                    "request of {} bytes exceeds max_request_bytes = {}",
-                    line.len(),
-                    self.max_request_bytes
-                ),
-            ));
-            return;
-        }
-        let accepted_at = Instant::now();
-        let request = match parse_request(line) {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = out.send(Event::error(id_hint(line), e.code(), e.to_string()));
-                return;
-            }
-        };
-        if request.is_cancel() {
-            match request
-                .id
-                .as_deref()
-                .and_then(|id| pending.lock().expect("pending lock").get(id).cloned())
-            {
-                Some(token) => token.cancel(),
-                None => {
-                    let id = request.id.unwrap_or_default();
-                    let _ = out.send(Event::error(
-                        id.clone(),
-                        ErrorCode::BadRequest,
-                        format!("no running request with id {id:?} on this connection"),
-                    ));
-                }
-            }
-            return;
-        }
-        let raw_id = request.id.clone();
-        let valid = match request.validate(&self.policy, generated_id) {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = out.send(Event::error(
-                    raw_id.unwrap_or_default(),
-                    e.code(),
-                    e.to_string(),
-                ));
-                return;
-            }
-        };
-        if pending
-            .lock()
-            .expect("pending lock")
-            .contains_key(&valid.id)
-        {
-            let _ = out.send(Event::error(
-                valid.id.clone(),
-                ErrorCode::BadRequest,
-                format!(
-                    "a request with id {:?} is still running on this connection",
-                    valid.id
-                ),
-            ));
-            return;
-        }
-        match self.scheduler.submit(valid, accepted_at, "socket") {
-            Err(event) => {
-                let _ = out.send(*event);
-            }
-            Ok(mut submission) => {
-                pending
-                    .lock()
-                    .expect("pending lock")
-                    .insert(submission.id.clone(), submission.cancel.clone());
-                let out = out.clone();
-                let pending = pending.clone();
-                tokio::spawn(async move {
-                    while let Some(event) = submission.events.recv().await {
-                        let terminal = event.is_terminal();
-                        if terminal {
-                            pending.lock().expect("pending lock").remove(&submission.id);
-                        }
-                        if out.send(event).is_err() {
-                            // The connection is gone; stop the work.
-                            submission.cancel.cancel();
-                        }
-                        if terminal {
-                            break;
-                        }
-                    }
-                });
-            }
-        }
+        // Every reply of this connection goes to its writer, whatever the request says.
+        self.ingress
+            .handle(line, Intent::Any, scope, "socket", |_| out.clone());
     }
 }

@@ -1,0 +1,219 @@
+//! The one request path every transport uses: size check → parse → cancel lookup → validate
+//! (the id generated when absent) → duplicate id → submit → forward the events.
+//!
+//! A transport only frames: it hands the bytes of one message to [`Ingress::handle`] with
+//! the [`Scope`] the message belongs to, and says where replies go once the request's id and
+//! `reply_to` are known. The behaviour is the same on every transport:
+//!
+//! - Every error about a message (too large, not JSON, invalid, duplicate id, busy) is an
+//!   `error` event sent where that message's replies go.
+//! - A cancel stops the request with that id in the same scope. A cancel for an id that is
+//!   not running there (never was, or has ended) is logged and otherwise ignored: cancelling
+//!   is idempotent, and an answer would look like a second terminal event for that id.
+//! - An id leaves its scope before its terminal event is delivered, so a client may reuse it
+//!   as soon as it sees `done` or `error`.
+//! - An event that cannot be delivered (the client is gone) cancels the request.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::generate::CancelToken;
+use crate::protocol::{id_hint, parse_request, ErrorCode, Event, RequestPolicy};
+use crate::scheduler::Scheduler;
+
+/// Where the events of one message go.
+pub trait Reply: Send + Sync + 'static {
+    /// Delivers one event; false when the client is gone. The future is spawned or awaited
+    /// in order: an implementation that can deliver at once should do it when called.
+    fn deliver(&self, event: Event) -> impl Future<Output = bool> + Send + 'static;
+}
+
+/// The socket's writer channel: delivery is a send on it, done when called.
+impl Reply for tokio::sync::mpsc::UnboundedSender<Event> {
+    fn deliver(&self, event: Event) -> impl Future<Output = bool> + Send + 'static {
+        std::future::ready(self.send(event).is_ok())
+    }
+}
+
+/// The requests of one scope that have not ended, by id: what cancels and duplicate-id checks
+/// look in. A socket connection is a scope; so is the whole MQTT transport.
+#[derive(Clone, Default)]
+pub struct Scope {
+    running: Arc<Mutex<HashMap<String, CancelToken>>>,
+}
+
+impl Scope {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancelToken>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Cancels every request still running in this scope (a closed connection).
+    pub fn cancel_all(&self) {
+        for token in self.lock().values() {
+            token.cancel();
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
+/// What a message asks for, as its transport received it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    /// A request, or a cancel (`"type": "cancel"`).
+    Any,
+    /// Arrived where only cancels go (MQTT's cancel topic): read as a cancel whatever its type.
+    Cancel,
+}
+
+/// Where replies to a message go, as far as the message says: its id (empty when unknown)
+/// and its `reply_to`.
+pub struct Route {
+    pub id: String,
+    pub reply_to: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct Ingress {
+    scheduler: Scheduler,
+    policy: Arc<RequestPolicy>,
+    max_request_bytes: usize,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn generated_id() -> String {
+    format!("req-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed))
+}
+
+impl Ingress {
+    pub fn new(scheduler: Scheduler, policy: Arc<RequestPolicy>, max_request_bytes: usize) -> Self {
+        Ingress {
+            scheduler,
+            policy,
+            max_request_bytes,
+        }
+    }
+
+    pub fn max_request_bytes(&self) -> usize {
+        self.max_request_bytes
+    }
+
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    /// Takes one message of `transport` in `scope`. `route` names where its replies go once
+    /// what the message says about that is known; every outcome is delivered there.
+    pub fn handle<R: Reply>(
+        &self,
+        bytes: &[u8],
+        intent: Intent,
+        scope: &Scope,
+        transport: &'static str,
+        route: impl FnOnce(Route) -> R,
+    ) {
+        let accepted_at = Instant::now();
+        if bytes.len() > self.max_request_bytes {
+            let reply = route(Route {
+                id: String::new(),
+                reply_to: None,
+            });
+            let message = format!(
+                "request of {} bytes exceeds max_request_bytes = {}",
+                bytes.len(),
+                self.max_request_bytes
+            );
+            send_one(&reply, Event::error("", ErrorCode::TooLong, message));
+            return;
+        }
+        let request = match parse_request(bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                let id = id_hint(bytes);
+                let reply = route(Route {
+                    id: id.clone(),
+                    reply_to: None,
+                });
+                send_one(&reply, Event::error(id, e.code(), e.to_string()));
+                return;
+            }
+        };
+        if request.is_cancel() || intent == Intent::Cancel {
+            let token = request
+                .id
+                .as_deref()
+                .and_then(|id| scope.lock().get(id).cloned());
+            match token {
+                Some(token) => token.cancel(),
+                None => log::info!(
+                    "{transport}: cancel for {:?}, which is not running here",
+                    request.id.as_deref().unwrap_or_default()
+                ),
+            }
+            return;
+        }
+        let given_id = request.id.clone();
+        let given_reply_to = request.reply_to.clone();
+        let valid = match request.validate(&self.policy, generated_id) {
+            Ok(v) => v,
+            Err(e) => {
+                let id = given_id.unwrap_or_default();
+                let reply = route(Route {
+                    id: id.clone(),
+                    reply_to: given_reply_to,
+                });
+                send_one(&reply, Event::error(id, e.code(), e.to_string()));
+                return;
+            }
+        };
+        let reply = route(Route {
+            id: valid.id.clone(),
+            reply_to: valid.reply_to.clone(),
+        });
+        if scope.lock().contains_key(&valid.id) {
+            let id = valid.id.clone();
+            let message = format!("a request with id {id:?} is still running");
+            send_one(&reply, Event::error(id, ErrorCode::BadRequest, message));
+            return;
+        }
+        let mut submission = match self.scheduler.submit(valid, accepted_at, transport) {
+            Ok(s) => s,
+            Err(event) => {
+                send_one(&reply, *event);
+                return;
+            }
+        };
+        scope
+            .lock()
+            .insert(submission.id.clone(), submission.cancel.clone());
+        let scope = scope.clone();
+        tokio::spawn(async move {
+            while let Some(event) = submission.events.recv().await {
+                let terminal = event.is_terminal();
+                if terminal {
+                    scope.lock().remove(&submission.id);
+                }
+                if !reply.deliver(event).await {
+                    // The client is gone; stop the work.
+                    submission.cancel.cancel();
+                }
+                if terminal {
+                    return;
+                }
+            }
+            // The scheduler always ends with a terminal event; this is only a safety net.
+            scope.lock().remove(&submission.id);
+        });
+    }
+}
+
+/// Delivers a single event (an error about a message that was not accepted).
+fn send_one<R: Reply>(reply: &R, event: Event) {
+    tokio::spawn(reply.deliver(event));
+}
