@@ -169,6 +169,8 @@ pub async fn serve(
     }
     scheduler.cancel_all();
     while tasks.join_next().await.is_some() {}
+    // The worker exits once every handle to the scheduler is gone (the ingress holds one).
+    drop(ingress);
     drop(scheduler);
     let _ = tokio::task::spawn_blocking(move || worker.join()).await;
     log::info!("stopped");
