@@ -140,6 +140,7 @@ fn greedy(id: &str, input: PromptInput, max_tokens: usize) -> ValidRequest {
         timeout: std::time::Duration::from_secs(3600),
         reply_to: None,
         ignore_eos: true,
+        prompt_ids: None,
     }
 }
 

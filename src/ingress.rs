@@ -1,5 +1,7 @@
 //! The one request path every transport uses: size check → parse → cancel lookup → validate
-//! (the id generated when absent) → duplicate id → submit → forward the events.
+//! (the id generated when absent) → template, tokenize and check the prompt's length →
+//! duplicate id → submit → forward the events. A prompt that is too long is answered before
+//! it takes a queue slot, and the engine thread gets token ids, not text.
 //!
 //! A transport only frames: it hands the bytes of one message to [`Ingress::handle`] with
 //! the [`Scope`] the message belongs to, and says where replies go once the request's id and
@@ -20,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use crate::generate::prompt::Prompter;
 use crate::generate::CancelToken;
 use crate::protocol::{id_hint, parse_request, ErrorCode, Event, RequestPolicy};
 use crate::scheduler::Scheduler;
@@ -81,6 +84,7 @@ pub struct Route {
 #[derive(Clone)]
 pub struct Ingress {
     scheduler: Scheduler,
+    prompter: Arc<Prompter>,
     policy: Arc<RequestPolicy>,
     max_request_bytes: usize,
 }
@@ -92,9 +96,15 @@ fn generated_id() -> String {
 }
 
 impl Ingress {
-    pub fn new(scheduler: Scheduler, policy: Arc<RequestPolicy>, max_request_bytes: usize) -> Self {
+    pub fn new(
+        scheduler: Scheduler,
+        prompter: Arc<Prompter>,
+        policy: Arc<RequestPolicy>,
+        max_request_bytes: usize,
+    ) -> Self {
         Ingress {
             scheduler,
+            prompter,
             policy,
             max_request_bytes,
         }
@@ -160,7 +170,7 @@ impl Ingress {
         }
         let given_id = request.id.clone();
         let given_reply_to = request.reply_to.clone();
-        let valid = match request.validate(&self.policy, generated_id) {
+        let mut valid = match request.validate(&self.policy, generated_id) {
             Ok(v) => v,
             Err(e) => {
                 let id = given_id.unwrap_or_default();
@@ -176,6 +186,13 @@ impl Ingress {
             id: valid.id.clone(),
             reply_to: valid.reply_to.clone(),
         });
+        match self.prompter.checked_ids(&valid.input) {
+            Ok(ids) => valid.prompt_ids = Some(ids),
+            Err(e) => {
+                send_one(&reply, Event::error(valid.id, e.code(), e.to_string()));
+                return;
+            }
+        }
         if scope.lock().contains_key(&valid.id) {
             let id = valid.id.clone();
             let message = format!("a request with id {id:?} is still running");

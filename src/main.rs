@@ -288,12 +288,11 @@ fn serve(model: ModelArgs, socket: Option<PathBuf>) -> Result<()> {
     emberd::service::init_logging(config.log.journald, log_level(&config.log.level));
     emberd::service::debug_call_denied_syscall();
     emberd::service::notify("STATUS=loading the model");
-    let mut generator = load_generator(&config)?;
+    let generator = load_generator(&config)?;
     let socket_source = match emberd::service::inherited_listener() {
         Some(listener) => emberd::serve::SocketSource::Inherited(listener),
         None => emberd::serve::SocketSource::Bind,
     };
-    generator.set_max_prompt_tokens(config.limits.max_prompt_tokens);
     let runtime = runtime()?;
     runtime.block_on(async move {
         let (trigger, shutdown) = emberd::shutdown::channel();

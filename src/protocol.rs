@@ -157,6 +157,9 @@ pub struct ValidRequest {
     pub reply_to: Option<String>,
     /// Generate `max_tokens` even past end-of-sequence.
     pub ignore_eos: bool,
+    /// The prompt as the model sees it, once the ingress has templated, tokenized and
+    /// length-checked it (before queueing); `None` leaves that to the generator.
+    pub prompt_ids: Option<Vec<u32>>,
 }
 
 /// Stable error codes on the wire.
@@ -496,6 +499,7 @@ impl Request {
             timeout,
             reply_to: self.reply_to,
             ignore_eos: self.ignore_eos,
+            prompt_ids: None,
         })
     }
 }

@@ -50,7 +50,7 @@ pub enum SocketSource {
 /// terminal event), MQTT publishes `offline`, and the engine worker exits.
 pub async fn serve(
     config: Config,
-    generator: Generator,
+    mut generator: Generator,
     socket_source: SocketSource,
     shutdown: Shutdown,
     on_ready: impl FnOnce(Ready),
@@ -58,10 +58,13 @@ pub async fn serve(
     if !config.socket.enabled && !config.mqtt.enabled {
         return Err(ServeError::NoTransport);
     }
+    generator.set_max_prompt_tokens(config.limits.max_prompt_tokens);
+    let prompter = generator.prompter();
     let (scheduler, worker) = Scheduler::start(generator, config.limits.max_queue);
     // The one request path every transport hands its messages to.
     let ingress = Ingress::new(
         scheduler.clone(),
+        prompter,
         Arc::new(config.request_policy()),
         config.limits.max_request_bytes,
     );

@@ -99,7 +99,11 @@ async fn malformed_lines_get_error_events_and_the_connection_stays_usable() {
 /// A request on the default model that runs for a while: no eos, many tokens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_busy_at_once_and_requests_run_in_order() {
-    let daemon = Daemon::start(default_model_dir(), |c| c.limits.max_queue = 1).await;
+    let daemon = Daemon::start(default_model_dir(), |c| {
+        c.limits.max_queue = 1;
+        c.limits.max_prompt_tokens = 64;
+    })
+    .await;
     let mut client = daemon.connect().await;
     client.send(long_request("running")).await;
     // Its first token: the worker is busy with it.
@@ -121,6 +125,26 @@ async fn a_full_queue_answers_busy_at_once_and_requests_run_in_order() {
         );
     };
     assert_eq!(busy["code"], "busy", "{busy}");
+    // A prompt over max_prompt_tokens is answered before it would take a queue slot: too
+    // long, not busy, though the queue is still full.
+    let long_prompt = "sensor reading ".repeat(100);
+    client
+        .send(json!({"id": "long", "prompt": long_prompt, "max_tokens": 2}))
+        .await;
+    let long = loop {
+        let e = client.event().await;
+        if e["id"] == "long" {
+            break e;
+        }
+    };
+    assert_eq!(long["code"], "too_long", "{long}");
+    assert!(
+        long["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_prompt_tokens"),
+        "{long}"
+    );
     client
         .send(json!({"type": "cancel", "id": "running"}))
         .await;

@@ -22,6 +22,7 @@ fn request(input: PromptInput, max_tokens: u32) -> ValidRequest {
         timeout: std::time::Duration::from_secs(600),
         reply_to: None,
         ignore_eos: false,
+        prompt_ids: None,
     }
 }
 

@@ -3,6 +3,7 @@
 //! `emberd bench` all run this one loop.
 
 pub mod detok;
+pub mod prompt;
 pub mod sampler;
 pub mod stop;
 pub mod template;
@@ -18,9 +19,9 @@ use crate::model::{ModelError, ModelPackage};
 use crate::protocol::{ErrorCode, Event, FinishReason, PromptInput, Timings, Usage, ValidRequest};
 
 use detok::IncrementalDecoder;
+use prompt::Prompter;
 use sampler::Sampler;
 use stop::{StopCheck, StopMatcher};
-use template::ChatTemplate;
 
 /// Prompt tokens run per forward call during prefill; between chunks the generator checks
 /// for cancellation, so a long prompt can be stopped.
@@ -128,16 +129,15 @@ pub struct RunStats {
     pub finish_reason: Option<FinishReason>,
 }
 
-/// One loaded model: engine, tokenizer, template, and the scratch state of the loop.
+/// One loaded model: engine, prompter (template, tokenizer, limits), and the scratch state
+/// of the loop.
 pub struct Generator {
     engine: Box<dyn Engine>,
-    tokenizer: Tokenizer,
-    template: Option<ChatTemplate>,
+    /// Shared with the ingress once serving starts; its limits are set before that.
+    prompter: Arc<Prompter>,
     package: ModelPackage,
     cache: KvCache,
     logits: Vec<f32>,
-    context_len: usize,
-    max_prompt_tokens: usize,
     prefill_chunk: usize,
 }
 
@@ -151,27 +151,11 @@ impl Generator {
         package: ModelPackage,
         engine: Box<dyn Engine>,
     ) -> Result<Self, GenerateError> {
-        let tokenizer = Tokenizer::from_file(&package.tokenizer_file).map_err(|e| {
-            GenerateError::Tokenizer(format!(
-                "cannot load {}: {e}",
-                package.tokenizer_file.display()
-            ))
-        })?;
-        let template = match &package.chat_template {
-            Some(source) => Some(ChatTemplate::new(
-                source,
-                &package.bos_token,
-                &package.eos_token,
-            )?),
-            None => None,
-        };
+        let prompter = Arc::new(Prompter::load(&package)?);
         let cache = KvCache::new();
         Ok(Generator {
             engine,
-            tokenizer,
-            template,
-            context_len: package.context_len,
-            max_prompt_tokens: package.context_len,
+            prompter,
             package,
             cache,
             logits: Vec::new(),
@@ -181,12 +165,22 @@ impl Generator {
 
     /// Caps the context below the model's (a smaller KV cache, less memory).
     pub fn set_context_len(&mut self, context_len: usize) {
-        self.context_len = context_len.min(self.package.context_len).max(1);
-        self.max_prompt_tokens = self.max_prompt_tokens.min(self.context_len);
+        let context_len = context_len.min(self.package.context_len);
+        self.prompter_mut().set_context_len(context_len);
     }
 
     pub fn set_max_prompt_tokens(&mut self, limit: usize) {
-        self.max_prompt_tokens = limit.min(self.context_len);
+        self.prompter_mut().set_max_prompt_tokens(limit);
+    }
+
+    fn prompter_mut(&mut self) -> &mut Prompter {
+        Arc::get_mut(&mut self.prompter).expect("limits are set before the prompter is shared")
+    }
+
+    /// The template, tokenizer and limits, for the ingress to tokenize and check prompts
+    /// before they are queued.
+    pub fn prompter(&self) -> Arc<Prompter> {
+        self.prompter.clone()
     }
 
     pub fn set_prefill_chunk(&mut self, chunk: usize) {
@@ -207,7 +201,7 @@ impl Generator {
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
+        self.prompter.tokenizer()
     }
 
     /// Renders `messages` with the model's chat template.
@@ -216,39 +210,16 @@ impl Generator {
         messages: &[crate::protocol::Message],
         add_generation_prompt: bool,
     ) -> Result<String, GenerateError> {
-        self.template
-            .as_ref()
-            .ok_or(GenerateError::NoTemplate)?
-            .render(messages, add_generation_prompt)
+        self.prompter.render(messages, add_generation_prompt)
     }
 
     /// The text the model sees for `input`.
     pub fn prompt_text(&self, input: &PromptInput) -> Result<String, GenerateError> {
-        match input {
-            PromptInput::Raw(text) => Ok(text.clone()),
-            PromptInput::Tokens(ids) => self
-                .tokenizer
-                .decode(ids, false)
-                .map_err(|e| GenerateError::Tokenizer(e.to_string())),
-            PromptInput::Chat(messages) => self
-                .template
-                .as_ref()
-                .ok_or(GenerateError::NoTemplate)?
-                .render(messages, true),
-        }
+        self.prompter.text(input)
     }
 
     pub fn prompt_ids(&self, input: &PromptInput) -> Result<Vec<u32>, GenerateError> {
-        if let PromptInput::Tokens(ids) = input {
-            return Ok(ids.clone());
-        }
-        let text = self.prompt_text(input)?;
-        // Templates write their own special tokens, so the tokenizer must not add more.
-        let encoding = self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| GenerateError::Tokenizer(e.to_string()))?;
-        Ok(encoding.get_ids().to_vec())
+        self.prompter.ids(input)
     }
 
     /// Runs `ids` through the model in chunks; the logits of the last one end in `self.logits`.
@@ -310,29 +281,11 @@ impl Generator {
     ) -> Result<(), GenerateError> {
         let started = Instant::now();
         let queue_ms = ms(started - control.accepted_at.min(started));
-        let prompt = self.prompt_ids(&request.input)?;
-        if prompt.is_empty() {
-            return Err(GenerateError::EmptyPrompt);
-        }
-        if prompt.len() > self.max_prompt_tokens {
-            let what = if self.max_prompt_tokens < self.context_len {
-                "max_prompt_tokens"
-            } else {
-                "the model's context length"
-            };
-            return Err(GenerateError::PromptTooLong {
-                tokens: prompt.len(),
-                limit: self.max_prompt_tokens,
-                what,
-            });
-        }
-        if prompt.len() >= self.context_len {
-            return Err(GenerateError::PromptTooLong {
-                tokens: prompt.len(),
-                limit: self.context_len - 1,
-                what: "the context length, leaving room for one generated token",
-            });
-        }
+        // The ingress tokenized and checked a served request before queueing it.
+        let prompt = match &request.prompt_ids {
+            Some(ids) => ids.clone(),
+            None => self.prompter.checked_ids(&request.input)?,
+        };
         stats.prompt_tokens = prompt.len();
         let mut history = prompt.clone();
 
@@ -363,7 +316,7 @@ impl Generator {
                 }
                 generated += 1;
                 history.push(token);
-                let piece = decoder.push(&self.tokenizer, token)?;
+                let piece = decoder.push(self.prompter.tokenizer(), token)?;
                 let (text, stopped) = match stops.push(&piece) {
                     StopCheck::Continue(t) => (t, false),
                     StopCheck::Stopped(t) => (t, true),
@@ -387,7 +340,7 @@ impl Generator {
                     break 'decode FinishReason::StopSequence;
                 }
                 if generated >= request.max_tokens as usize
-                    || self.cache.len() + 1 >= self.context_len
+                    || self.cache.len() + 1 >= self.prompter.context_len()
                 {
                     break 'decode FinishReason::Length;
                 }
@@ -405,7 +358,7 @@ impl Generator {
         };
         if finish != FinishReason::StopSequence {
             // Held-back text: an unfinished character or a partial stop sequence.
-            let mut tail = decoder.finish(&self.tokenizer)?;
+            let mut tail = decoder.finish(self.prompter.tokenizer())?;
             let (StopCheck::Continue(t) | StopCheck::Stopped(t)) = stops.push(&tail);
             tail = t;
             tail.push_str(&stops.flush());

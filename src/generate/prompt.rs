@@ -1,0 +1,135 @@
+//! From a request's input to the token ids the model sees: the chat template, the tokenizer
+//! and the prompt's length limits. Shared (behind an `Arc`) by the ingress, which tokenizes
+//! and checks the length before a request takes a queue slot, and the generator, which
+//! detokenizes what the model produces.
+
+use tokenizers::Tokenizer;
+
+use super::template::ChatTemplate;
+use super::GenerateError;
+use crate::model::ModelPackage;
+use crate::protocol::{Message, PromptInput};
+
+pub struct Prompter {
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+    /// Positions the KV cache may hold (the model's, or less when configured).
+    context_len: usize,
+    /// The longest prompt accepted (`limits.max_prompt_tokens`, at most `context_len`).
+    max_prompt_tokens: usize,
+}
+
+impl Prompter {
+    pub fn load(package: &ModelPackage) -> Result<Self, GenerateError> {
+        let tokenizer = Tokenizer::from_file(&package.tokenizer_file).map_err(|e| {
+            GenerateError::Tokenizer(format!(
+                "cannot load {}: {e}",
+                package.tokenizer_file.display()
+            ))
+        })?;
+        let template = match &package.chat_template {
+            Some(source) => Some(ChatTemplate::new(
+                source,
+                &package.bos_token,
+                &package.eos_token,
+            )?),
+            None => None,
+        };
+        Ok(Prompter {
+            tokenizer,
+            template,
+            context_len: package.context_len,
+            max_prompt_tokens: package.context_len,
+        })
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn context_len(&self) -> usize {
+        self.context_len
+    }
+
+    /// The generator's context length (at most the model's).
+    pub fn set_context_len(&mut self, context_len: usize) {
+        self.context_len = context_len.max(1);
+        self.max_prompt_tokens = self.max_prompt_tokens.min(self.context_len);
+    }
+
+    pub fn set_max_prompt_tokens(&mut self, limit: usize) {
+        self.max_prompt_tokens = limit.min(self.context_len);
+    }
+
+    /// Renders `messages` with the model's chat template.
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, GenerateError> {
+        self.template
+            .as_ref()
+            .ok_or(GenerateError::NoTemplate)?
+            .render(messages, add_generation_prompt)
+    }
+
+    /// The text the model sees for `input`.
+    pub fn text(&self, input: &PromptInput) -> Result<String, GenerateError> {
+        match input {
+            PromptInput::Raw(text) => Ok(text.clone()),
+            PromptInput::Tokens(ids) => self
+                .tokenizer
+                .decode(ids, false)
+                .map_err(|e| GenerateError::Tokenizer(e.to_string())),
+            PromptInput::Chat(messages) => self.render(messages, true),
+        }
+    }
+
+    /// The token ids of `input`, without a length check.
+    pub fn ids(&self, input: &PromptInput) -> Result<Vec<u32>, GenerateError> {
+        if let PromptInput::Tokens(ids) = input {
+            return Ok(ids.clone());
+        }
+        let text = self.text(input)?;
+        // Templates write their own special tokens, so the tokenizer must not add more.
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| GenerateError::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The token ids of `input`, checked against the limits: not empty, within
+    /// `max_prompt_tokens`, and leaving room in the context for one generated token.
+    pub fn checked_ids(&self, input: &PromptInput) -> Result<Vec<u32>, GenerateError> {
+        let ids = self.ids(input)?;
+        self.check(&ids)?;
+        Ok(ids)
+    }
+
+    pub fn check(&self, ids: &[u32]) -> Result<(), GenerateError> {
+        if ids.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        if ids.len() > self.max_prompt_tokens {
+            let what = if self.max_prompt_tokens < self.context_len {
+                "max_prompt_tokens"
+            } else {
+                "the model's context length"
+            };
+            return Err(GenerateError::PromptTooLong {
+                tokens: ids.len(),
+                limit: self.max_prompt_tokens,
+                what,
+            });
+        }
+        if ids.len() >= self.context_len {
+            return Err(GenerateError::PromptTooLong {
+                tokens: ids.len(),
+                limit: self.context_len - 1,
+                what: "the context length, leaving room for one generated token",
+            });
+        }
+        Ok(())
+    }
+}
