@@ -54,7 +54,11 @@ async fn socket_streams_tokens_for_several_requests_on_one_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_lines_get_error_events_and_the_connection_stays_usable() {
-    let daemon = Daemon::start(tiny_dir("optimum"), |c| c.limits.max_request_bytes = 2048).await;
+    let daemon = Daemon::start(tiny_dir("optimum"), |c| {
+        c.limits.max_request_bytes = 2048;
+        c.limits.max_prompt_tokens = 16;
+    })
+    .await;
     let mut client = daemon.connect().await;
     client.send_raw(b"this is not json\n").await;
     let e = client.event().await;
@@ -88,6 +92,14 @@ async fn malformed_lines_get_error_events_and_the_connection_stays_usable() {
         .await;
     let e = client.event().await;
     assert_eq!(e["code"], "too_long", "{e}");
+    client
+        .send(json!({"id": "long", "prompt": "hi ".repeat(40), "raw": true}))
+        .await;
+    let e = client.event().await;
+    assert!(
+        e["id"] == "long" && e["message"].as_str().unwrap().contains("max_prompt_tokens"),
+        "{e}"
+    );
     client
         .send(json!({"id": "ok", "prompt": "hi", "raw": true, "max_tokens": 3}))
         .await;

@@ -119,6 +119,74 @@ async fn mqtt_requests_stream_to_the_response_topic_with_correlation_data() {
     wait_on(&mut rx, "test/dev1/status", |v| v["state"] == "offline").await;
 }
 
+/// The socket's malformed-line test, over MQTT: the same ingress answers each bad message
+/// where its replies go (the errors topic when it names no id), and the daemon keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_mqtt_messages_get_error_events_and_the_daemon_keeps_serving() {
+    let broker = Broker::start();
+    let port = broker.port;
+    let daemon = Daemon::start(tiny_dir("optimum"), |c| {
+        c.socket.enabled = false;
+        c.mqtt.enabled = true;
+        c.mqtt.port = port;
+        c.mqtt.device_id = "bad".into();
+        c.limits.max_request_bytes = 2048;
+        c.limits.max_prompt_tokens = 16;
+    })
+    .await;
+    let (client, mut rx) = mqtt_client(
+        port,
+        "malformed",
+        &[
+            "out/#",
+            "emberd/bad/errors",
+            "emberd/bad/response/#",
+            "emberd/bad/status",
+        ],
+    )
+    .await;
+    wait_on(&mut rx, "emberd/bad/status", |v| v["state"] == "online").await;
+    let publish = |payload: Vec<u8>| {
+        let client = client.clone();
+        async move {
+            client
+                .publish("emberd/bad/request", QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap()
+        }
+    };
+    publish(b"this is not json".to_vec()).await;
+    let e = next_on(&mut rx, "emberd/bad/errors").await;
+    assert_eq!(e["code"], "bad_request", "{e}");
+    publish(format!("{{\"prompt\": \"{}\"}}", "x".repeat(5000)).into_bytes()).await;
+    let e = next_on(&mut rx, "emberd/bad/errors").await;
+    assert!(
+        e["code"] == "too_long" && e["message"].as_str().unwrap().contains("max_request_bytes"),
+        "{e}"
+    );
+    publish(
+        json!({"id": "u", "prompt": "hi", "temprature": 1})
+            .to_string()
+            .into_bytes(),
+    )
+    .await;
+    let e = next_on(&mut rx, "emberd/bad/response/u").await;
+    assert!(e["message"].as_str().unwrap().contains("temprature"), "{e}");
+    let long =
+        json!({"id": "long", "prompt": "hi ".repeat(40), "raw": true, "reply_to": "out/long"});
+    publish(long.to_string().into_bytes()).await;
+    let e = next_on(&mut rx, "out/long").await;
+    assert!(
+        e["code"] == "too_long" && e["message"].as_str().unwrap().contains("max_prompt_tokens"),
+        "{e}"
+    );
+    let ok =
+        json!({"id": "ok", "prompt": "hi", "raw": true, "max_tokens": 3, "reply_to": "out/ok"});
+    publish(ok.to_string().into_bytes()).await;
+    assert_eq!(end_on(&mut rx, "out/ok").await["type"], "done");
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_cancel_topic_stops_a_running_request() {
     let broker = Broker::start();
