@@ -23,6 +23,8 @@ install_apt_packages() {
     # /bin/kill, which the unit's ExecReload= runs (systemd-analyze verify checks it exists);
     # a minimal Debian lacks procps.
     [ -x /bin/kill ] || missing+=(procps)
+    # curl: the HTTP API's tests (and the setup's example) use it.
+    command -v curl >/dev/null 2>&1 || missing+=(curl)
     if [ ${#missing[@]} -gt 0 ]; then
         command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get to install them"
         local sudo=""
@@ -43,6 +45,12 @@ require_toolchain() {
 
 prepare_models() {
     bash "$ROOT/models/prepare.sh"
+}
+
+# The real HTTP clients the tests run against emberd (the openai package) go into .venv.
+install_test_clients() {
+    "$ROOT/.venv/bin/python" -m pip install --disable-pip-version-check -q -r "$ROOT/tests/requirements.txt" \
+        || die "pip install -r tests/requirements.txt failed (is PyPI reachable?)"
 }
 
 # ONNX Runtime (the library emberd loads, and the Python package the model preparation and

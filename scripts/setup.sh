@@ -43,7 +43,12 @@ port = $MQTT_PORT
 device_id = "${DEVICE_ID:-emberd}"
 TOML
 fi
+# The HTTP API on loopback (a config written by an older setup gets it added).
+if ! grep -q '^\[http\]' "$CONFIG"; then
+    printf '\n[http]\nenabled = true\nlisten = "127.0.0.1:%s"\n' "${EMBERD_HTTP_PORT:-8080}" >> "$CONFIG"
+fi
 DEVICE="$(sed -n 's/^device_id = "\(.*\)"/\1/p' "$CONFIG")"
+HTTP="$(sed -n '/^\[http\]/,/^\[/ s/^listen = "\(.*\)"/\1/p' "$CONFIG")"
 
 cat <<TXT
 
@@ -51,6 +56,8 @@ emberd is starting (Ctrl-C stops it). In another terminal:
   ./target/release/emberd ask --socket $STATE/emberd.sock "Give me one tip for saving energy at home."
   mosquitto_sub -h 127.0.0.1 -p $MQTT_PORT -t 'emberd/$DEVICE/response/#' &
   mosquitto_pub -h 127.0.0.1 -p $MQTT_PORT -q 1 -t 'emberd/$DEVICE/request' -m '{"id":"q1","prompt":"Hello!"}'
+  curl -N http://$HTTP/v1/chat/completions -H 'Content-Type: application/json' \
+    -d '{"model":"smollm2-135m-instruct","stream":true,"messages":[{"role":"user","content":"Give me one tip for saving energy at home."}]}'
 Without the daemon:
   ./target/release/emberd generate "Hello"
 

@@ -8,6 +8,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 require_toolchain
 install_apt_packages
 prepare_models
+install_test_clients
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

@@ -29,6 +29,7 @@ pub struct Config {
     pub generation: GenerationConfig,
     pub limits: LimitsConfig,
     pub socket: SocketConfig,
+    pub http: HttpConfig,
     pub mqtt: MqttConfig,
     pub log: LogConfig,
 }
@@ -146,6 +147,31 @@ impl Default for SocketConfig {
             enabled: true,
             path: PathBuf::from("/run/emberd/emberd.sock"),
             mode: "0660".into(),
+        }
+    }
+}
+
+/// The HTTP API (OpenAI-compatible routes, `/health`); off unless enabled.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    pub enabled: bool,
+    /// Loopback by default: exposing the API to a network is a deliberate choice.
+    pub listen: String,
+    /// A file holding the API key; when set, every route but `/health` needs
+    /// `Authorization: Bearer <key>`.
+    pub api_key_file: Option<PathBuf>,
+    /// Connections served at once; more get 503 at once.
+    pub max_connections: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: false,
+            listen: "127.0.0.1:8080".into(),
+            api_key_file: None,
+            max_connections: 64,
         }
     }
 }
@@ -281,6 +307,15 @@ impl Config {
                     crate::engine::ort::KNOWN_PROVIDERS.join(", ")
                 ));
             }
+        }
+        if self.http.enabled && self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad(format!(
+                "http.listen must be an address and port like \"127.0.0.1:8080\", got {:?}",
+                self.http.listen
+            ));
+        }
+        if self.http.max_connections == 0 {
+            return bad("http.max_connections must be at least 1".into());
         }
         if self.mqtt.enabled && self.mqtt.device_id.is_empty() {
             return bad("mqtt.device_id must not be empty".into());

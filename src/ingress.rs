@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use crate::generate::prompt::Prompter;
 use crate::generate::CancelToken;
-use crate::protocol::{id_hint, parse_request, ErrorCode, Event, RequestPolicy};
+use crate::protocol::{id_hint, parse_request, ErrorCode, Event, Request, RequestPolicy};
 use crate::scheduler::Scheduler;
 
 /// Where the events of one message go.
@@ -32,12 +32,22 @@ pub trait Reply: Send + Sync + 'static {
     /// Delivers one event; false when the client is gone. The future is spawned or awaited
     /// in order: an implementation that can deliver at once should do it when called.
     fn deliver(&self, event: Event) -> impl Future<Output = bool> + Send + 'static;
+
+    /// Resolves when the client is known to be gone before an event shows it (an HTTP
+    /// client that disconnected during prefill); never, where a transport cannot tell.
+    fn closed(&self) -> impl Future<Output = ()> + Send + '_ {
+        std::future::pending()
+    }
 }
 
 /// The socket's writer channel: delivery is a send on it, done when called.
 impl Reply for tokio::sync::mpsc::UnboundedSender<Event> {
     fn deliver(&self, event: Event) -> impl Future<Output = bool> + Send + 'static {
         std::future::ready(self.send(event).is_ok())
+    }
+
+    fn closed(&self) -> impl Future<Output = ()> + Send + '_ {
+        tokio::sync::mpsc::UnboundedSender::closed(self)
     }
 }
 
@@ -72,6 +82,14 @@ pub enum Intent {
     Any,
     /// Arrived where only cancels go (MQTT's cancel topic): read as a cancel whatever its type.
     Cancel,
+}
+
+/// Where a message came from: its transport, its scope, and what it may ask for.
+#[derive(Clone, Copy)]
+pub struct Origin<'a> {
+    pub transport: &'static str,
+    pub scope: &'a Scope,
+    pub intent: Intent,
 }
 
 /// Where replies to a message go, as far as the message says: its id (empty when unknown)
@@ -118,14 +136,12 @@ impl Ingress {
         &self.scheduler
     }
 
-    /// Takes one message of `transport` in `scope`. `route` names where its replies go once
-    /// what the message says about that is known; every outcome is delivered there.
+    /// Takes one message. `route` names where its replies go once what the message says
+    /// about that is known; every outcome is delivered there.
     pub fn handle<R: Reply>(
         &self,
         bytes: &[u8],
-        intent: Intent,
-        scope: &Scope,
-        transport: &'static str,
+        origin: Origin<'_>,
         route: impl FnOnce(Route) -> R,
     ) {
         let accepted_at = Instant::now();
@@ -154,6 +170,23 @@ impl Ingress {
                 return;
             }
         };
+        self.handle_request(request, accepted_at, origin, route);
+    }
+
+    /// Takes a request that its transport decoded itself (HTTP maps the OpenAI shape to a
+    /// `Request`); from here on the path is the same as for `handle`.
+    pub fn handle_request<R: Reply>(
+        &self,
+        request: Request,
+        accepted_at: Instant,
+        origin: Origin<'_>,
+        route: impl FnOnce(Route) -> R,
+    ) {
+        let Origin {
+            transport,
+            scope,
+            intent,
+        } = origin;
         if request.is_cancel() || intent == Intent::Cancel {
             let token = request
                 .id
@@ -211,7 +244,17 @@ impl Ingress {
             .insert(submission.id.clone(), submission.cancel.clone());
         let scope = scope.clone();
         tokio::spawn(async move {
-            while let Some(event) = submission.events.recv().await {
+            loop {
+                let event = tokio::select! {
+                    event = submission.events.recv() => event,
+                    // The client left while nothing was being sent (prefill): stop the work
+                    // now; the terminal event still comes and goes nowhere.
+                    _ = reply.closed(), if !submission.cancel.is_cancelled() => {
+                        submission.cancel.cancel();
+                        continue;
+                    }
+                };
+                let Some(event) = event else { break };
                 let terminal = event.is_terminal();
                 if terminal {
                     scope.lock().remove(&submission.id);

@@ -11,7 +11,7 @@ use crate::scheduler::Scheduler;
 use crate::service;
 use crate::shutdown::Shutdown;
 use crate::shutdown::Shutdown as ShutdownSignal;
-use crate::transport::{mqtt, socket};
+use crate::transport::{http, mqtt, socket};
 
 /// How long in-flight requests may run on after shutdown begins before they are cancelled.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -24,7 +24,9 @@ pub enum ServeError {
     Socket(#[from] socket::SocketError),
     #[error(transparent)]
     Mqtt(#[from] mqtt::MqttError),
-    #[error("no transport is enabled; enable [socket] or [mqtt]")]
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+    #[error("no transport is enabled; enable [socket], [http] or [mqtt]")]
     NoTransport,
 }
 
@@ -33,6 +35,8 @@ pub enum ServeError {
 pub struct Ready {
     pub socket: Option<PathBuf>,
     pub mqtt: Option<String>,
+    /// Where the HTTP API listens (the bound address: port 0 becomes the real one).
+    pub http: Option<std::net::SocketAddr>,
     pub engine: String,
     pub model: String,
     /// Live counters of the scheduler (served, cancelled, queue depth...).
@@ -55,7 +59,7 @@ pub async fn serve(
     shutdown: Shutdown,
     on_ready: impl FnOnce(Ready),
 ) -> Result<(), ServeError> {
-    if !config.socket.enabled && !config.mqtt.enabled {
+    if !config.socket.enabled && !config.mqtt.enabled && !config.http.enabled {
         return Err(ServeError::NoTransport);
     }
     generator.set_max_prompt_tokens(config.limits.max_prompt_tokens);
@@ -72,6 +76,7 @@ pub async fn serve(
     let mut ready = Ready {
         socket: None,
         mqtt: None,
+        http: None,
         engine: scheduler.engine().label(),
         model: scheduler.model_name().to_string(),
         stats: scheduler.stats().clone(),
@@ -116,6 +121,11 @@ pub async fn serve(
             .run(),
         );
     }
+    if config.http.enabled {
+        let server = http::Server::bind(&config.http, ingress.clone(), shutdown.clone()).await?;
+        ready.http = server.local_addr();
+        tasks.spawn(server.run());
+    }
     let mut mqtt_subscribed = None;
     if config.mqtt.enabled {
         let mut transport = mqtt::Transport::new(&config.mqtt, ingress.clone(), shutdown.clone())?;
@@ -144,13 +154,16 @@ pub async fn serve(
         }
     }
     log::info!(
-        "ready: model {}, engine {}, socket {}, mqtt broker {}",
+        "ready: model {}, engine {}, socket {}, http {}, mqtt broker {}",
         ready.model,
         ready.engine,
         ready
             .socket
             .as_ref()
             .map_or("off".to_string(), |p| p.display().to_string()),
+        ready
+            .http
+            .map_or("off".to_string(), |a| format!("http://{a}")),
         ready.mqtt.as_deref().unwrap_or("off")
     );
     service::notify(&format!("READY=1\nSTATUS={status}"));

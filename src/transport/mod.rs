@@ -1,5 +1,6 @@
-//! Transports turn bytes into `Request`s for the scheduler and `Event`s back into bytes.
+//! Transports frame: they hand messages to the ingress and turn `Event`s back into bytes.
 //! They never see the model.
 
+pub mod http;
 pub mod mqtt;
 pub mod socket;

@@ -25,7 +25,7 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
 use crate::config::{MqttConfig, TlsConfig};
-use crate::ingress::{Ingress, Intent, Reply, Route, Scope};
+use crate::ingress::{Ingress, Intent, Origin, Reply, Route, Scope};
 use crate::protocol::Event;
 use crate::scheduler::Scheduler;
 use crate::shutdown::Shutdown;
@@ -411,8 +411,12 @@ impl Transport {
                 to,
             }
         };
-        self.ingress
-            .handle(&publish.payload, intent, &self.running, "mqtt", route);
+        let origin = Origin {
+            transport: "mqtt",
+            scope: &self.running,
+            intent,
+        };
+        self.ingress.handle(&publish.payload, origin, route);
     }
 
     /// Publishes `offline`, disconnects, and polls until the broker has everything.

@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
-use crate::ingress::{Ingress, Intent, Scope};
+use crate::ingress::{Ingress, Intent, Origin, Scope};
 use crate::protocol::{ErrorCode, Event};
 use crate::shutdown::Shutdown;
 
@@ -168,7 +168,11 @@ impl Handler {
             return;
         }
         // Every reply of this connection goes to its writer, whatever the request says.
-        self.ingress
-            .handle(line, Intent::Any, scope, "socket", |_| out.clone());
+        let origin = Origin {
+            transport: "socket",
+            scope,
+            intent: Intent::Any,
+        };
+        self.ingress.handle(line, origin, |_| out.clone());
     }
 }

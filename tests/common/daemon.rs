@@ -23,6 +23,8 @@ pub const PATIENCE: Duration = Duration::from_secs(60);
 
 pub struct Daemon {
     pub socket: PathBuf,
+    /// The HTTP API's address, when `[http]` is enabled.
+    pub http: Option<std::net::SocketAddr>,
     pub stats: Arc<Stats>,
     pub trigger: emberd::shutdown::ShutdownTrigger,
     pub done: tokio::task::JoinHandle<()>,
@@ -54,6 +56,7 @@ impl Daemon {
             .expect("ready");
         Daemon {
             socket: ready.socket.clone().unwrap_or_default(),
+            http: ready.http,
             stats: ready.stats,
             trigger,
             done,
