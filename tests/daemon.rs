@@ -190,7 +190,7 @@ async fn closing_the_connection_cancels_its_requests() {
     client.send(long_request("gone")).await;
     assert_eq!(client.event().await["type"], "token");
     drop(client);
-    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let deadline = tokio::time::Instant::now() + patience();
     while daemon.stats.cancelled.load(Ordering::Relaxed) == 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -239,7 +239,7 @@ async fn shutdown_drains_and_every_request_still_gets_its_terminal_event() {
         "done",
         "an in-flight request finishes during the drain"
     );
-    tokio::time::timeout(PATIENCE, daemon.done)
+    tokio::time::timeout(patience(), daemon.done)
         .await
         .unwrap()
         .unwrap();

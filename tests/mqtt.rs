@@ -60,7 +60,7 @@ async fn mqtt_requests_stream_to_the_response_topic_with_correlation_data() {
         .unwrap();
     let mut events = Vec::new();
     loop {
-        let (topic, value, props) = tokio::time::timeout(PATIENCE, rx.recv())
+        let (topic, value, props) = tokio::time::timeout(patience(), rx.recv())
             .await
             .unwrap()
             .unwrap();
@@ -227,7 +227,7 @@ async fn mqtt_cancel_topic_stops_a_running_request() {
             .unwrap();
     }
     let end = loop {
-        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+        let (topic, value, _) = tokio::time::timeout(patience(), rx.recv())
             .await
             .expect("a message in time")
             .unwrap();
@@ -349,7 +349,7 @@ fn mosquitto_pub_with_mqtt5_response_topic_gets_the_reply_on_mosquitto_sub() {
     assert!(status.success());
     loop {
         let line = rx
-            .recv_timeout(PATIENCE)
+            .recv_timeout(patience())
             .expect("a reply on the response topic");
         let (correlation, payload) = line.split_once('|').unwrap();
         let event: Value = serde_json::from_str(payload).unwrap();
@@ -394,7 +394,7 @@ async fn a_share_group_splits_requests_between_two_daemons_with_none_lost_or_dou
     // Both members are subscribed once each has published its online status.
     let mut online = std::collections::HashSet::new();
     while online.len() < 2 {
-        let (topic, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+        let (topic, value, _) = tokio::time::timeout(patience(), rx.recv())
             .await
             .unwrap()
             .unwrap();
@@ -421,7 +421,7 @@ async fn a_share_group_splits_requests_between_two_daemons_with_none_lost_or_dou
     }
     let mut done: std::collections::HashMap<String, usize> = Default::default();
     while done.values().sum::<usize>() < 10 {
-        let (_, value, _) = tokio::time::timeout(PATIENCE, rx.recv())
+        let (_, value, _) = tokio::time::timeout(patience(), rx.recv())
             .await
             .unwrap()
             .unwrap();
@@ -444,7 +444,7 @@ async fn a_share_group_splits_requests_between_two_daemons_with_none_lost_or_dou
             b.stats.served.load(Ordering::Relaxed),
         )
     };
-    let settled = tokio::time::Instant::now() + PATIENCE;
+    let settled = tokio::time::Instant::now() + patience();
     while served().0 + served().1 < 10 && tokio::time::Instant::now() < settled {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -668,7 +668,7 @@ fn a_wrong_password_is_logged_clearly_and_retried_with_backoff() {
     // hundreds of times in it; one that backs off (0.1 s doubling to 5 s) a handful.
     let window = Duration::from_secs(4);
     let mut refusals = Vec::new();
-    while let Ok((at, line)) = rx.recv_timeout(PATIENCE) {
+    while let Ok((at, line)) = rx.recv_timeout(patience()) {
         if line.contains("refused the connection") {
             assert!(
                 (line.contains("BadUserNamePassword") || line.contains("NotAuthorized"))
@@ -776,7 +776,7 @@ async fn a_broker_restart_mid_stream_loses_nothing_and_requests_sent_meanwhile_a
         })
     };
     while !(finished(&seqs, "long") && finished(&seqs, "during")) {
-        let (topic, event, _) = tokio::time::timeout(PATIENCE, rx.recv())
+        let (topic, event, _) = tokio::time::timeout(patience(), rx.recv())
             .await
             .unwrap_or_else(|_| panic!("events still missing: {seqs:?}\n{}", broker.log()))
             .unwrap();
@@ -802,7 +802,7 @@ async fn ready_is_notified_only_once_the_broker_holds_emberds_subscriptions() {
     let dir = tempfile::tempdir().unwrap();
     let notify_path = dir.path().join("notify");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(PATIENCE)).unwrap();
+    notify.set_read_timeout(Some(patience())).unwrap();
     let config = write_serve_config(
         dir.path(),
         &format!(
