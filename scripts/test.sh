@@ -34,5 +34,9 @@ run_or_report() {
     esac
 }
 run_or_report "systemd units under a real systemd (systemd-nspawn)" bash tests/systemd/nspawn.sh target/release/emberd
-run_or_report "the test suite for aarch64 under qemu-user" bash cross/test.sh aarch64
+# Under qemu-aarch64, tract on the default model (the exact-reference test) ran for over
+# 14 minutes with its two threads spinning; the native run keeps it, and the tiny models
+# check tract's aarch64 kernels here.
+run_or_report "the test suite for aarch64 under qemu-user" bash cross/test.sh aarch64 \
+    -- --skip tract_matches_the_exact_reference_on_the_default_model
 run_or_report "the test suite for armv7 (tract only) under qemu-user" bash cross/test.sh armv7
