@@ -4,7 +4,6 @@
 mod common;
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use common::daemon::*;
 use common::*;
@@ -190,14 +189,7 @@ async fn closing_the_connection_cancels_its_requests() {
     client.send(long_request("gone")).await;
     assert_eq!(client.event().await["type"], "token");
     drop(client);
-    let deadline = tokio::time::Instant::now() + patience();
-    while daemon.stats.cancelled.load(Ordering::Relaxed) == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the request was not cancelled"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    daemon.wait_for_a_cancel().await;
     // The worker is free again.
     let mut client = daemon.connect().await;
     client

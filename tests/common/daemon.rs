@@ -72,6 +72,23 @@ impl Daemon {
         }
     }
 
+    /// Returns once the scheduler has cancelled a request (a disconnect, a cancel message).
+    pub async fn wait_for_a_cancel(&self) {
+        let deadline = tokio::time::Instant::now() + patience();
+        while self
+            .stats
+            .cancelled
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the request was not cancelled"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn connect(&self) -> Client {
         Client::connect(&self.socket).await
     }
