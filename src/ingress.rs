@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use crate::generate::prompt::Prompter;
 use crate::generate::CancelToken;
+use crate::metrics::Metrics;
 use crate::protocol::{id_hint, parse_request, ErrorCode, Event, Request, RequestPolicy};
 use crate::scheduler::Scheduler;
 
@@ -105,6 +106,7 @@ pub struct Ingress {
     prompter: Arc<Prompter>,
     policy: Arc<RequestPolicy>,
     max_request_bytes: usize,
+    metrics: Arc<Metrics>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -120,12 +122,22 @@ impl Ingress {
         policy: Arc<RequestPolicy>,
         max_request_bytes: usize,
     ) -> Self {
+        let metrics = Arc::new(Metrics::new(&scheduler));
         Ingress {
             scheduler,
             prompter,
             policy,
             max_request_bytes,
+            metrics,
         }
+    }
+
+    pub fn prompter(&self) -> &Prompter {
+        &self.prompter
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn max_request_bytes(&self) -> usize {
@@ -155,7 +167,11 @@ impl Ingress {
                 bytes.len(),
                 self.max_request_bytes
             );
-            send_one(&reply, Event::error("", ErrorCode::TooLong, message));
+            self.refuse(
+                origin.transport,
+                &reply,
+                Event::error("", ErrorCode::TooLong, message),
+            );
             return;
         }
         let request = match parse_request(bytes) {
@@ -166,7 +182,8 @@ impl Ingress {
                     id: id.clone(),
                     reply_to: None,
                 });
-                send_one(&reply, Event::error(id, e.code(), e.to_string()));
+                let event = Event::error(id, e.code(), e.to_string());
+                self.refuse(origin.transport, &reply, event);
                 return;
             }
         };
@@ -211,7 +228,7 @@ impl Ingress {
                     id: id.clone(),
                     reply_to: given_reply_to,
                 });
-                send_one(&reply, Event::error(id, e.code(), e.to_string()));
+                self.refuse(transport, &reply, Event::error(id, e.code(), e.to_string()));
                 return;
             }
         };
@@ -222,20 +239,25 @@ impl Ingress {
         match self.prompter.checked_ids(&valid.input) {
             Ok(ids) => valid.prompt_ids = Some(ids),
             Err(e) => {
-                send_one(&reply, Event::error(valid.id, e.code(), e.to_string()));
+                let event = Event::error(valid.id, e.code(), e.to_string());
+                self.refuse(transport, &reply, event);
                 return;
             }
         }
         if scope.lock().contains_key(&valid.id) {
             let id = valid.id.clone();
             let message = format!("a request with id {id:?} is still running");
-            send_one(&reply, Event::error(id, ErrorCode::BadRequest, message));
+            self.refuse(
+                transport,
+                &reply,
+                Event::error(id, ErrorCode::BadRequest, message),
+            );
             return;
         }
         let mut submission = match self.scheduler.submit(valid, accepted_at, transport) {
             Ok(s) => s,
             Err(event) => {
-                send_one(&reply, *event);
+                self.refuse(transport, &reply, *event);
                 return;
             }
         };
@@ -243,6 +265,7 @@ impl Ingress {
             .lock()
             .insert(submission.id.clone(), submission.cancel.clone());
         let scope = scope.clone();
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             loop {
                 let event = tokio::select! {
@@ -258,6 +281,7 @@ impl Ingress {
                 let terminal = event.is_terminal();
                 if terminal {
                     scope.lock().remove(&submission.id);
+                    metrics.record(transport, &event);
                 }
                 if !reply.deliver(event).await {
                     // The client is gone; stop the work.
@@ -271,9 +295,10 @@ impl Ingress {
             scope.lock().remove(&submission.id);
         });
     }
-}
 
-/// Delivers a single event (an error about a message that was not accepted).
-fn send_one<R: Reply>(reply: &R, event: Event) {
-    tokio::spawn(reply.deliver(event));
+    /// Delivers the one event that answers a message that was not accepted.
+    fn refuse<R: Reply>(&self, transport: &'static str, reply: &R, event: Event) {
+        self.metrics.record(transport, &event);
+        tokio::spawn(reply.deliver(event));
+    }
 }

@@ -23,6 +23,7 @@ pub mod config;
 pub mod engine;
 pub mod generate;
 pub mod ingress;
+pub mod metrics;
 pub mod model;
 pub mod paths;
 pub mod protocol;

@@ -15,6 +15,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::engine::EngineInfo;
 use crate::generate::{CancelToken, Generator, RunControl};
+use crate::model::ModelPackage;
 use crate::protocol::{ErrorCode, Event, FinishReason, PromptInput, ValidRequest};
 
 struct Job {
@@ -55,7 +56,7 @@ pub struct Scheduler {
     next_key: Arc<AtomicU64>,
     stats: Arc<Stats>,
     engine: Arc<EngineInfo>,
-    model: Arc<String>,
+    package: Arc<ModelPackage>,
     started: Instant,
 }
 
@@ -86,7 +87,7 @@ impl Scheduler {
             next_key: Arc::default(),
             stats: stats.clone(),
             engine: Arc::new(generator.engine_info().clone()),
-            model: Arc::new(generator.package().name.clone()),
+            package: Arc::new(generator.package().clone()),
             started,
         };
         let thread = std::thread::Builder::new()
@@ -171,7 +172,17 @@ impl Scheduler {
     }
 
     pub fn model_name(&self) -> &str {
-        &self.model
+        &self.package.name
+    }
+
+    /// Time since the scheduler started (the daemon's uptime, as a client sees it).
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The model package being served.
+    pub fn package(&self) -> &ModelPackage {
+        &self.package
     }
 
     /// Time since the engine worker last showed it is alive (between jobs and between steps).

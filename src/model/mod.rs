@@ -69,6 +69,8 @@ pub struct IoNames {
 pub struct ModelPackage {
     pub dir: PathBuf,
     pub name: String,
+    /// The architecture, as config.json's `model_type` names it ("llama"), where it does.
+    pub family: Option<String>,
     pub layout: Layout,
     /// ONNX file for ONNX Runtime.
     pub ort_file: PathBuf,
@@ -261,9 +263,15 @@ impl ModelPackage {
                     .unwrap_or_default()
             });
 
+        let family = config
+            .as_ref()
+            .and_then(|c| c.get("model_type"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
         Ok(ModelPackage {
             dir: dir.to_path_buf(),
             name,
+            family,
             layout,
             ort_file,
             tract_file,
