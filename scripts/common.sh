@@ -47,10 +47,19 @@ prepare_models() {
     bash "$ROOT/models/prepare.sh"
 }
 
-# The real HTTP clients the tests run against emberd (the openai package) go into .venv.
+# The real clients the tests run against emberd: the openai and ollama packages (into .venv)
+# and Debian's headless Chromium, which loads the device page.
 install_test_clients() {
     "$ROOT/.venv/bin/python" -m pip install --disable-pip-version-check -q -r "$ROOT/tests/requirements.txt" \
         || die "pip install -r tests/requirements.txt failed (is PyPI reachable?)"
+    if ! command -v chromium-headless-shell >/dev/null 2>&1 && ! command -v chromium >/dev/null 2>&1; then
+        local sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo="sudo"
+        say "installing Debian's headless Chromium (the device page's test)"
+        $sudo apt-get update -qq || die "apt-get update failed"
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium-headless-shell \
+            || die "apt-get install chromium-headless-shell failed"
+    fi
 }
 
 # ONNX Runtime (the library emberd loads, and the Python package the model preparation and

@@ -1,5 +1,5 @@
-//! The HTTP API with real clients: the official `openai` Python package, curl, and a raw
-//! TCP client that hangs up mid-stream.
+//! The HTTP API with real clients: the official `openai` and `ollama` Python packages, curl,
+//! headless Chromium on the device page, and a raw TCP client that hangs up.
 
 mod common;
 
@@ -20,6 +20,30 @@ async fn http_daemon(tweak: impl FnOnce(&mut emberd::config::Config)) -> (Daemon
     (daemon, base)
 }
 
+/// Runs one of the Python clients in tests/http with `args`; its stdout is one JSON object.
+async fn python_client(script: &str, args: Vec<String>) -> serde_json::Value {
+    let python = repo().join(".venv/bin/python");
+    let script = repo().join("tests/http").join(script);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(&script)
+            .args(args)
+            .env("EMBERD_PAGE_PATIENCE", patience().as_secs().to_string())
+            .output()
+            .expect("the .venv that the test command makes (with tests/requirements.txt)")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "the client failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("{seen:#}");
+    seen
+}
+
 fn curl(args: &[&str]) -> (String, String) {
     let out = Command::new("curl")
         .args(["-sS", "-w", "\n%{http_code}"])
@@ -34,25 +58,11 @@ fn curl(args: &[&str]) -> (String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_client_gets_the_same_text_streamed_and_whole() {
     let (daemon, base) = http_daemon(|_| {}).await;
-    let python = repo().join(".venv/bin/python");
-    let script = repo().join("tests/http/openai_client.py");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg(script)
-            .arg(format!("{base}/v1"))
-            .arg("smollm2-135m-instruct")
-            .output()
-            .expect("the .venv that the test command makes (with tests/requirements.txt)")
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "openai client failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    eprintln!("{seen:#}");
+    let seen = python_client(
+        "openai_client.py",
+        vec![format!("{base}/v1"), "smollm2-135m-instruct".into()],
+    )
+    .await;
     assert_eq!(seen["models"], serde_json::json!(["smollm2-135m-instruct"]));
     let whole = seen["whole_text"].as_str().unwrap();
     assert!(!whole.is_empty());
@@ -176,31 +186,259 @@ async fn curl_streams_sse_and_gets_openai_errors_with_their_status() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_hangs_up_mid_stream_cancels_its_request() {
+async fn the_ollama_client_gets_the_same_text_streamed_and_whole() {
+    let (daemon, base) = http_daemon(|_| {}).await;
+    let model = "smollm2-135m-instruct";
+    let seen = python_client("ollama_client.py", vec![base, model.into()]).await;
+    assert_eq!(seen["tags"], serde_json::json!([model]));
+    assert_eq!(seen["ps"][0]["model"], model);
+    assert!(seen["ps"][0]["size"].as_u64().unwrap() > 0, "{seen}");
+    assert!(seen["ps"][0]["context_length"].as_u64().unwrap() > 0);
+    assert_eq!(seen["show"]["family"], "llama");
+    assert_eq!(seen["show"]["format"], "onnx");
+    assert_eq!(seen["load"], "load", "a request with no prompt loads");
+    for (whole, streamed) in [
+        ("chat_whole_text", "chat_stream_text"),
+        ("generate_whole_text", "generate_stream_text"),
+    ] {
+        assert!(!seen[whole].as_str().unwrap().is_empty(), "{whole}");
+        assert_eq!(seen[streamed], seen[whole], "greedy: streamed == whole");
+    }
+    assert!(seen["chat_stream_pieces"].as_u64().unwrap() > 1);
+    assert_eq!(
+        seen["chat_stream_dones"], 1,
+        "exactly one object has done: true"
+    );
+    for last in ["chat_whole", "chat_stream", "generate_whole"] {
+        let last = &seen[last];
+        assert_eq!(last["done"], true);
+        assert!(["stop", "length"].contains(&last["done_reason"].as_str().unwrap()));
+        assert!(last["prompt_eval_count"].as_u64().unwrap() > 0, "{last}");
+        assert!(last["eval_count"].as_u64().unwrap() > 0, "{last}");
+        let total = last["total_duration"].as_u64().unwrap();
+        // Nanoseconds: a request of a few tokens takes more than a millisecond.
+        assert!(total > 1_000_000, "{last}");
+        assert!(last["eval_duration"].as_u64().unwrap() <= total, "{last}");
+    }
+    assert_eq!(
+        seen["chat_stream"]["eval_count"],
+        seen["chat_whole"]["eval_count"]
+    );
+    assert_eq!(seen["unknown_model"]["status"], 404, "{seen}");
+    assert_eq!(seen["unsupported_option"]["status"], 400, "{seen}");
+    assert!(seen["unsupported_option"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("mirostat"));
+    assert_eq!(seen["format"]["status"], 400, "{seen}");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_page_streams_a_reply_and_stops_it_in_headless_chromium() {
+    let (daemon, base) = http_daemon(|_| {}).await;
+    let model = "smollm2-135m-instruct";
+    // Kept after the run, for a look at what the page showed.
+    let shot = repo().join("target/test-artifacts/device-page.png");
+    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
+    let seen = python_client(
+        "page_check.py",
+        vec![base, model.into(), shot.display().to_string()],
+    )
+    .await;
+    assert_eq!(seen["title"], "emberd");
+    assert!(seen["status"]["model"].as_str().unwrap().starts_with(model));
+    assert_eq!(
+        seen["status"]["engine"].as_str().unwrap().split(',').next(),
+        Some(serving_engine())
+    );
+    assert!(!seen["reply"].as_str().unwrap().is_empty(), "{seen}");
+    // The reply grew piece by piece: several lengths between empty and whole.
+    let lengths = seen["lengths_seen"].as_array().unwrap();
+    assert!(lengths.len() >= 4, "the text appeared at once: {lengths:?}");
+    assert!(seen["ttft"].as_str().unwrap().ends_with(" ms"), "{seen}");
+    assert!(seen["tps"].as_str().unwrap().parse::<f64>().unwrap() > 0.0);
+    assert_eq!(seen["error"], "");
+    assert_eq!(seen["stopped_error"], "stopped");
+    assert_eq!(seen["exceptions"], serde_json::json!([]));
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 1000,
+        "a screenshot"
+    );
+    // Stop aborted the fetch; the daemon cancelled the request.
+    daemon.wait_for_a_cancel().await;
+    daemon.stop().await;
+}
+
+/// The value of the one sample `name` (with its labels, as written) in a text exposition.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_agree_with_the_usage_clients_were_sent() {
+    let (daemon, base) = http_daemon(|_| {}).await;
+    let (mut prompt, mut generated) = (0u64, 0u64);
+    let mut client = daemon.connect().await;
+    for (i, text) in ["Say hi.", "Count to three."].iter().enumerate() {
+        let id = format!("m{i}");
+        client
+            .send(serde_json::json!({"id": id, "prompt": text, "max_tokens": 8}))
+            .await;
+        let events = client.until_end(&id).await;
+        let usage = &events.last().unwrap()["usage"];
+        prompt += usage["prompt_tokens"].as_u64().unwrap();
+        generated += usage["completion_tokens"].as_u64().unwrap();
+    }
+    client
+        .send(serde_json::json!({"id": "bad", "prompt": "x", "colour": "red"}))
+        .await;
+    assert_eq!(client.until_end("bad").await[0]["code"], "bad_request");
+
+    let run = |args: Vec<String>| async move {
+        tokio::task::spawn_blocking(move || {
+            curl(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .await
+        .unwrap()
+    };
+    let (body, status) = run(vec![
+        "-d".into(),
+        serde_json::json!({"model": "smollm2-135m-instruct", "max_tokens": 8,
+            "messages": [{"role": "user", "content": "Hello!"}]})
+        .to_string(),
+        format!("{base}/v1/chat/completions"),
+    ])
+    .await;
+    assert_eq!(status, "200", "{body}");
+    let usage = serde_json::from_str::<serde_json::Value>(&body).unwrap()["usage"].clone();
+    prompt += usage["prompt_tokens"].as_u64().unwrap();
+    generated += usage["completion_tokens"].as_u64().unwrap();
+    let (body, status) = run(vec![
+        "-d".into(),
+        serde_json::json!({"model": "smollm2-135m-instruct", "stream": false,
+            "options": {"num_predict": 8}, "prompt": "Why is the sky blue?"})
+        .to_string(),
+        format!("{base}/api/generate"),
+    ])
+    .await;
+    assert_eq!(status, "200", "{body}");
+    let last: serde_json::Value = serde_json::from_str(&body).unwrap();
+    prompt += last["prompt_eval_count"].as_u64().unwrap();
+    generated += last["eval_count"].as_u64().unwrap();
+    let too_long = serde_json::json!({"model": "smollm2-135m-instruct",
+        "messages": [{"role": "user", "content": "word ".repeat(9000)}]});
+    let (_, status) = run(vec![
+        "-d".into(),
+        too_long.to_string(),
+        format!("{base}/v1/chat/completions"),
+    ])
+    .await;
+    assert_eq!(status, "413");
+
+    let (text, status) = run(vec![format!("{base}/metrics")]).await;
+    assert_eq!(status, "200", "{text}");
+    eprintln!("{text}");
+    assert_eq!(sample(&text, "emberd_prompt_tokens_total"), prompt as f64);
+    assert_eq!(
+        sample(&text, "emberd_generated_tokens_total"),
+        generated as f64
+    );
+    let requests = |labels: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("emberd_requests_total{") && l.contains(labels))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum::<f64>()
+    };
+    assert_eq!(requests(r#"transport="socket""#), 3.0);
+    assert_eq!(requests(r#"transport="socket",outcome="bad_request""#), 1.0);
+    assert_eq!(requests(r#"transport="http""#), 3.0);
+    assert_eq!(requests(r#"transport="http",outcome="too_long""#), 1.0);
+    assert_eq!(sample(&text, "emberd_request_latency_seconds_count"), 4.0);
+    assert_eq!(sample(&text, "emberd_queue_depth"), 0.0);
+    assert!(text.contains(&format!(
+        r#"emberd_model_info{{model="smollm2-135m-instruct",engine="{}""#,
+        serving_engine()
+    )));
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_cancels_its_request_on_both_apis_streaming_or_not() {
     let (daemon, _) = http_daemon(|_| {}).await;
     let addr = daemon.http.unwrap();
-    let body = serde_json::json!({"model": "smollm2-135m-instruct", "max_tokens": 1000,
-        "stream": true, "messages": [{"role": "user", "content": "Tell me a long story."}]})
-    .to_string();
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(body.as_bytes()).await.unwrap();
-    // Read until the first content chunk, then hang up.
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains("\"content\":\"") || seen.len() < 400 {
-        let n = tokio::time::timeout(patience(), stream.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "the server closed first");
-        seen.extend_from_slice(&buf[..n]);
+    let model = "smollm2-135m-instruct";
+    let story = serde_json::json!([{"role": "user", "content": "Tell me a long story."}]);
+    let cases = [
+        (
+            "/v1/chat/completions",
+            serde_json::json!({"model": model, "max_tokens": 1000,
+            "stream": true, "messages": story}),
+            true,
+        ),
+        (
+            "/v1/chat/completions",
+            serde_json::json!({"model": model, "max_tokens": 1000,
+            "messages": story}),
+            false,
+        ),
+        (
+            "/api/chat",
+            serde_json::json!({"model": model, "options": {"num_predict": 1000},
+            "messages": story}),
+            true,
+        ),
+        (
+            "/api/generate",
+            serde_json::json!({"model": model, "options": {"num_predict": 1000},
+            "prompt": "Tell me a long story.", "stream": false}),
+            false,
+        ),
+    ];
+    for (n, (path, body, streams)) in cases.into_iter().enumerate() {
+        daemon.wait_until_idle().await;
+        let body = body.to_string();
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(body.as_bytes()).await.unwrap();
+        if streams {
+            // Read until text has come, then hang up.
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&seen).contains("\"content\":\"") || seen.len() < 400 {
+                let n = tokio::time::timeout(patience(), stream.read(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(n > 0, "the server closed first");
+                seen.extend_from_slice(&buf[..n]);
+            }
+        } else {
+            // Hang up while the engine runs the request (nothing has been sent back yet).
+            let deadline = tokio::time::Instant::now() + patience();
+            while !daemon
+                .stats
+                .working
+                .load(std::sync::atomic::Ordering::Acquire)
+            {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{path}: never started"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+        drop(stream);
+        eprintln!("{path} (streaming: {streams}): hung up");
+        daemon.wait_for_cancels(n as u64 + 1).await;
     }
-    drop(stream);
-    daemon.wait_for_a_cancel().await;
     daemon.stop().await;
 }

@@ -2,6 +2,7 @@
 //! a real mosquitto broker and an MQTT test client.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,16 +75,32 @@ impl Daemon {
 
     /// Returns once the scheduler has cancelled a request (a disconnect, a cancel message).
     pub async fn wait_for_a_cancel(&self) {
+        self.wait_for_cancels(1).await;
+    }
+
+    /// Waits until `n` requests in all have ended cancelled.
+    pub async fn wait_for_cancels(&self, n: u64) {
         let deadline = tokio::time::Instant::now() + patience();
-        while self
-            .stats
-            .cancelled
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 0
-        {
+        loop {
+            let cancelled = self.stats.cancelled.load(Ordering::Relaxed);
+            if cancelled >= n {
+                return;
+            }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "the request was not cancelled"
+                "{cancelled} requests were cancelled, not {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until no request is waiting or running.
+    pub async fn wait_until_idle(&self) {
+        let deadline = tokio::time::Instant::now() + patience();
+        while self.stats.in_flight.load(Ordering::Acquire) > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "requests still in flight"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

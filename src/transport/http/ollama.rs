@@ -22,20 +22,28 @@ pub(super) async fn version() -> Json<Value> {
     Json(json!({"version": env!("CARGO_PKG_VERSION")}))
 }
 
-/// What Ollama lists about a model: file size, time, format and family.
+/// What Ollama lists about a model: the package's size on disk and newest file time, its
+/// format and family.
 fn model_entry(api: &Api) -> Map<String, Value> {
-    let engine = api.ingress.scheduler().engine();
-    let file = std::fs::metadata(&engine.model_file).ok();
-    let modified = file
-        .as_ref()
-        .and_then(|m| m.modified().ok())
+    let package = api.ingress.scheduler().package();
+    let files: Vec<std::fs::Metadata> = std::fs::read_dir(&package.dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok()?.metadata().ok())
+        .filter(std::fs::Metadata::is_file)
+        .collect();
+    let size: u64 = files.iter().map(std::fs::Metadata::len).sum();
+    let modified = files
+        .iter()
+        .filter_map(|m| m.modified().ok())
+        .max()
         .unwrap_or(UNIX_EPOCH);
-    let family = api.ingress.scheduler().package().family.clone();
+    let family = package.family.clone();
     let mut entry = Map::new();
     entry.insert("name".into(), json!(api.model));
     entry.insert("model".into(), json!(api.model));
     entry.insert("modified_at".into(), json!(rfc3339(modified)));
-    entry.insert("size".into(), json!(file.map_or(0, |m| m.len())));
+    entry.insert("size".into(), json!(size));
     entry.insert(
         "details".into(),
         json!({
@@ -316,7 +324,8 @@ fn ollama_request(body: &[u8], kind: Kind, api: &Api) -> Result<Option<(Request,
             ("options", Value::Object(options)) => apply_options(&mut request, options)?,
             // The model stays loaded whatever is asked.
             ("keep_alive", _) => {}
-            ("think", v) if v.is_null() || *v == Value::Bool(false) => {}
+            ("think" | "logprobs", v) if v.is_null() || *v == Value::Bool(false) => {}
+            ("top_logprobs", v) if v.is_null() || v.as_u64() == Some(0) => {}
             ("think", _) => {
                 return Err(ApiError::bad_request(format!(
                     "{:?} does not support thinking",
