@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::engine::EngineOptions;
+use crate::config::ModelConfig;
 use crate::generate::{GenerateError, Generator, RunControl};
 use crate::model::ModelPackage;
 use crate::protocol::{PromptInput, SamplingParams, ValidRequest};
@@ -215,11 +215,11 @@ fn shared_prefix(
 
 pub fn run(
     package: ModelPackage,
-    engine: &EngineOptions,
+    model: &ModelConfig,
     options: &BenchOptions,
 ) -> Result<BenchReport, GenerateError> {
     let loading = Instant::now();
-    let mut generator = Generator::load(package, engine)?;
+    let mut generator = Generator::load(package, model)?;
     let load_ms = loading.elapsed().as_secs_f64() * 1e3;
     let prompt = prompt_of(&generator, options.prompt_tokens)?;
     let request = greedy(

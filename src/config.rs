@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::engine::{Backend, EngineOptions};
-use crate::protocol::RequestPolicy;
+use crate::engine::Backend;
+use crate::protocol::{GenerationDefaults, RequestPolicy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -26,7 +26,7 @@ pub enum ConfigError {
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub model: ModelConfig,
-    pub generation: GenerationConfig,
+    pub generation: GenerationDefaults,
     pub limits: LimitsConfig,
     pub socket: SocketConfig,
     pub http: HttpConfig,
@@ -66,12 +66,15 @@ impl Default for ModelConfig {
 }
 
 impl ModelConfig {
-    pub fn engine_options(&self) -> EngineOptions {
-        EngineOptions {
-            backend: self.backend,
-            providers: self.providers.clone(),
-            ort_library: self.ort_library.clone(),
-            threads: self.threads,
+    /// The thread count to give the engine. 0 is resolved here, from the CPUs this process
+    /// may run on (affinity and cgroup quota), rather than left to ONNX Runtime: left to
+    /// itself it reads /proc/cpuinfo (hidden by the unit's ProcSubset=pid) and pins its
+    /// threads with sched_setaffinity (refused by the unit's seccomp filter: SIGSYS).
+    pub fn resolved_threads(&self) -> usize {
+        if self.threads > 0 {
+            self.threads
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
         }
     }
 
@@ -79,34 +82,6 @@ impl ModelConfig {
         self.dir
             .clone()
             .unwrap_or_else(crate::paths::default_model_dir)
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct GenerationConfig {
-    pub max_tokens: u32,
-    pub temperature: f32,
-    pub top_k: u32,
-    pub top_p: f32,
-    pub min_p: f32,
-    pub repetition_penalty: f32,
-    /// System prompt for requests that bring none; absent keeps the template's default.
-    pub system: Option<String>,
-}
-
-impl Default for GenerationConfig {
-    fn default() -> Self {
-        let p = RequestPolicy::default();
-        GenerationConfig {
-            max_tokens: p.default_max_tokens,
-            temperature: p.default_temperature,
-            top_k: p.default_top_k,
-            top_p: p.default_top_p,
-            min_p: p.default_min_p,
-            repetition_penalty: p.default_repetition_penalty,
-            system: None,
-        }
     }
 }
 
@@ -137,8 +112,27 @@ impl Default for LimitsConfig {
 pub struct SocketConfig {
     pub enabled: bool,
     pub path: PathBuf,
-    /// Octal file mode as a string, e.g. "0660".
-    pub mode: String,
+    /// The socket file's mode, written in octal as a string: "0660".
+    pub mode: SocketMode,
+}
+
+/// A file mode, parsed once from its octal string when the config is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketMode(pub u32);
+
+impl<'de> Deserialize<'de> for SocketMode {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        u32::from_str_radix(text.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|mode| *mode <= 0o7777)
+            .map(SocketMode)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "socket.mode must be an octal mode like \"0660\", got {text:?}"
+                ))
+            })
+    }
 }
 
 impl Default for SocketConfig {
@@ -146,7 +140,7 @@ impl Default for SocketConfig {
         SocketConfig {
             enabled: true,
             path: PathBuf::from("/run/emberd/emberd.sock"),
-            mode: "0660".into(),
+            mode: SocketMode(0o660),
         }
     }
 }
@@ -291,12 +285,6 @@ impl Config {
                 self.generation.max_tokens, self.limits.max_tokens
             ));
         }
-        if u32::from_str_radix(self.socket.mode.trim_start_matches("0o"), 8).is_err() {
-            return bad(format!(
-                "socket.mode must be an octal mode like \"0660\", got {:?}",
-                self.socket.mode
-            ));
-        }
         if self.model.providers.is_empty() {
             return bad("model.providers must name at least one provider (e.g. [\"cpu\"])".into());
         }
@@ -330,16 +318,9 @@ impl Config {
     }
 
     pub fn request_policy(&self) -> RequestPolicy {
-        let g = &self.generation;
         RequestPolicy {
             max_tokens_cap: self.limits.max_tokens,
-            default_max_tokens: g.max_tokens,
-            default_temperature: g.temperature,
-            default_top_k: g.top_k,
-            default_top_p: g.top_p,
-            default_min_p: g.min_p,
-            default_repetition_penalty: g.repetition_penalty,
-            default_system: g.system.clone(),
+            defaults: self.generation.clone(),
             max_stop_sequences: 8,
             request_timeout: Duration::from_secs_f64(self.limits.request_timeout_s),
         }
@@ -355,6 +336,22 @@ mod tests {
         let c = Config::from_toml("").unwrap();
         assert_eq!(c.limits.max_queue, 16);
         assert_eq!(c.model.backend, Backend::Auto);
+    }
+
+    #[test]
+    fn the_socket_mode_is_parsed_once_when_read() {
+        let c = Config::from_toml("[socket]\nmode = \"0600\"\n").unwrap();
+        assert_eq!(c.socket.mode, SocketMode(0o600));
+        assert_eq!(Config::default().socket.mode, SocketMode(0o660));
+        let err = Config::from_toml("[socket]\nmode = \"rw-rw----\"\n").unwrap_err();
+        assert!(err.to_string().contains("socket.mode"), "{err}");
+    }
+
+    #[test]
+    fn one_max_tokens_cap_whatever_builds_the_policy() {
+        let c = Config::default();
+        assert_eq!(c.request_policy().max_tokens_cap, c.limits.max_tokens);
+        assert!(c.generation.max_tokens <= c.limits.max_tokens);
     }
 
     #[test]

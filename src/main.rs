@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use emberd::config::Config;
-use emberd::engine::{Backend, EngineOptions};
+use emberd::engine::Backend;
 use emberd::generate::{Generator, RunControl};
 use emberd::model::ModelPackage;
 use emberd::protocol::{Event, Request};
@@ -209,12 +209,7 @@ fn load_package(config: &Config) -> Result<ModelPackage> {
 
 fn load_generator(config: &Config) -> Result<Generator> {
     let package = load_package(config)?;
-    let engine: EngineOptions = config.model.engine_options();
-    let mut generator = Generator::load(package, &engine).context("cannot start an engine")?;
-    if config.model.context > 0 {
-        generator.set_context_len(config.model.context);
-    }
-    generator.set_prefill_chunk(config.model.prefill_chunk);
+    let generator = Generator::load(package, &config.model).context("cannot start an engine")?;
     let info = generator.engine_info();
     if let Some(reason) = &info.fallback_reason {
         log::warn!(
@@ -261,8 +256,7 @@ fn generate(model: ModelArgs, sampling: SamplingArgs, json: bool, prompt: String
 fn info(model: ModelArgs) -> Result<()> {
     let config = model.config()?;
     let package = load_package(&config)?;
-    let engine = emberd::engine::load(&package, &config.model.engine_options())
-        .context("cannot start an engine")?;
+    let engine = emberd::engine::load(&package, &config.model).context("cannot start an engine")?;
     let report = serde_json::json!({
         "model": package,
         "engine": engine.info(),
@@ -457,7 +451,7 @@ fn main() -> Result<()> {
                 decode_positions: decode_at,
                 shared_prefix,
             };
-            let report = emberd::bench::run(package, &config.model.engine_options(), &options)?;
+            let report = emberd::bench::run(package, &config.model, &options)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
     }

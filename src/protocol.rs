@@ -15,37 +15,42 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// Limits and defaults that `validate` applies; they come from the config.
+/// What a request's unset fields become: the `[generation]` section of the config, and the
+/// one place these defaults are written down.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerationDefaults {
+    pub max_tokens: u32,
+    pub temperature: f32,
+    pub top_k: u32,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub repetition_penalty: f32,
+    /// System prompt for requests that bring none; absent keeps the template's default.
+    pub system: Option<String>,
+}
+
+impl Default for GenerationDefaults {
+    fn default() -> Self {
+        GenerationDefaults {
+            max_tokens: 256,
+            temperature: 0.7,
+            top_k: 40,
+            top_p: 0.9,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            system: None,
+        }
+    }
+}
+
+/// Limits and defaults that `validate` applies; `Config::request_policy` makes it.
 #[derive(Debug, Clone)]
 pub struct RequestPolicy {
     pub max_tokens_cap: u32,
-    pub default_max_tokens: u32,
-    pub default_temperature: f32,
-    pub default_top_k: u32,
-    pub default_top_p: f32,
-    pub default_min_p: f32,
-    pub default_repetition_penalty: f32,
-    /// Used when the request names no system prompt; `None` keeps the template's own default.
-    pub default_system: Option<String>,
+    pub defaults: GenerationDefaults,
     pub max_stop_sequences: usize,
     pub request_timeout: std::time::Duration,
-}
-
-impl Default for RequestPolicy {
-    fn default() -> Self {
-        RequestPolicy {
-            max_tokens_cap: 4096,
-            default_max_tokens: 256,
-            default_temperature: 0.7,
-            default_top_k: 40,
-            default_top_p: 0.9,
-            default_min_p: 0.0,
-            default_repetition_penalty: 1.0,
-            default_system: None,
-            max_stop_sequences: 8,
-            request_timeout: std::time::Duration::from_secs(300),
-        }
-    }
 }
 
 /// One chat message.
@@ -380,7 +385,7 @@ impl Request {
             }
             (Some(prompt), None, false) => {
                 let mut messages = Vec::new();
-                if let Some(system) = self.system.or_else(|| policy.default_system.clone()) {
+                if let Some(system) = self.system.or_else(|| policy.defaults.system.clone()) {
                     messages.push(Message {
                         role: "system".into(),
                         content: system,
@@ -419,7 +424,7 @@ impl Request {
                         content: system,
                     }),
                     None if !has_system => {
-                        if let Some(system) = &policy.default_system {
+                        if let Some(system) = &policy.defaults.system {
                             messages.push(Message {
                                 role: "system".into(),
                                 content: system.clone(),
@@ -432,7 +437,7 @@ impl Request {
                 PromptInput::Chat(messages)
             }
         };
-        let max_tokens = self.max_tokens.unwrap_or(policy.default_max_tokens);
+        let max_tokens = self.max_tokens.unwrap_or(policy.defaults.max_tokens);
         if max_tokens == 0 {
             return Err(RequestError::BadRequest(
                 "max_tokens must be at least 1".into(),
@@ -447,27 +452,27 @@ impl Request {
         let sampling = SamplingParams {
             temperature: check_range(
                 "temperature",
-                self.temperature.unwrap_or(policy.default_temperature),
+                self.temperature.unwrap_or(policy.defaults.temperature),
                 0.0,
                 100.0,
             )?,
-            top_k: self.top_k.unwrap_or(policy.default_top_k),
+            top_k: self.top_k.unwrap_or(policy.defaults.top_k),
             top_p: check_range(
                 "top_p",
-                self.top_p.unwrap_or(policy.default_top_p),
+                self.top_p.unwrap_or(policy.defaults.top_p),
                 0.0,
                 1.0,
             )?,
             min_p: check_range(
                 "min_p",
-                self.min_p.unwrap_or(policy.default_min_p),
+                self.min_p.unwrap_or(policy.defaults.min_p),
                 0.0,
                 1.0,
             )?,
             repetition_penalty: check_range(
                 "repetition_penalty",
                 self.repetition_penalty
-                    .unwrap_or(policy.default_repetition_penalty),
+                    .unwrap_or(policy.defaults.repetition_penalty),
                 0.01,
                 100.0,
             )?,
@@ -522,7 +527,10 @@ mod tests {
     use super::*;
 
     fn valid(json: &str) -> Result<ValidRequest, RequestError> {
-        parse_request(json.as_bytes())?.validate(&RequestPolicy::default(), || "gen".into())
+        parse_request(json.as_bytes())?
+            .validate(&crate::config::Config::default().request_policy(), || {
+                "gen".into()
+            })
     }
 
     #[test]
@@ -557,7 +565,7 @@ mod tests {
     fn max_tokens_over_the_cap_is_too_long_and_names_the_limit() {
         let err = valid(r#"{"prompt":"hi","max_tokens":100000}"#).unwrap_err();
         assert_eq!(err.code(), ErrorCode::TooLong);
-        assert!(err.to_string().contains("max_tokens = 4096"), "{err}");
+        assert!(err.to_string().contains("max_tokens = 1024"), "{err}");
     }
 
     #[test]
@@ -592,7 +600,12 @@ mod tests {
     #[test]
     fn per_request_timeout_only_lowers_the_configured_one() {
         let r = valid(r#"{"prompt":"x","timeout_s":99999}"#).unwrap();
-        assert_eq!(r.timeout, RequestPolicy::default().request_timeout);
+        assert_eq!(
+            r.timeout,
+            crate::config::Config::default()
+                .request_policy()
+                .request_timeout
+        );
         let r = valid(r#"{"prompt":"x","timeout_s":2}"#).unwrap();
         assert_eq!(r.timeout.as_secs(), 2);
     }

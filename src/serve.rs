@@ -101,14 +101,10 @@ pub async fn serve(
                 // systemd owns an inherited socket file; leave it in place on exit.
                 (listener, None)
             }
-            SocketSource::Bind => {
-                let mode = u32::from_str_radix(config.socket.mode.trim_start_matches("0o"), 8)
-                    .unwrap_or(0o660);
-                (
-                    socket::bind(&config.socket.path, mode)?,
-                    Some(config.socket.path.clone()),
-                )
-            }
+            SocketSource::Bind => (
+                socket::bind(&config.socket.path, config.socket.mode.0)?,
+                Some(config.socket.path.clone()),
+            ),
         };
         ready.socket = Some(config.socket.path.clone());
         tasks.spawn(

@@ -327,11 +327,11 @@ fn bench_runs_on_both_engines_and_prints_the_figures() {
     ignore = "ONNX Runtime ships no 32-bit ARM library"
 )]
 fn the_in_place_kv_cache_grows_and_truncates_without_changing_the_logits() {
-    use emberd::engine::{EngineOptions, KvCache};
+    use emberd::engine::KvCache;
     let package = emberd::model::ModelPackage::load(&tiny_dir("q4")).unwrap();
-    let options = EngineOptions {
+    let options = emberd::config::ModelConfig {
         backend: Backend::Ort,
-        ..EngineOptions::default()
+        ..Default::default()
     };
     let mut engine = emberd::engine::load(&package, &options).unwrap();
     assert!(engine.info().kv_in_place, "{:?}", engine.info());

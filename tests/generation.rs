@@ -7,8 +7,7 @@ use emberd::engine::Backend;
 use emberd::generate::RunControl;
 use emberd::model::{Layout, ModelPackage};
 use emberd::protocol::{
-    ErrorCode, Event, FinishReason, Message, PromptInput, RequestPolicy, SamplingParams,
-    ValidRequest,
+    ErrorCode, Event, FinishReason, Message, PromptInput, SamplingParams, ValidRequest,
 };
 
 fn request(input: PromptInput, max_tokens: u32) -> ValidRequest {
@@ -141,7 +140,7 @@ fn default_model_greedy_ids_equal_onnx_runtime_python() {
     let dir = default_model_dir();
     let reference = read_json(dir.join("reference.json"));
     let mut generator = generator(dir, Backend::Ort);
-    let policy = RequestPolicy::default();
+    let policy = emberd::config::Config::default().request_policy();
     for case in reference["prompts"].as_array().unwrap() {
         let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
         let system = case["system"].as_str().map(str::to_string);

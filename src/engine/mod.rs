@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 pub use kv::KvCache;
 
+use crate::config::ModelConfig;
 use crate::model::ModelPackage;
 
 #[derive(Debug, thiserror::Error)]
@@ -52,42 +53,6 @@ pub enum Backend {
     Auto,
     Ort,
     Tract,
-}
-
-/// How to build an engine; from the `[model]` config section or CLI flags.
-#[derive(Debug, Clone)]
-pub struct EngineOptions {
-    pub backend: Backend,
-    /// Execution providers in priority order; the CPU provider is always the last resort.
-    pub providers: Vec<String>,
-    pub ort_library: Option<PathBuf>,
-    /// Intra-op threads; 0: one per core this process may use.
-    pub threads: usize,
-}
-
-impl EngineOptions {
-    /// The thread count to give the engine. 0 is resolved here, from the CPUs this process
-    /// may run on (affinity and cgroup quota), rather than left to ONNX Runtime: left to
-    /// itself it reads /proc/cpuinfo (hidden by the unit's ProcSubset=pid) and pins its
-    /// threads with sched_setaffinity (refused by the unit's seccomp filter: SIGSYS).
-    pub fn resolved_threads(&self) -> usize {
-        if self.threads > 0 {
-            self.threads
-        } else {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        }
-    }
-}
-
-impl Default for EngineOptions {
-    fn default() -> Self {
-        EngineOptions {
-            backend: Backend::Auto,
-            providers: vec!["cpu".into()],
-            ort_library: None,
-            threads: 0,
-        }
-    }
 }
 
 /// What is actually running, for `info`, logs, `done` events and the MQTT status.
@@ -161,10 +126,7 @@ pub fn ort_library_path(configured: Option<&PathBuf>) -> PathBuf {
 
 /// Builds the engine that `options` asks for, falling back from ONNX Runtime to tract under
 /// `Backend::Auto` and saying why.
-pub fn load(
-    package: &ModelPackage,
-    options: &EngineOptions,
-) -> Result<Box<dyn Engine>, EngineError> {
+pub fn load(package: &ModelPackage, options: &ModelConfig) -> Result<Box<dyn Engine>, EngineError> {
     match options.backend {
         Backend::Ort => Ok(Box::new(ort::OrtEngine::load(package, options)?)),
         Backend::Tract => load_tract(package, options, None),
@@ -183,7 +145,7 @@ pub fn load(
 #[cfg(feature = "tract")]
 fn load_tract(
     package: &ModelPackage,
-    options: &EngineOptions,
+    options: &ModelConfig,
     fallback_reason: Option<String>,
 ) -> Result<Box<dyn Engine>, EngineError> {
     Ok(Box::new(tract::TractEngine::load(
@@ -196,7 +158,7 @@ fn load_tract(
 #[cfg(not(feature = "tract"))]
 fn load_tract(
     _package: &ModelPackage,
-    _options: &EngineOptions,
+    _options: &ModelConfig,
     _fallback_reason: Option<String>,
 ) -> Result<Box<dyn Engine>, EngineError> {
     Err(EngineError::TractNotBuilt)

@@ -13,7 +13,8 @@ use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor};
 
-use super::{ort_library_path, Engine, EngineError, EngineInfo, EngineOptions, KvCache};
+use super::{ort_library_path, Engine, EngineError, EngineInfo, KvCache};
+use crate::config::ModelConfig;
 use crate::model::{IoNames, ModelPackage};
 
 /// Provider names accepted in `providers`, in the spelling of the config.
@@ -171,7 +172,7 @@ struct InPlaceKv {
 const MIN_IN_PLACE_CAPACITY: usize = 256;
 
 impl OrtEngine {
-    pub fn load(package: &ModelPackage, options: &EngineOptions) -> Result<Self, EngineError> {
+    pub fn load(package: &ModelPackage, options: &ModelConfig) -> Result<Self, EngineError> {
         let library = ort_library_path(options.ort_library.as_ref());
         let env = environment(&library)?;
         let available = available_providers()?;

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 
-use super::{Engine, EngineError, EngineInfo, EngineOptions, KvCache};
+use super::{Engine, EngineError, EngineInfo, KvCache};
+use crate::config::ModelConfig;
 use crate::model::{IoNames, ModelPackage};
 
 pub struct TractEngine {
@@ -67,7 +68,7 @@ impl TractEngine {
     /// `fallback_reason` says why tract serves instead of ONNX Runtime, when it does.
     pub fn load(
         package: &ModelPackage,
-        options: &EngineOptions,
+        options: &ModelConfig,
         fallback_reason: Option<String>,
     ) -> Result<Self, EngineError> {
         let path = &package.tract_file;

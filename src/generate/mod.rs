@@ -14,7 +14,8 @@ use std::time::Instant;
 
 use tokenizers::Tokenizer;
 
-use crate::engine::{self, Engine, EngineError, EngineInfo, EngineOptions, KvCache};
+use crate::config::ModelConfig;
+use crate::engine::{self, Engine, EngineError, EngineInfo, KvCache};
 use crate::model::{ModelError, ModelPackage};
 use crate::protocol::{ErrorCode, Event, FinishReason, PromptInput, Timings, Usage, ValidRequest};
 
@@ -142,9 +143,15 @@ pub struct Generator {
 }
 
 impl Generator {
-    pub fn load(package: ModelPackage, options: &EngineOptions) -> Result<Self, GenerateError> {
-        let engine = engine::load(&package, options)?;
-        Self::with_engine(package, engine)
+    /// Loads the engine that `model` asks for, with its context cap and prefill chunk.
+    pub fn load(package: ModelPackage, model: &ModelConfig) -> Result<Self, GenerateError> {
+        let engine = engine::load(&package, model)?;
+        let mut generator = Self::with_engine(package, engine)?;
+        if model.context > 0 {
+            generator.set_context_len(model.context);
+        }
+        generator.set_prefill_chunk(model.prefill_chunk);
+        Ok(generator)
     }
 
     pub fn with_engine(

@@ -5,7 +5,8 @@ pub mod daemon;
 
 use std::path::PathBuf;
 
-use emberd::engine::{Backend, EngineOptions};
+use emberd::config::ModelConfig;
+use emberd::engine::Backend;
 use emberd::generate::Generator;
 use emberd::model::ModelPackage;
 
@@ -67,12 +68,12 @@ pub fn ort_library() -> PathBuf {
     }
 }
 
-pub fn engine_options(backend: Backend) -> EngineOptions {
-    EngineOptions {
+pub fn engine_options(backend: Backend) -> ModelConfig {
+    ModelConfig {
         backend,
-        providers: vec!["cpu".into()],
         ort_library: Some(ort_library()),
         threads: 2,
+        ..ModelConfig::default()
     }
 }
 

@@ -1,0 +1,246 @@
+//! The shared behaviour of the one ingress, run the same way against every transport of
+//! one daemon: the Unix socket and MQTT (emberd's JSON) and HTTP (OpenAI's JSON). Bad JSON
+//! and an unknown field are `bad_request`; a prompt that is too long is `too_long` even when
+//! the queue is full (it is checked before it takes a slot); a full queue is `busy`; the
+//! daemon keeps serving after each; and requests in flight when shutdown begins finish.
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::Ordering;
+
+use common::daemon::*;
+use common::*;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::AsyncClient;
+use serde_json::{json, Value};
+
+const DEVICE: &str = "shared";
+/// Small enough that a short chat fits and 100 words do not, far below max_request_bytes.
+const MAX_PROMPT_TOKENS: usize = 64;
+
+/// One transport, as a client of it sees the daemon.
+enum Wire {
+    Socket(Client),
+    Mqtt {
+        client: AsyncClient,
+        rx: tokio::sync::mpsc::UnboundedReceiver<Received>,
+    },
+    Http(String),
+}
+
+impl Wire {
+    fn name(&self) -> &'static str {
+        match self {
+            Wire::Socket(_) => "socket",
+            Wire::Mqtt { .. } => "mqtt",
+            Wire::Http(_) => "http",
+        }
+    }
+
+    /// A request in this transport's dialect, with `extra` fields added.
+    fn body(&self, id: &str, prompt: &str, extra: Value) -> Vec<u8> {
+        let mut body = match self {
+            Wire::Http(_) => json!({"messages": [{"role": "user", "content": prompt}],
+                                    "max_tokens": 8, "temperature": 0}),
+            _ => json!({"id": id, "prompt": prompt, "max_tokens": 8, "temperature": 0}),
+        };
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body.to_string().into_bytes()
+    }
+
+    /// Sends one message and returns how its request ended: `{"type": "done"}` or
+    /// `{"type": "error", "code", "message"}` (an HTTP error's status is mapped by its code).
+    async fn exchange(&mut self, id: &str, bytes: Vec<u8>) -> Value {
+        match self {
+            Wire::Socket(client) => {
+                client.send_raw(&bytes).await;
+                client.send_raw(b"\n").await;
+                client.until_end(id).await.pop().unwrap()
+            }
+            Wire::Mqtt { client, rx } => {
+                client
+                    .publish(
+                        format!("emberd/{DEVICE}/request"),
+                        QoS::AtLeastOnce,
+                        false,
+                        bytes,
+                    )
+                    .await
+                    .unwrap();
+                // A message with no readable id is answered on the errors topic.
+                let topic = if id.is_empty() {
+                    format!("emberd/{DEVICE}/errors")
+                } else {
+                    format!("emberd/{DEVICE}/response/{id}")
+                };
+                end_on(rx, &topic).await
+            }
+            Wire::Http(base) => {
+                let url = format!("{base}/v1/chat/completions");
+                let out = tokio::task::spawn_blocking(move || {
+                    Command::new("curl")
+                        .args(["-sS", "-w", "\n%{http_code}", "--data-binary", "@-"])
+                        .arg(url)
+                        .stdin(std::process::Stdio::piped())
+                        .stdout(std::process::Stdio::piped())
+                        .spawn()
+                        .and_then(|mut child| {
+                            use std::io::Write;
+                            child.stdin.take().unwrap().write_all(&bytes)?;
+                            child.wait_with_output()
+                        })
+                        .expect("curl")
+                })
+                .await
+                .unwrap();
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                let (body, status) = text.rsplit_once('\n').unwrap();
+                let body: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+                if status == "200" {
+                    json!({"type": "done", "status": status})
+                } else {
+                    json!({"type": "error", "status": status, "code": body["error"]["code"],
+                           "message": body["error"]["message"]})
+                }
+            }
+        }
+    }
+}
+
+async fn all_transports(tweak: impl FnOnce(&mut emberd::config::Config)) -> (Daemon, Broker) {
+    let broker = Broker::start();
+    let port = broker.port;
+    let daemon = Daemon::start(default_model_dir(), |c| {
+        c.mqtt.enabled = true;
+        c.mqtt.port = port;
+        c.mqtt.device_id = DEVICE.into();
+        c.http.enabled = true;
+        c.http.listen = "127.0.0.1:0".into();
+        c.limits.max_prompt_tokens = MAX_PROMPT_TOKENS;
+        c.limits.max_request_bytes = 2048;
+        tweak(c);
+    })
+    .await;
+    (daemon, broker)
+}
+
+async fn wires(daemon: &Daemon, broker: &Broker) -> Vec<Wire> {
+    let (client, mut rx) = mqtt_client(
+        broker.port,
+        "shared-behaviour",
+        &[
+            &format!("emberd/{DEVICE}/errors"),
+            &format!("emberd/{DEVICE}/response/#"),
+            &format!("emberd/{DEVICE}/status"),
+        ],
+    )
+    .await;
+    wait_on(&mut rx, &format!("emberd/{DEVICE}/status"), |v| {
+        v["state"] == "online"
+    })
+    .await;
+    vec![
+        Wire::Socket(daemon.connect().await),
+        Wire::Mqtt { client, rx },
+        Wire::Http(format!("http://{}", daemon.http.unwrap())),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_transport_refuses_bad_input_too_long_and_busy_alike_and_keeps_serving() {
+    // One request runs and one waits: the queue is full.
+    let (daemon, broker) = all_transports(|c| c.limits.max_queue = 1).await;
+    let mut filler = daemon.connect().await;
+    for mut wire in wires(&daemon, &broker).await {
+        let name = wire.name();
+        let seen = wire.exchange("", b"{not json".to_vec()).await;
+        assert_eq!(seen["code"], "bad_request", "{name}: {seen}");
+
+        let body = wire.body("u1", "Hi", json!({"colour": "red"}));
+        let seen = wire.exchange("u1", body).await;
+        assert_eq!(seen["code"], "bad_request", "{name}: {seen}");
+        assert!(
+            seen["message"].as_str().unwrap().contains("colour"),
+            "{name}: {seen}"
+        );
+
+        let body = wire.body("ok1", "Hi", json!({}));
+        assert_eq!(wire.exchange("ok1", body).await["type"], "done", "{name}");
+
+        // Fill the queue from the side: one running, one waiting.
+        daemon.wait_until_idle().await;
+        filler.send(long_request("fill-a")).await;
+        let deadline = tokio::time::Instant::now() + patience();
+        while !daemon.stats.working.load(Ordering::Acquire) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the filler never started"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        filler.send(long_request("fill-b")).await;
+        while daemon.stats.in_flight.load(Ordering::Acquire) < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the filler never queued"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // Too long is answered before queueing, so not busy: no slot was asked for.
+        let body = wire.body("long", &"word ".repeat(100), json!({}));
+        let seen = wire.exchange("long", body).await;
+        assert_eq!(seen["code"], "too_long", "{name}: {seen}");
+        assert!(
+            seen["message"].as_str().unwrap().contains("tokens"),
+            "{name}: {seen}"
+        );
+        let body = wire.body("busy", "Hi", json!({}));
+        let seen = wire.exchange("busy", body).await;
+        assert_eq!(seen["code"], "busy", "{name}: {seen}");
+        if let Wire::Http(_) = wire {
+            assert_eq!(seen["status"], "503");
+        }
+
+        for id in ["fill-a", "fill-b"] {
+            filler.send(json!({"type": "cancel", "id": id})).await;
+        }
+        filler.until_end("fill-a").await;
+        filler.until_end("fill-b").await;
+        let body = wire.body("ok2", "Hi", json!({}));
+        assert_eq!(wire.exchange("ok2", body).await["type"], "done", "{name}");
+        eprintln!("{name}: bad JSON, unknown field, too long, busy: as the others");
+    }
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_on_every_transport_finish_when_shutdown_begins() {
+    let (daemon, broker) = all_transports(|c| c.limits.max_queue = 4).await;
+    let mut tasks = Vec::new();
+    for mut wire in wires(&daemon, &broker).await {
+        let id = format!("drain-{}", wire.name());
+        let body = wire.body(&id, "Count from one to ten.", json!({"max_tokens": 24}));
+        tasks.push(tokio::spawn(async move {
+            (wire.name(), wire.exchange(&id, body).await)
+        }));
+    }
+    let deadline = tokio::time::Instant::now() + patience();
+    while daemon.stats.in_flight.load(Ordering::Acquire) < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not all three were accepted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let stats = daemon.stats.clone();
+    daemon.stop().await;
+    for task in tasks {
+        let (name, seen) = task.await.unwrap();
+        assert_eq!(seen["type"], "done", "{name}: drained, not dropped: {seen}");
+    }
+    assert_eq!(stats.served.load(Ordering::Relaxed), 3);
+    drop(broker);
+}
