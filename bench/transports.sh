@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Decode speed as a client sees it over the Unix socket and over MQTT, next to the same
-# request generated in-process (`emberd generate`), round after round in one run; plus the daemon's idle CPU and its memory idle and under load.
+# Decode speed as a client sees it over the Unix socket, MQTT and HTTP (SSE), next to the
+# same request generated in-process (`emberd generate`), round after round in one run; plus
+# the daemon's idle CPU, its memory idle (with HTTP on and off) and under load, and how fast a
+# full queue answers busy.
 #
 #   bash bench/transports.sh [--threads N] [--runs N] [--model DIR]
 #
@@ -28,7 +30,9 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
 
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port="$(free_port)"
+http="127.0.0.1:$(free_port)"
 printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n' "$port" > "$work/mosquitto.conf"
 mosquitto -c "$work/mosquitto.conf" 2>/dev/null & pids+=($!)
 cat > "$work/emberd.toml" <<TOML
@@ -43,6 +47,9 @@ path = "$work/emberd.sock"
 enabled = true
 port = $port
 device_id = "bench"
+[http]
+enabled = true
+listen = "$http"
 [log]
 journald = "off"
 level = "info"
@@ -68,17 +75,36 @@ in_process() {
     "$emberd" generate --model "$model" --threads "$threads" --raw --max-tokens 64 --ignore-eos \
         --temperature 0 --json "$prompt" 2>/dev/null | tail -n1
 }
-: > "$work/socket.jsonl"; : > "$work/mqtt.jsonl"; : > "$work/in_process.jsonl"
+: > "$work/socket.jsonl"; : > "$work/mqtt.jsonl"; : > "$work/http.jsonl"; : > "$work/in_process.jsonl"
 for _ in $(seq "$runs"); do
     in_process >> "$work/in_process.jsonl"
     ask --socket "$work/emberd.sock" >> "$work/socket.jsonl"
     ask --mqtt "127.0.0.1:$port" --device bench >> "$work/mqtt.jsonl"
+    python3 "$root/bench/http_client.py" stream "$http" "$prompt" 64 >> "$work/http.jsonl"
 done
 load_hwm="$(hwm_kb)"
 
-python3 - "$work" "$idle_cpu" "$idle_rss" "$load_hwm" "$threads" <<'PY'
+# A full queue: fill it with long requests over the socket, then time the busy answers.
+"$emberd" ask --socket "$work/emberd.sock" --max-tokens 1000 --ignore-eos "Tell me a story." >/dev/null 2>&1 & pids+=($!)
+for _ in $(seq 17); do
+    "$emberd" ask --socket "$work/emberd.sock" --max-tokens 1000 --ignore-eos "Tell me a story." >/dev/null 2>&1 & pids+=($!)
+done
+sleep 2
+python3 "$root/bench/http_client.py" busy "$http" 50 > "$work/busy.json"
+
+# Idle memory of the same daemon with HTTP off, after the same warm-up request (the first
+# daemon stops first: the two would share the MQTT device).
+kill "$daemon"; wait "$daemon" 2>/dev/null || true
+sed -e '/^\[http\]/,/^listen/d' -e "s|$work/emberd.sock|$work/plain.sock|" "$work/emberd.toml" > "$work/plain.toml"
+"$emberd" serve --config "$work/plain.toml" 2>"$work/plain.log" & plain=$!; pids+=($plain)
+for _ in $(seq 600); do grep -q "ready: model" "$work/plain.log" && break; sleep 0.1; done
+"$emberd" ask --socket "$work/plain.sock" --max-tokens 1 hi >/dev/null
+sleep 1
+plain_rss="$(awk '/^VmRSS/ {print $2}' "/proc/$plain/status")"
+
+python3 - "$work" "$idle_cpu" "$idle_rss" "$load_hwm" "$threads" "$plain_rss" <<'PY'
 import json, statistics, sys
-work, idle_cpu, idle_rss, load_hwm, threads = sys.argv[1:]
+work, idle_cpu, idle_rss, load_hwm, threads, plain_rss = sys.argv[1:]
 def rates(name):
     rows = [json.loads(l) for l in open(f"{work}/{name}.jsonl") if l.strip()]
     return [r["client"]["decode_tokens_per_s"] for r in rows], [r["daemon"]["decode_tokens_per_s"] for r in rows]
@@ -93,8 +119,16 @@ for name in ("socket", "mqtt"):
                  "client_over_in_process": round(med / bench, 3),
                  "client_over_daemon": round(statistics.median(c / d for c, d in zip(client, daemon)), 3),
                  "runs": len(client)}
+http = [json.loads(l)["decode_tokens_per_s"] for l in open(f"{work}/http.jsonl") if l.strip()]
+out["http"] = {"client_decode_tokens_per_s": round(statistics.median(http), 1),
+               "client_over_in_process": round(statistics.median(http) / bench, 3),
+               "runs": len(http)}
+busy = json.load(open(f"{work}/busy.json"))["busy_ms"]
+out["http_busy_answer_ms"] = {"median": round(statistics.median(busy), 2), "max": round(max(busy), 2),
+                              "n": len(busy)}
 out["idle_cpu_percent"] = round(float(idle_cpu), 2)
 out["rss_idle_mib"] = round(int(idle_rss) / 1024, 1)
+out["rss_idle_http_off_mib"] = round(int(plain_rss) / 1024, 1)
 out["rss_peak_under_load_mib"] = round(int(load_hwm) / 1024, 1)
 print(json.dumps(out, indent=2))
 PY

@@ -58,6 +58,8 @@ emberd is starting (Ctrl-C stops it). In another terminal:
   mosquitto_pub -h 127.0.0.1 -p $MQTT_PORT -q 1 -t 'emberd/$DEVICE/request' -m '{"id":"q1","prompt":"Hello!"}'
   curl -N http://$HTTP/v1/chat/completions -H 'Content-Type: application/json' \
     -d '{"model":"smollm2-135m-instruct","stream":true,"messages":[{"role":"user","content":"Give me one tip for saving energy at home."}]}'
+  curl -N http://$HTTP/api/chat -d '{"model":"smollm2-135m-instruct","messages":[{"role":"user","content":"Hello!"}]}'
+  The device page: http://$HTTP/   Metrics: http://$HTTP/metrics
 Without the daemon:
   ./target/release/emberd generate "Hello"
 

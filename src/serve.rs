@@ -11,7 +11,9 @@ use crate::scheduler::Scheduler;
 use crate::service;
 use crate::shutdown::Shutdown;
 use crate::shutdown::Shutdown as ShutdownSignal;
-use crate::transport::{http, mqtt, socket};
+#[cfg(feature = "http")]
+use crate::transport::http;
+use crate::transport::{mqtt, socket};
 
 /// How long in-flight requests may run on after shutdown begins before they are cancelled.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -25,7 +27,10 @@ pub enum ServeError {
     #[error(transparent)]
     Mqtt(#[from] mqtt::MqttError),
     #[error(transparent)]
+    #[cfg(feature = "http")]
     Http(#[from] http::HttpError),
+    #[error("[http] is enabled, but this emberd was built without the http feature")]
+    HttpNotBuilt,
     #[error("no transport is enabled; enable [socket], [http] or [mqtt]")]
     NoTransport,
 }
@@ -118,9 +123,15 @@ pub async fn serve(
         );
     }
     if config.http.enabled {
-        let server = http::Server::bind(&config.http, ingress.clone(), shutdown.clone()).await?;
-        ready.http = server.local_addr();
-        tasks.spawn(server.run());
+        #[cfg(feature = "http")]
+        {
+            let server =
+                http::Server::bind(&config.http, ingress.clone(), shutdown.clone()).await?;
+            ready.http = server.local_addr();
+            tasks.spawn(server.run());
+        }
+        #[cfg(not(feature = "http"))]
+        return Err(ServeError::HttpNotBuilt);
     }
     let mut mqtt_subscribed = None;
     if config.mqtt.enabled {

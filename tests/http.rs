@@ -1,5 +1,6 @@
 //! The HTTP API with real clients: the official `openai` and `ollama` Python packages, curl,
 //! headless Chromium on the device page, and a raw TCP client that hangs up.
+#![cfg(feature = "http")]
 
 mod common;
 

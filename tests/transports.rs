@@ -3,6 +3,7 @@
 //! and an unknown field are `bad_request`; a prompt that is too long is `too_long` even when
 //! the queue is full (it is checked before it takes a slot); a full queue is `busy`; the
 //! daemon keeps serving after each; and requests in flight when shutdown begins finish.
+#![cfg(feature = "http")]
 
 mod common;
 
