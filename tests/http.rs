@@ -424,18 +424,11 @@ async fn a_client_that_hangs_up_cancels_its_request_on_both_apis_streaming_or_no
             }
         } else {
             // Hang up while the engine runs the request (nothing has been sent back yet).
-            let deadline = tokio::time::Instant::now() + patience();
-            while !daemon
-                .stats
-                .working
-                .load(std::sync::atomic::Ordering::Acquire)
-            {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "{path}: never started"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
+            daemon
+                .wait_for("the request running", |s| {
+                    s.working.load(std::sync::atomic::Ordering::Acquire)
+                })
+                .await;
         }
         drop(stream);
         eprintln!("{path} (streaming: {streams}): hung up");

@@ -174,22 +174,15 @@ async fn every_transport_refuses_bad_input_too_long_and_busy_alike_and_keeps_ser
         // Fill the queue from the side: one running, one waiting.
         daemon.wait_until_idle().await;
         filler.send(long_request("fill-a")).await;
-        let deadline = tokio::time::Instant::now() + patience();
-        while !daemon.stats.working.load(Ordering::Acquire) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the filler never started"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        daemon
+            .wait_for("the filler running", |s| s.working.load(Ordering::Acquire))
+            .await;
         filler.send(long_request("fill-b")).await;
-        while daemon.stats.in_flight.load(Ordering::Acquire) < 2 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the filler never queued"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        daemon
+            .wait_for("the filler queued", |s| {
+                s.in_flight.load(Ordering::Acquire) == 2
+            })
+            .await;
         // Too long is answered before queueing, so not busy: no slot was asked for.
         let body = wire.body("long", &"word ".repeat(100), json!({}));
         let seen = wire.exchange("long", body).await;
@@ -228,14 +221,11 @@ async fn requests_in_flight_on_every_transport_finish_when_shutdown_begins() {
             (wire.name(), wire.exchange(&id, body).await)
         }));
     }
-    let deadline = tokio::time::Instant::now() + patience();
-    while daemon.stats.in_flight.load(Ordering::Acquire) < 3 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not all three were accepted"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    daemon
+        .wait_for("all three accepted", |s| {
+            s.in_flight.load(Ordering::Acquire) == 3
+        })
+        .await;
     let stats = daemon.stats.clone();
     daemon.stop().await;
     for task in tasks {

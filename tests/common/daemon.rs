@@ -80,29 +80,30 @@ impl Daemon {
 
     /// Waits until `n` requests in all have ended cancelled.
     pub async fn wait_for_cancels(&self, n: u64) {
-        let deadline = tokio::time::Instant::now() + patience();
-        loop {
-            let cancelled = self.stats.cancelled.load(Ordering::Relaxed);
-            if cancelled >= n {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{cancelled} requests were cancelled, not {n}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.wait_for(&format!("{n} cancelled requests"), |s| {
+            s.cancelled.load(Ordering::Relaxed) >= n
+        })
+        .await;
     }
 
     /// Waits until no request is waiting or running.
     pub async fn wait_until_idle(&self) {
+        self.wait_for("no request in flight", |s| {
+            s.in_flight.load(Ordering::Acquire) == 0
+        })
+        .await;
+    }
+
+    /// Waits until `ready` holds of the daemon's counters; `what` names it if it never does.
+    pub async fn wait_for(&self, what: &str, ready: impl Fn(&Stats) -> bool) {
         let deadline = tokio::time::Instant::now() + patience();
-        while self.stats.in_flight.load(Ordering::Acquire) > 0 {
+        while !ready(&self.stats) {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "requests still in flight"
+                "waited in vain for {what}: {:?}",
+                self.stats
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 

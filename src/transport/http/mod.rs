@@ -20,14 +20,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::HttpConfig;
 use crate::ingress::{Ingress, Intent, Origin, Scope};
-use crate::protocol::{ErrorCode, Event, Request};
+use crate::protocol::{ErrorCode, Event, FinishReason, Request, Timings, Usage};
 use crate::shutdown::Shutdown;
 
 #[derive(Debug, thiserror::Error)]
@@ -477,4 +477,48 @@ fn events(first: Event, rx: mpsc::UnboundedReceiver<Event>) -> impl Stream<Item 
             Some((event, (None, rest)))
         },
     )
+}
+
+/// A whole (not streamed) answer: the text and how it ended.
+struct Whole {
+    text: String,
+    finish_reason: FinishReason,
+    usage: Usage,
+    timings: Timings,
+}
+
+/// Collects a request's events into its whole answer, or the error it ended with.
+async fn whole(events: impl Stream<Item = Event>) -> Result<Whole, ApiError> {
+    let mut events = std::pin::pin!(events);
+    let mut text = String::new();
+    while let Some(event) = events.next().await {
+        match event {
+            Event::Token { text: piece, .. } => text.push_str(&piece),
+            Event::Done {
+                finish_reason,
+                usage,
+                timings,
+                text: whole,
+                ..
+            } => {
+                return Ok(Whole {
+                    text: whole.unwrap_or(text),
+                    finish_reason,
+                    usage,
+                    timings,
+                })
+            }
+            Event::Error { code, message, .. } => return Err(ApiError::from_event(code, message)),
+        }
+    }
+    Err(ApiError::no_answer())
+}
+
+/// Both APIs know two ways to end: `stop` (end of sequence, a stop sequence) and `length`.
+/// A request cut short (its deadline, a cancel) did not end on its own, so it is `length`.
+fn stop_or_length(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop | FinishReason::StopSequence => "stop",
+        FinishReason::Length | FinishReason::Cancelled | FinishReason::Timeout => "length",
+    }
 }

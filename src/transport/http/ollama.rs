@@ -15,7 +15,7 @@ use axum::Json;
 use futures_util::{Stream, StreamExt};
 use serde_json::{json, Map, Value};
 
-use super::{events, Api, ApiError, Dialect};
+use super::{events, stop_or_length, whole, Api, ApiError, Dialect};
 use crate::protocol::{Event, FinishReason, Message, Request, Timings, Usage};
 
 pub(super) async fn version() -> Json<Value> {
@@ -207,7 +207,7 @@ impl Frame {
         let ns = |ms: f64| (ms.max(0.0) * 1e6).round() as u64;
         let mut object = self.object(text, true);
         let fields = [
-            ("done_reason", json!(done_reason(reason))),
+            ("done_reason", json!(stop_or_length(reason))),
             ("total_duration", json!(ns(timings.total_ms))),
             // The model is loaded once, at start: no request waits for it.
             ("load_duration", json!(0)),
@@ -223,15 +223,6 @@ impl Frame {
             object.insert(name.into(), value);
         }
         Value::Object(object)
-    }
-}
-
-/// Ollama's done reasons are `stop` and `length`; a request cut short (deadline, cancel)
-/// did not end on its own, so it is `length`.
-fn done_reason(reason: FinishReason) -> &'static str {
-    match reason {
-        FinishReason::Stop | FinishReason::StopSequence => "stop",
-        FinishReason::Length | FinishReason::Cancelled | FinishReason::Timeout => "length",
     }
 }
 
@@ -263,27 +254,10 @@ fn stream_response(frame: Frame, events: impl Stream<Item = Event> + Send + 'sta
 }
 
 async fn whole_response(frame: Frame, events: impl Stream<Item = Event>) -> Response {
-    let mut events = std::pin::pin!(events);
-    let mut text = String::new();
-    while let Some(event) = events.next().await {
-        match event {
-            Event::Token { text: piece, .. } => text.push_str(&piece),
-            Event::Done {
-                finish_reason,
-                usage,
-                timings,
-                text: whole,
-                ..
-            } => {
-                let text = whole.unwrap_or(text);
-                return Json(frame.last(&text, finish_reason, &usage, &timings)).into_response();
-            }
-            Event::Error { code, message, .. } => {
-                return ApiError::from_event(code, message).respond(Dialect::Ollama)
-            }
-        }
+    match whole(events).await {
+        Ok(w) => Json(frame.last(&w.text, w.finish_reason, &w.usage, &w.timings)).into_response(),
+        Err(e) => e.respond(Dialect::Ollama),
     }
-    ApiError::no_answer().respond(Dialect::Ollama)
 }
 
 /// Maps an Ollama body to emberd's `Request` and whether to stream, refusing what would be

@@ -11,8 +11,8 @@ use axum::Json;
 use futures_util::{Stream, StreamExt};
 use serde_json::{json, Map, Value};
 
-use super::{events, unix_now, Api, ApiError, Dialect};
-use crate::protocol::{Event, FinishReason, Message, Request, Usage};
+use super::{events, stop_or_length, unix_now, whole, Api, ApiError, Dialect};
+use crate::protocol::{Event, Message, Request, Usage};
 
 pub(super) async fn models(State(api): State<Arc<Api>>) -> Json<Value> {
     Json(json!({
@@ -128,15 +128,6 @@ fn usage_json(usage: &Usage) -> Value {
     })
 }
 
-/// OpenAI's finish reasons: a stop sequence is `stop`; a request cut short by its deadline
-/// or cancelled is `length` (it did not end on its own).
-fn finish_reason(reason: FinishReason) -> &'static str {
-    match reason {
-        FinishReason::Stop | FinishReason::StopSequence => "stop",
-        FinishReason::Length | FinishReason::Cancelled | FinishReason::Timeout => "length",
-    }
-}
-
 /// The SSE stream: the role first (chat), a chunk per piece of text, one chunk with the
 /// finish reason, the usage chunk when asked for, `[DONE]` last. An error after the first
 /// token is an error object in the stream (the status is already sent).
@@ -155,7 +146,7 @@ fn stream_response(
                 usage,
                 ..
             } => {
-                let mut last = vec![frame.chunk(None, false, Some(finish_reason(reason)))];
+                let mut last = vec![frame.chunk(None, false, Some(stop_or_length(reason)))];
                 if include_usage {
                     last.push(frame.usage_chunk(&usage));
                 }
@@ -174,38 +165,23 @@ fn stream_response(
 }
 
 async fn whole_response(frame: Frame, events: impl Stream<Item = Event>) -> Response {
-    let mut events = std::pin::pin!(events);
-    let mut text = String::new();
-    while let Some(event) = events.next().await {
-        match event {
-            Event::Token { text: piece, .. } => text.push_str(&piece),
-            Event::Done {
-                finish_reason: reason,
-                usage,
-                text: whole,
-                ..
-            } => {
-                if let Some(whole) = whole {
-                    text = whole;
-                }
-                let choice = match frame.kind {
-                    Kind::Chat => json!({"index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": null, "finish_reason": finish_reason(reason)}),
-                    Kind::Completion => json!({"index": 0, "text": text, "logprobs": null,
-                        "finish_reason": finish_reason(reason)}),
-                };
-                return Json(json!({"id": frame.id, "object": frame.object(false),
-                    "created": frame.created, "model": frame.model,
-                    "choices": [choice], "usage": usage_json(&usage)}))
-                .into_response();
-            }
-            Event::Error { code, message, .. } => {
-                return ApiError::from_event(code, message).respond(Dialect::OpenAi)
-            }
+    let w = match whole(events).await {
+        Ok(w) => w,
+        Err(e) => return e.respond(Dialect::OpenAi),
+    };
+    let finish = stop_or_length(w.finish_reason);
+    let choice = match frame.kind {
+        Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": w.text},
+            "logprobs": null, "finish_reason": finish}),
+        Kind::Completion => {
+            json!({"index": 0, "text": w.text, "logprobs": null, "finish_reason": finish})
         }
-    }
-    ApiError::no_answer().respond(Dialect::OpenAi)
+    };
+    Json(
+        json!({"id": frame.id, "object": frame.object(false), "created": frame.created,
+        "model": frame.model, "choices": [choice], "usage": usage_json(&w.usage)}),
+    )
+    .into_response()
 }
 
 /// Maps an OpenAI body to emberd's `Request`, refusing what would be silently ignored.
