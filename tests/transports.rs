@@ -2,7 +2,9 @@
 //! one daemon: the Unix socket and MQTT (emberd's JSON) and HTTP (OpenAI's JSON). Bad JSON
 //! and an unknown field are `bad_request`; a prompt that is too long is `too_long` even when
 //! the queue is full (it is checked before it takes a slot); a full queue is `busy`; the
-//! daemon keeps serving after each; and requests in flight when shutdown begins finish.
+//! daemon keeps serving after each; requests in flight when shutdown begins finish; and, on
+//! the transports that carry ids and cancels (socket, MQTT), a duplicate id is refused, a
+//! cancel stops its request, and the id is free again after its terminal event.
 #![cfg(feature = "http")]
 
 mod common;
@@ -52,32 +54,46 @@ impl Wire {
         body.to_string().into_bytes()
     }
 
-    /// Sends one message and returns how its request ended: `{"type": "done"}` or
-    /// `{"type": "error", "code", "message"}` (an HTTP error's status is mapped by its code).
-    async fn exchange(&mut self, id: &str, bytes: Vec<u8>) -> Value {
+    /// Sends one message without waiting (socket and MQTT: HTTP answers each request itself).
+    async fn send(&mut self, bytes: Vec<u8>) {
         match self {
             Wire::Socket(client) => {
                 client.send_raw(&bytes).await;
                 client.send_raw(b"\n").await;
-                client.until_end(id).await.pop().unwrap()
             }
-            Wire::Mqtt { client, rx } => {
-                client
-                    .publish(
-                        format!("emberd/{DEVICE}/request"),
-                        QoS::AtLeastOnce,
-                        false,
-                        bytes,
-                    )
-                    .await
-                    .unwrap();
-                // A message with no readable id is answered on the errors topic.
-                let topic = if id.is_empty() {
-                    format!("emberd/{DEVICE}/errors")
-                } else {
-                    format!("emberd/{DEVICE}/response/{id}")
-                };
-                end_on(rx, &topic).await
+            Wire::Mqtt { client, .. } => client
+                .publish(
+                    format!("emberd/{DEVICE}/request"),
+                    QoS::AtLeastOnce,
+                    false,
+                    bytes,
+                )
+                .await
+                .unwrap(),
+            Wire::Http(_) => unreachable!("HTTP has no messages apart from its requests"),
+        }
+    }
+
+    /// The next terminal event for `id` (socket and MQTT); a message with no readable id is
+    /// answered with an empty one (MQTT: on the errors topic).
+    async fn end(&mut self, id: &str) -> Value {
+        match self {
+            Wire::Socket(client) => client.until_end(id).await.pop().unwrap(),
+            Wire::Mqtt { rx, .. } if id.is_empty() => {
+                end_on(rx, &format!("emberd/{DEVICE}/errors")).await
+            }
+            Wire::Mqtt { rx, .. } => end_on(rx, &format!("emberd/{DEVICE}/response/{id}")).await,
+            Wire::Http(_) => unreachable!("HTTP answers each request itself"),
+        }
+    }
+
+    /// Sends one message and returns how its request ended: `{"type": "done"}` or
+    /// `{"type": "error", "code", "message"}` (an HTTP error's status is mapped by its code).
+    async fn exchange(&mut self, id: &str, bytes: Vec<u8>) -> Value {
+        match self {
+            Wire::Socket(_) | Wire::Mqtt { .. } => {
+                self.send(bytes).await;
+                self.end(id).await
             }
             Wire::Http(base) => {
                 let url = format!("{base}/v1/chat/completions");
@@ -234,4 +250,55 @@ async fn requests_in_flight_on_every_transport_finish_when_shutdown_begins() {
     }
     assert_eq!(stats.served.load(Ordering::Relaxed), 3);
     drop(broker);
+}
+
+/// HTTP has neither client ids nor cancel messages (a hang-up is its cancel, in tests/http.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_duplicate_ids_behave_alike_on_the_socket_and_mqtt() {
+    let (daemon, broker) = all_transports(|_| {}).await;
+    for mut wire in wires(&daemon, &broker).await {
+        if let Wire::Http(_) = wire {
+            continue;
+        }
+        let name = wire.name();
+        daemon.wait_until_idle().await;
+        let long = long_request("c1").to_string().into_bytes();
+        wire.send(long.clone()).await;
+        daemon
+            .wait_for("c1 running", |s| s.working.load(Ordering::Acquire))
+            .await;
+        // The same id again while it runs: refused, and the first goes on.
+        let seen = wire.exchange("c1", long).await;
+        assert_eq!(seen["code"], "bad_request", "{name}: {seen}");
+        assert!(
+            seen["message"].as_str().unwrap().contains("still running"),
+            "{name}: {seen}"
+        );
+        // A cancel for an id that is not running is ignored: no answer, nothing stops.
+        wire.send(
+            json!({"type": "cancel", "id": "nobody"})
+                .to_string()
+                .into_bytes(),
+        )
+        .await;
+        wire.send(
+            json!({"type": "cancel", "id": "c1"})
+                .to_string()
+                .into_bytes(),
+        )
+        .await;
+        let seen = wire.end("c1").await;
+        assert_eq!(
+            (&seen["type"], &seen["finish_reason"]),
+            (&json!("done"), &json!("cancelled")),
+            "{name}: {seen}"
+        );
+        // The id is free again once its terminal event is out.
+        let body = wire.body("c1", "Hi", json!({}));
+        let seen = wire.exchange("c1", body).await;
+        assert_eq!(seen["type"], "done", "{name}: {seen}");
+        assert_ne!(seen["finish_reason"], "cancelled", "{name}: {seen}");
+        eprintln!("{name}: duplicate id, cancel, unknown cancel, id reuse: as the other");
+    }
+    daemon.stop().await;
 }
