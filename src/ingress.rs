@@ -15,6 +15,8 @@
 //! - An id leaves its scope before its terminal event is delivered, so a client may reuse it
 //!   as soon as it sees `done` or `error`.
 //! - An event that cannot be delivered (the client is gone) cancels the request.
+//! - Every message's outcome (its terminal event, refusals included) goes into the metrics
+//!   here, once, whatever the transport.
 
 use std::collections::HashMap;
 use std::future::Future;

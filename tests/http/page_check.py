@@ -92,11 +92,13 @@ def js(expression):
 
 
 def wait_for(expression, timeout, what):
+    """Polls until `expression` is truthy; one that throws (the page is still loading after
+    Page.navigate returns) counts as not yet."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        value = js(expression)
-        if value:
-            return value
+        result = call("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" not in result and result["result"].get("value"):
+            return result["result"]["value"]
         time.sleep(0.05)
     fail(f"timed out waiting for {what}: {expression}")
 

@@ -211,6 +211,7 @@ fn openai_request(body: &[u8], kind: Kind, api: &Api) -> Result<(Request, Wanted
                     ));
                 }
             }
+            ("model", Value::Null) => {}
             ("model", _) => return Err(wrong("a string")),
             ("messages", _) if kind == Kind::Chat => request.messages = Some(messages(value)?),
             ("prompt", _) if kind == Kind::Completion => {
