@@ -169,6 +169,15 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a request that its transport refused before it reached the ingress (HTTP: a
+    /// body that is too large or not valid for its API), by the code it was answered with.
+    pub fn record_refusal(&self, transport: &'static str, code: &str) {
+        let outcome = code.to_string();
+        self.requests
+            .get_or_create(&RequestLabels { transport, outcome })
+            .inc();
+    }
+
     /// The text exposition, with the gauges read from the scheduler now.
     pub fn encode(&self, scheduler: &Scheduler) -> String {
         let stats = scheduler.stats();

@@ -340,6 +340,14 @@ async fn metrics_agree_with_the_usage_clients_were_sent() {
     ])
     .await;
     assert_eq!(status, "413");
+    // Refused by HTTP itself, before the ingress: counted alike.
+    let (_, status) = run(vec![
+        "-d".into(),
+        "{not json".into(),
+        format!("{base}/api/chat"),
+    ])
+    .await;
+    assert_eq!(status, "400");
 
     let (text, status) = run(vec![format!("{base}/metrics")]).await;
     assert_eq!(status, "200", "{text}");
@@ -357,7 +365,8 @@ async fn metrics_agree_with_the_usage_clients_were_sent() {
     };
     assert_eq!(requests(r#"transport="socket""#), 3.0);
     assert_eq!(requests(r#"transport="socket",outcome="bad_request""#), 1.0);
-    assert_eq!(requests(r#"transport="http""#), 3.0);
+    assert_eq!(requests(r#"transport="http""#), 4.0);
+    assert_eq!(requests(r#"transport="http",outcome="bad_request""#), 1.0);
     assert_eq!(requests(r#"transport="http",outcome="too_long""#), 1.0);
     assert_eq!(sample(&text, "emberd_request_latency_seconds_count"), 4.0);
     assert_eq!(sample(&text, "emberd_queue_depth"), 0.0);

@@ -442,6 +442,13 @@ impl Api {
         }
     }
 
+    /// Counts in the metrics a request refused here, before the ingress (which counts its
+    /// own refusals), so that every transport's refusals are counted alike.
+    fn refused(&self, e: ApiError) -> ApiError {
+        self.ingress.metrics().record_refusal("http", e.code);
+        e
+    }
+
     /// The size check every route with a body makes before parsing it.
     fn check_size(&self, body: &[u8]) -> Result<(), ApiError> {
         let limit = self.ingress.max_request_bytes();

@@ -153,8 +153,11 @@ async fn serve(api: Arc<Api>, body: axum::body::Bytes, kind: Kind) -> Response {
         kind,
     };
     let started = async {
-        api.check_size(&body)?;
-        match ollama_request(&body, kind, &api)? {
+        let asked = api
+            .check_size(&body)
+            .and_then(|()| ollama_request(&body, kind, &api))
+            .map_err(|e| api.refused(e))?;
+        match asked {
             None => Ok(None),
             Some((request, stream)) => {
                 let (first, rx) = api.start(request, accepted_at).await?;

@@ -48,8 +48,10 @@ struct Wanted {
 async fn serve(api: Arc<Api>, body: axum::body::Bytes, kind: Kind) -> Response {
     let accepted_at = Instant::now();
     let started = async {
-        api.check_size(&body)?;
-        let (request, wanted) = openai_request(&body, kind, &api)?;
+        let (request, wanted) = api
+            .check_size(&body)
+            .and_then(|()| openai_request(&body, kind, &api))
+            .map_err(|e| api.refused(e))?;
         let (first, rx) = api.start(request, accepted_at).await?;
         Ok::<_, ApiError>((wanted, first, rx))
     };
