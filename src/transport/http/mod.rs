@@ -243,6 +243,9 @@ impl tokio::io::AsyncWrite for Counted {
     }
 }
 
+/// What a request whose events stop before a terminal one is answered (never expected).
+const NO_ANSWER: &str = "the request ended without an answer";
+
 /// An error as either API shapes it: OpenAI's `{"error": {"message", "type", "code"}}` or
 /// Ollama's `{"error": "message"}`, with the same status.
 struct ApiError {
@@ -303,10 +306,7 @@ impl ApiError {
 
     /// The answer to a request whose events stopped before a terminal one (never expected).
     fn no_answer() -> Self {
-        ApiError::from_event(
-            ErrorCode::Internal,
-            "the request ended without an answer".into(),
-        )
+        ApiError::from_event(ErrorCode::Internal, NO_ANSWER.into())
     }
 
     fn body(&self, dialect: Dialect) -> Value {
@@ -472,13 +472,10 @@ fn events(first: Event, rx: mpsc::UnboundedReceiver<Event>) -> impl Stream<Item 
             let mut rx = rx?;
             let event = match pending {
                 Some(event) => event,
-                None => rx.recv().await.unwrap_or_else(|| {
-                    Event::error(
-                        "",
-                        ErrorCode::Internal,
-                        "the request ended without an answer",
-                    )
-                }),
+                None => rx
+                    .recv()
+                    .await
+                    .unwrap_or_else(|| Event::error("", ErrorCode::Internal, NO_ANSWER)),
             };
             let rest = if event.is_terminal() { None } else { Some(rx) };
             Some((event, (None, rest)))
