@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::config::ModelConfig;
 use crate::generate::{GenerateError, Generator, RunControl};
 use crate::model::ModelPackage;
-use crate::protocol::{PromptInput, SamplingParams, ValidRequest};
+use crate::protocol::{Event, Message, PromptInput, ResponseFormat, SamplingParams, ValidRequest};
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -19,6 +19,8 @@ pub struct BenchOptions {
     pub decode_positions: Vec<usize>,
     /// Also measure TTFT of a request whose system prompt the previous request already sent.
     pub shared_prefix: bool,
+    /// Also measure decoding held to this format.
+    pub response_format: Option<ResponseFormat>,
 }
 
 /// min / median / max of one figure over the runs.
@@ -65,6 +67,8 @@ pub struct BenchReport {
     pub decode_by_position: Vec<PositionFigure>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shared_prefix: Option<SharedPrefixFigure>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub constrained: Option<ConstrainedFigure>,
     pub peak_rss_mb: f64,
     /// Resident set size after the runs: what a serving process holds, without the peak
     /// that loading passes through.
@@ -96,6 +100,29 @@ pub struct SharedPrefixFigure {
     pub second_ttft_ms: Spread,
     /// Median second TTFT over median first TTFT.
     pub ratio: f64,
+}
+
+/// The same chat request decoded free and held to a format, alternately, greedy.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConstrainedFigure {
+    pub format: String,
+    /// Compiling the grammar the first time (later requests with the same format hit the
+    /// cache).
+    pub grammar_compile_ms: f64,
+    pub cached_compile_ms: Spread,
+    pub free_tokens: usize,
+    pub constrained_tokens: usize,
+    pub free_decode_tokens_per_s: Spread,
+    pub constrained_decode_tokens_per_s: Spread,
+    /// Median constrained over median free decode tokens/s.
+    pub ratio: f64,
+    /// Time to compute one step's token mask, over every constrained step of every run.
+    pub mask_us_p50: f64,
+    pub mask_us_p99: f64,
+    pub mask_us_max: f64,
+    /// Whether every constrained output parsed as JSON (JSON formats only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outputs_parse: Option<bool>,
 }
 
 /// Peak resident set size of this process (VmHWM), in MiB; 0 where /proc is absent.
@@ -141,6 +168,8 @@ fn greedy(id: &str, input: PromptInput, max_tokens: usize) -> ValidRequest {
         reply_to: None,
         ignore_eos: true,
         prompt_ids: None,
+        response_format: Default::default(),
+        constraint: None,
     }
 }
 
@@ -165,6 +194,84 @@ fn decode_at(
     Ok(PositionFigure {
         position,
         decode_tokens_per_s: Spread::of(rates),
+    })
+}
+
+/// Decode speed of one chat request free and held to `format` (runs alternate, so drift
+/// hits both alike), and the mask time of every constrained step.
+fn constrained(
+    generator: &mut Generator,
+    format: &ResponseFormat,
+    options: &BenchOptions,
+) -> Result<ConstrainedFigure, GenerateError> {
+    let input = PromptInput::Chat(vec![Message {
+        role: "user".into(),
+        content: "Turn on the kitchen light at 40 percent brightness. Reply as JSON with the \
+            device, the action and the level."
+            .into(),
+    }]);
+    let free = greedy("bench-free", input.clone(), options.gen_tokens);
+    let mut held = free.clone();
+    held.id = "bench-constrained".into();
+    held.ignore_eos = false;
+    held.stream = false;
+    held.response_format = format.clone();
+    let first_compile = Instant::now();
+    generator.prompter().constraint(format)?;
+    let grammar_compile_ms = first_compile.elapsed().as_secs_f64() * 1e3;
+    let rate = |stats: &crate::generate::RunStats| {
+        stats.generated_tokens.saturating_sub(1) as f64 / (stats.decode_ms.max(1e-9) / 1e3)
+    };
+    let (mut free_tps, mut held_tps, mut compile, mut mask_us) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut free_tokens, mut held_tokens, mut parse) = (0, 0, true);
+    let json = matches!(
+        format,
+        ResponseFormat::JsonObject | ResponseFormat::JsonSchema { .. }
+    );
+    for _ in 0..options.runs {
+        generator.clear_cache();
+        let stats = generator.run(&free, &RunControl::new(), &mut |_| true);
+        free_tokens = stats.generated_tokens;
+        free_tps.push(rate(&stats));
+        generator.clear_cache();
+        let mut text = None;
+        let stats = generator.run(&held, &RunControl::new(), &mut |event| {
+            if let Event::Done { text: t, .. } = event {
+                text = t;
+            }
+            true
+        });
+        held_tokens = stats.generated_tokens;
+        held_tps.push(rate(&stats));
+        compile.push(stats.grammar_compile_ms.unwrap_or(0.0));
+        mask_us.extend(stats.mask_us);
+        if json {
+            let text = text.unwrap_or_default();
+            parse &= serde_json::from_str::<serde_json::Value>(&text).is_ok();
+        }
+    }
+    mask_us.sort_by(f64::total_cmp);
+    let quantile = |q: f64| {
+        mask_us
+            .get(((mask_us.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let (free_tps, held_tps) = (Spread::of(free_tps), Spread::of(held_tps));
+    Ok(ConstrainedFigure {
+        format: serde_json::to_string(format).unwrap_or_default(),
+        grammar_compile_ms,
+        cached_compile_ms: Spread::of(compile),
+        free_tokens,
+        constrained_tokens: held_tokens,
+        ratio: held_tps.median / free_tps.median,
+        free_decode_tokens_per_s: free_tps,
+        constrained_decode_tokens_per_s: held_tps,
+        mask_us_p50: quantile(0.5),
+        mask_us_p99: quantile(0.99),
+        mask_us_max: quantile(1.0),
+        outputs_parse: json.then_some(parse),
     })
 }
 
@@ -260,6 +367,10 @@ pub fn run(
     } else {
         None
     };
+    let constrained = match &options.response_format {
+        Some(format) => Some(constrained(&mut generator, format, options)?),
+        None => None,
+    };
     let info = generator.engine_info().clone();
     let spread = BenchSpread {
         prefill_ms: Spread::of(prefill),
@@ -282,6 +393,7 @@ pub fn run(
         decode_tokens_per_s: spread.decode_tokens_per_s.median,
         decode_by_position,
         shared_prefix,
+        constrained,
         peak_rss_mb: peak_rss_mb(),
         rss_mb: rss_after_runs,
         spread,

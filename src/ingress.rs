@@ -238,8 +238,17 @@ impl Ingress {
             id: valid.id.clone(),
             reply_to: valid.reply_to.clone(),
         });
-        match self.prompter.checked_ids(&valid.input) {
-            Ok(ids) => valid.prompt_ids = Some(ids),
+        // Tokenized, length-checked and the grammar compiled here, so that a request the
+        // model cannot serve costs no queue slot.
+        let prepared = self.prompter.checked_ids(&valid.input).and_then(|ids| {
+            let constraint = self.prompter.constraint(&valid.response_format)?;
+            Ok((ids, constraint))
+        });
+        match prepared {
+            Ok((ids, constraint)) => {
+                valid.prompt_ids = Some(ids);
+                valid.constraint = constraint;
+            }
             Err(e) => {
                 let event = Event::error(valid.id, e.code(), e.to_string());
                 self.refuse(transport, &reply, event);

@@ -10,7 +10,7 @@ use emberd::config::Config;
 use emberd::engine::Backend;
 use emberd::generate::{Generator, RunControl};
 use emberd::model::ModelPackage;
-use emberd::protocol::{Event, Request};
+use emberd::protocol::{Event, Request, ResponseFormat};
 
 #[derive(Parser)]
 #[command(
@@ -91,6 +91,10 @@ enum Command {
         /// Also measure TTFT of a request that repeats the previous one's system prompt.
         #[arg(long)]
         shared_prefix: bool,
+        /// Also measure decoding held to this format (greedy, a chat prompt asking for it):
+        /// tokens/s against unconstrained, mask time per token, compile time.
+        #[command(flatten)]
+        format: FormatArgs,
     },
 }
 
@@ -145,11 +149,66 @@ struct SamplingArgs {
     /// Generate max_tokens even past end-of-sequence (benchmarks).
     #[arg(long)]
     ignore_eos: bool,
+    #[command(flatten)]
+    format: FormatArgs,
+}
+
+/// The shape the output must take (the request's `response_format`).
+#[derive(Args)]
+struct FormatArgs {
+    /// `json` (any JSON object), or a file holding a JSON Schema or a whole response_format
+    /// object.
+    #[arg(long, value_name = "FILE|json", conflicts_with_all = ["regex", "lark"])]
+    response_format: Option<String>,
+    /// Output that matches this regular expression as a whole.
+    #[arg(long, conflicts_with = "lark")]
+    regex: Option<String>,
+    /// Output in the Lark grammar in FILE.
+    #[arg(long, value_name = "FILE")]
+    lark: Option<PathBuf>,
+}
+
+impl FormatArgs {
+    fn response_format(&self) -> Result<Option<ResponseFormat>> {
+        if let Some(regex) = &self.regex {
+            return Ok(Some(ResponseFormat::Regex {
+                regex: regex.clone(),
+            }));
+        }
+        if let Some(path) = &self.lark {
+            let lark = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            return Ok(Some(ResponseFormat::Lark { lark }));
+        }
+        let Some(given) = &self.response_format else {
+            return Ok(None);
+        };
+        if given == "json" {
+            return Ok(Some(ResponseFormat::JsonObject));
+        }
+        let text = std::fs::read_to_string(given)
+            .with_context(|| format!("--response-format: cannot read {given}"))?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("--response-format: {given} is not JSON"))?;
+        // A response_format object names a format as its type; a schema names a JSON type.
+        let names_format = matches!(
+            value.get("type").and_then(|t| t.as_str()),
+            Some("text" | "json_object" | "json_schema" | "regex" | "lark")
+        );
+        if names_format {
+            let format = serde_json::from_value(value)
+                .with_context(|| format!("--response-format: {given}"))?;
+            Ok(Some(format))
+        } else {
+            Ok(Some(ResponseFormat::json_schema(value)))
+        }
+    }
 }
 
 impl SamplingArgs {
-    fn into_request(self, prompt: String) -> Request {
-        Request {
+    fn into_request(self, prompt: String) -> Result<Request> {
+        Ok(Request {
+            response_format: self.format.response_format()?,
             prompt: Some(prompt),
             raw: self.raw,
             system: self.system,
@@ -163,7 +222,7 @@ impl SamplingArgs {
             stop: (!self.stop.is_empty()).then_some(self.stop),
             ignore_eos: self.ignore_eos,
             ..Request::default()
-        }
+        })
     }
 }
 
@@ -224,7 +283,7 @@ fn generate(model: ModelArgs, sampling: SamplingArgs, json: bool, prompt: String
     let config = model.config()?;
     let mut generator = load_generator(&config)?;
     let request = sampling
-        .into_request(prompt)
+        .into_request(prompt)?
         .validate(&config.request_policy(), || "cli".into())?;
     let stdout = std::io::stdout();
     let mut ok = true;
@@ -326,7 +385,7 @@ fn ask(
     stats: bool,
     prompt: String,
 ) -> Result<bool> {
-    let mut request = sampling.into_request(prompt);
+    let mut request = sampling.into_request(prompt)?;
     request.id = Some(format!("ask-{}", std::process::id()));
     let mut stdout = std::io::stdout();
     let (last, client) =
@@ -441,6 +500,7 @@ fn main() -> Result<()> {
             runs,
             decode_at,
             shared_prefix,
+            format,
         } => {
             let config = model.config()?;
             let package = load_package(&config)?;
@@ -450,6 +510,7 @@ fn main() -> Result<()> {
                 runs: runs.max(1),
                 decode_positions: decode_at,
                 shared_prefix,
+                response_format: format.response_format()?,
             };
             let report = emberd::bench::run(package, &config.model, &options)?;
             println!("{}", serde_json::to_string_pretty(&report)?);

@@ -15,6 +15,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::generate::constraint::Constraint;
+
 /// What a request's unset fields become: the `[generation]` section of the config, and the
 /// one place these defaults are written down.
 #[derive(Debug, Clone, Deserialize)]
@@ -110,6 +112,54 @@ pub struct Request {
     /// Keep generating past end-of-sequence up to max_tokens (load tests, benchmarks).
     #[serde(default)]
     pub ignore_eos: bool,
+    /// The shape the output must take; plain text when absent.
+    #[serde(default)]
+    pub response_format: Option<ResponseFormat>,
+}
+
+/// The shape the output must take: OpenAI's `response_format`, plus a regular expression and
+/// a Lark grammar. Enforced token by token, so what comes back always parses (unless
+/// `max_tokens` cuts it: then `finish_reason` is `length`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ResponseFormat {
+    #[default]
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid under a JSON Schema.
+    JsonSchema { json_schema: JsonSchemaFormat },
+    /// Text matching a regular expression, as a whole.
+    Regex { regex: String },
+    /// Text of a Lark grammar (llguidance's dialect; `%json` embeds a schema).
+    Lark { lark: String },
+}
+
+/// OpenAI's `json_schema` object; `name`, `description` and `strict` are accepted and do not
+/// change anything: the schema is always enforced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonSchemaFormat {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    pub schema: serde_json::Value,
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+impl ResponseFormat {
+    pub fn json_schema(schema: serde_json::Value) -> Self {
+        ResponseFormat::JsonSchema {
+            json_schema: JsonSchemaFormat {
+                name: None,
+                description: None,
+                schema,
+                strict: None,
+            },
+        }
+    }
 }
 
 /// Sampling settings after defaults and limits are applied.
@@ -165,6 +215,10 @@ pub struct ValidRequest {
     /// The prompt as the model sees it, once the ingress has templated, tokenized and
     /// length-checked it (before queueing); `None` leaves that to the generator.
     pub prompt_ids: Option<Vec<u32>>,
+    pub response_format: ResponseFormat,
+    /// `response_format` compiled, by the ingress before queueing; `None` with a format
+    /// other than text leaves that to the generator.
+    pub constraint: Option<Constraint>,
 }
 
 /// Stable error codes on the wire.
@@ -518,6 +572,8 @@ impl Request {
             reply_to: self.reply_to,
             ignore_eos: self.ignore_eos,
             prompt_ids: None,
+            response_format: self.response_format.unwrap_or_default(),
+            constraint: None,
         })
     }
 }

@@ -15,7 +15,7 @@ fn tiny_models_of_every_layout_match_their_reference_on_tract() {
         for case in reference["cases"].as_array().unwrap() {
             let prompt = ids(&case["prompt_ids"]);
             let expected = ids(&case["greedy_ids"]);
-            let (got, logits) = generator.greedy_trace(&prompt, expected.len()).unwrap();
+            let (got, logits) = common::greedy_trace(&mut generator, &prompt, expected.len());
             assert_eq!(
                 got, expected,
                 "{layout}: greedy ids on tract differ from the reference"
@@ -55,7 +55,7 @@ fn tract_matches_the_exact_reference_on_the_default_model() {
         let prompt = ids(&case["prompt_ids"]);
         let exact_ids = ids(&case["greedy_ids_exact"]);
         let n = exact_ids.len().min(32);
-        let (tract_ids, tract_logits) = tract.greedy_trace(&prompt, n).unwrap();
+        let (tract_ids, tract_logits) = common::greedy_trace(&mut tract, &prompt, n);
         assert_eq!(
             tract_ids,
             exact_ids[..n],
@@ -83,7 +83,7 @@ fn tract_matches_the_exact_reference_on_the_default_model() {
         );
         eprintln!("default model, first 8 steps: tract vs exact top-5 max |Δlogit| {worst:e}");
         if let Some(ort) = ort.as_mut() {
-            let (_, ort_logits) = ort.greedy_trace(&prompt, 8).unwrap();
+            let (_, ort_logits) = common::greedy_trace(&mut ort, &prompt, 8);
             let vs_ort = (0..8)
                 .map(|s| max_abs_diff(&ort_logits[s], &tract_logits[s]))
                 .fold(0.0, f32::max);

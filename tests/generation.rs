@@ -22,6 +22,8 @@ fn request(input: PromptInput, max_tokens: u32) -> ValidRequest {
         reply_to: None,
         ignore_eos: false,
         prompt_ids: None,
+        response_format: Default::default(),
+        constraint: None,
     }
 }
 
@@ -54,7 +56,7 @@ fn check_reference_logits(layout: &str, backend: Backend, tolerance: f32) -> f32
     for case in reference["cases"].as_array().unwrap() {
         let prompt = ids(&case["prompt_ids"]);
         let expected = ids(&case["greedy_ids"]);
-        let (got, logits) = generator.greedy_trace(&prompt, expected.len()).unwrap();
+        let (got, logits) = common::greedy_trace(&mut generator, &prompt, expected.len());
         assert_eq!(got, expected, "{layout} on {backend:?}: greedy ids differ");
         for (step, want) in case[key].as_array().unwrap().iter().enumerate() {
             let want: Vec<f32> = want
@@ -168,7 +170,7 @@ fn default_model_greedy_ids_equal_onnx_runtime_python() {
             greedy_ids_follow_the_exact_reference(&mut generator, &prompt, case);
             continue;
         }
-        let (got, _) = generator.greedy_trace(&prompt, n).unwrap();
+        let (got, _) = common::greedy_trace(&mut generator, &prompt, n);
         assert_eq!(
             got[..n],
             expected[..n],
@@ -188,7 +190,7 @@ fn greedy_ids_follow_the_exact_reference(
 ) {
     let exact = ids(&case["greedy_ids_exact"]);
     let n = exact.len().min(32);
-    let (got, _) = generator.greedy_trace(prompt, n).unwrap();
+    let (got, _) = common::greedy_trace(&mut generator, prompt, n);
     let Some(step) = (0..n).find(|&i| got[i] != exact[i]) else {
         return;
     };
@@ -409,7 +411,7 @@ fn the_chat_template_renders_like_hugging_face() {
     for case in cases {
         let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
         let add = case["add_generation_prompt"].as_bool().unwrap();
-        let rendered = generator.template_render(&messages, add).unwrap();
+        let rendered = generator.prompter().render(&messages, add).unwrap();
         assert_eq!(rendered, case["expected"].as_str().unwrap(), "{messages:?}");
     }
 }

@@ -6,8 +6,7 @@
 //! back while it ends in U+FFFD (an incomplete character). This is the scheme of TGI's
 //! `decode_token`.
 
-use tokenizers::Tokenizer;
-
+use super::tokenizer::Tokenizer;
 use super::GenerateError;
 
 pub struct IncrementalDecoder {
@@ -36,11 +35,7 @@ impl IncrementalDecoder {
     /// Adds one id; returns the text it completes (possibly empty).
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String, GenerateError> {
         self.ids.push(id);
-        let decode = |ids: &[u32]| {
-            tokenizer
-                .decode(ids, true)
-                .map_err(|e| GenerateError::Tokenizer(e.to_string()))
-        };
+        let decode = |ids: &[u32]| tokenizer.decode(ids, true);
         let prefix = decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let full = decode(&self.ids[self.prefix_offset..])?;
         if full.len() > prefix.len()
@@ -58,11 +53,7 @@ impl IncrementalDecoder {
 
     /// What is still held back at the end (an incomplete character decodes as U+FFFD).
     pub fn finish(&mut self, tokenizer: &Tokenizer) -> Result<String, GenerateError> {
-        let decode = |ids: &[u32]| {
-            tokenizer
-                .decode(ids, true)
-                .map_err(|e| GenerateError::Tokenizer(e.to_string()))
-        };
+        let decode = |ids: &[u32]| tokenizer.decode(ids, true);
         let prefix = decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let full = decode(&self.ids[self.prefix_offset..])?;
         self.prefix_offset = self.ids.len();
@@ -81,6 +72,11 @@ mod tests {
     /// A byte-level tokenizer with no merges: every byte is its own token, so any
     /// multi-byte character is split across tokens.
     fn byte_tokenizer() -> Tokenizer {
+        let json = hf_byte_tokenizer().to_string(false).unwrap();
+        Tokenizer::from_json(&json, "bytes", 256, &[0]).unwrap()
+    }
+
+    fn hf_byte_tokenizer() -> tokenizers::Tokenizer {
         let vocab: Vec<(String, u32)> = ByteLevel::alphabet()
             .into_iter()
             .enumerate()
@@ -95,7 +91,7 @@ mod tests {
             )
             .build()
             .unwrap();
-        let mut tokenizer = Tokenizer::new(bpe);
+        let mut tokenizer = tokenizers::Tokenizer::new(bpe);
         tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, false, false)));
         tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
         tokenizer
@@ -105,7 +101,7 @@ mod tests {
     fn split_characters_are_held_until_complete_and_pieces_add_up() {
         let tokenizer = byte_tokenizer();
         let text = "Hi 😀 你好, code: fn main() {}\n\tdone ✓";
-        let ids = tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+        let ids = tokenizer.encode(text).unwrap();
         assert!(
             ids.len() > text.chars().count(),
             "multi-byte characters must span tokens"
@@ -130,7 +126,7 @@ mod tests {
     #[test]
     fn an_unfinished_character_at_the_end_is_flushed_by_finish() {
         let tokenizer = byte_tokenizer();
-        let ids = tokenizer.encode("a😀", false).unwrap().get_ids().to_vec();
+        let ids = tokenizer.encode("a😀").unwrap();
         let mut decoder = IncrementalDecoder::new();
         let mut out = String::new();
         for &id in &ids[..ids.len() - 1] {

@@ -1,28 +1,30 @@
 //! From a validated request to a stream of events: template → tokenize → prefill → loop
-//! { logits → sampler → token → detokenize → stop? }. The daemon, `emberd generate` and
-//! `emberd bench` all run this one loop.
+//! { logits → mask → sampler → token → detokenize → stop? }. The daemon, `emberd generate`
+//! and `emberd bench` all run this one loop.
 
+pub mod constraint;
 pub mod detok;
 pub mod prompt;
 pub mod sampler;
 pub mod stop;
 pub mod template;
+pub mod tokenizer;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-
-use tokenizers::Tokenizer;
 
 use crate::config::ModelConfig;
 use crate::engine::{self, Engine, EngineError, EngineInfo, KvCache};
 use crate::model::{ModelError, ModelPackage};
 use crate::protocol::{ErrorCode, Event, FinishReason, PromptInput, Timings, Usage, ValidRequest};
 
+use constraint::Constraint;
 use detok::IncrementalDecoder;
 use prompt::Prompter;
 use sampler::Sampler;
 use stop::{StopCheck, StopMatcher};
+use tokenizer::Tokenizer;
 
 /// Prompt tokens run per forward call during prefill; between chunks the generator checks
 /// for cancellation, so a long prompt can be stopped.
@@ -48,15 +50,22 @@ pub enum GenerateError {
     },
     #[error("the prompt is empty after tokenization")]
     EmptyPrompt,
+    /// A `response_format` that cannot be compiled: names what is wrong with it.
+    #[error("response_format: {0}")]
+    InvalidFormat(String),
+    /// The grammar failed while generating (a fault, not the request's).
+    #[error("constraint: {0}")]
+    Constraint(String),
 }
 
 impl GenerateError {
     pub fn code(&self) -> ErrorCode {
         match self {
             GenerateError::PromptTooLong { .. } => ErrorCode::TooLong,
-            GenerateError::Template(_) | GenerateError::NoTemplate | GenerateError::EmptyPrompt => {
-                ErrorCode::BadRequest
-            }
+            GenerateError::Template(_)
+            | GenerateError::NoTemplate
+            | GenerateError::EmptyPrompt
+            | GenerateError::InvalidFormat(_) => ErrorCode::BadRequest,
             _ => ErrorCode::Internal,
         }
     }
@@ -128,6 +137,10 @@ pub struct RunStats {
     pub ttft_ms: f64,
     pub decode_ms: f64,
     pub finish_reason: Option<FinishReason>,
+    /// With a `response_format`: how long compiling it took (at the ingress, or here).
+    pub grammar_compile_ms: Option<f64>,
+    /// With a `response_format`: the time to compute each step's token mask, in µs.
+    pub mask_us: Vec<f64>,
 }
 
 /// One loaded model: engine, prompter (template, tokenizer, limits), and the scratch state
@@ -211,15 +224,6 @@ impl Generator {
         self.prompter.tokenizer()
     }
 
-    /// Renders `messages` with the model's chat template.
-    pub fn template_render(
-        &self,
-        messages: &[crate::protocol::Message],
-        add_generation_prompt: bool,
-    ) -> Result<String, GenerateError> {
-        self.prompter.render(messages, add_generation_prompt)
-    }
-
     /// The text the model sees for `input`.
     pub fn prompt_text(&self, input: &PromptInput) -> Result<String, GenerateError> {
         self.prompter.text(input)
@@ -288,71 +292,43 @@ impl Generator {
     ) -> Result<(), GenerateError> {
         let started = Instant::now();
         let queue_ms = ms(started - control.accepted_at.min(started));
-        // The ingress tokenized and checked a served request before queueing it.
+        // The ingress tokenized, checked and compiled a served request before queueing it.
         let prompt = match &request.prompt_ids {
             Some(ids) => ids.clone(),
             None => self.prompter.checked_ids(&request.input)?,
         };
+        let constraint = match &request.constraint {
+            Some(c) => Some(c.clone()),
+            None => self.prompter.constraint(&request.response_format)?,
+        };
         stats.prompt_tokens = prompt.len();
-        let mut history = prompt.clone();
+        stats.grammar_compile_ms = constraint.as_ref().map(|c| c.compile_ms);
+        let mut sequence = Sequence::new(request, prompt, constraint);
 
-        let (reused, interrupted_in_prefill) = self.prefill(&prompt, control)?;
+        let (reused, interrupted_in_prefill) = self.prefill(&sequence.history, control)?;
         stats.cached_prompt_tokens = reused;
-        let prefill_done = Instant::now();
-        stats.prefill_ms = ms(prefill_done - started);
+        stats.prefill_ms = ms(Instant::now() - started);
 
-        let mut sampler = Sampler::new(request.sampling.clone());
-        let mut decoder = IncrementalDecoder::new();
-        let mut stops = StopMatcher::new(request.stop.clone());
-        let mut full_text = String::new();
-        let mut seq = 0u32;
-        let mut first_token_at = None;
-        let mut generated = 0usize;
-
-        let finish = 'decode: {
-            if let Some(reason) = interrupted_in_prefill {
-                break 'decode reason;
-            }
-            loop {
-                let token = sampler.sample(&mut self.logits, &history);
-                if first_token_at.is_none() {
-                    first_token_at = Some(Instant::now());
-                }
-                if !request.ignore_eos && self.package.eos_ids.contains(&token) {
-                    break 'decode FinishReason::Stop;
-                }
-                generated += 1;
-                history.push(token);
-                let piece = decoder.push(self.prompter.tokenizer(), token)?;
-                let (text, stopped) = match stops.push(&piece) {
-                    StopCheck::Continue(t) => (t, false),
-                    StopCheck::Stopped(t) => (t, true),
+        let finish = match interrupted_in_prefill {
+            Some(reason) => reason,
+            None => loop {
+                let token = match sequence.step(
+                    &mut self.logits,
+                    self.prompter.tokenizer(),
+                    &self.package.eos_ids,
+                    control,
+                    emit,
+                )? {
+                    Step::Next(token) => token,
+                    Step::Finished(reason) => break reason,
                 };
-                if !text.is_empty() {
-                    full_text.push_str(&text);
-                    if request.stream {
-                        let event = Event::Token {
-                            id: request.id.clone(),
-                            seq,
-                            text,
-                            token,
-                        };
-                        seq += 1;
-                        if !emit(event) {
-                            control.cancel.cancel();
-                        }
-                    }
-                }
-                if stopped {
-                    break 'decode FinishReason::StopSequence;
-                }
-                if generated >= request.max_tokens as usize
+                if sequence.generated >= request.max_tokens as usize
                     || self.cache.len() + 1 >= self.prompter.context_len()
                 {
-                    break 'decode FinishReason::Length;
+                    break FinishReason::Length;
                 }
                 if let Some(reason) = control.interrupted() {
-                    break 'decode reason;
+                    break reason;
                 }
                 if let Err(e) = self
                     .engine
@@ -361,36 +337,20 @@ impl Generator {
                     self.cache.clear();
                     return Err(e.into());
                 }
-            }
+            },
         };
-        if finish != FinishReason::StopSequence {
-            // Held-back text: an unfinished character or a partial stop sequence.
-            let mut tail = decoder.finish(self.prompter.tokenizer())?;
-            let (StopCheck::Continue(t) | StopCheck::Stopped(t)) = stops.push(&tail);
-            tail = t;
-            tail.push_str(&stops.flush());
-            if !tail.is_empty() {
-                full_text.push_str(&tail);
-                if request.stream {
-                    let token = *history.last().unwrap_or(&0);
-                    emit(Event::Token {
-                        id: request.id.clone(),
-                        seq,
-                        text: tail,
-                        token,
-                    });
-                    seq += 1;
-                }
-            }
-        }
+        sequence.flush(finish, self.prompter.tokenizer(), emit)?;
 
         let end = Instant::now();
-        let first = first_token_at.unwrap_or(end);
+        let first = sequence.first_token_at.unwrap_or(end);
         let decode_s = (end - first).as_secs_f64();
+        let generated = sequence.generated;
+        let prompt_tokens = stats.prompt_tokens;
         stats.generated_tokens = generated;
         stats.ttft_ms = ms(first - started);
         stats.decode_ms = decode_s * 1e3;
         stats.finish_reason = Some(finish);
+        stats.mask_us = std::mem::take(&mut sequence.mask_us);
         let timings = Timings {
             queue_ms,
             prefill_ms: stats.prefill_ms,
@@ -408,7 +368,7 @@ impl Generator {
             request_id = request.id.as_str(),
             transport = control.transport,
             engine = timings.engine.as_str(),
-            prompt_tokens = prompt.len(),
+            prompt_tokens = prompt_tokens,
             cached_prompt_tokens = reused,
             completion_tokens = generated,
             queue_ms = timings.queue_ms,
@@ -420,11 +380,11 @@ impl Generator {
         );
         emit(Event::Done {
             id: request.id.clone(),
-            seq,
+            seq: sequence.seq,
             finish_reason: finish,
-            text: (!request.stream).then_some(full_text),
+            text: (!request.stream).then_some(sequence.text),
             usage: Usage {
-                prompt_tokens: prompt.len() as u32,
+                prompt_tokens: prompt_tokens as u32,
                 completion_tokens: generated as u32,
                 cached_prompt_tokens: reused as u32,
             },
@@ -433,28 +393,153 @@ impl Generator {
         Ok(())
     }
 
-    /// Runs exactly `prompt` then `steps` greedy tokens and returns the ids and the logits of
-    /// every step; for tests that compare against reference logits.
-    pub fn greedy_trace(
+    /// Runs `ids` after what the cache holds (everything, when `fresh`) and returns the
+    /// logits of the last position: the raw model, for evaluation and reference checks.
+    pub fn forward(&mut self, ids: &[u32], fresh: bool) -> Result<&[f32], GenerateError> {
+        if fresh {
+            self.cache.clear();
+        }
+        if let Err(e) = self.engine.forward(ids, &mut self.cache, &mut self.logits) {
+            self.cache.clear();
+            return Err(e.into());
+        }
+        Ok(&self.logits)
+    }
+}
+
+/// What one step of a sequence decided.
+enum Step {
+    /// Feed this token back and go on.
+    Next(u32),
+    Finished(FinishReason),
+}
+
+/// One request in flight: everything the decode loop keeps between steps, so that the loop
+/// itself is prefill → steps → flush.
+struct Sequence<'r> {
+    request: &'r ValidRequest,
+    sampler: Sampler,
+    constraint: Option<Constraint>,
+    decoder: IncrementalDecoder,
+    stops: StopMatcher,
+    /// Prompt and generated ids: what the repetition penalty looks at.
+    history: Vec<u32>,
+    /// Everything emitted, for a request that does not stream.
+    text: String,
+    /// The next token event's number.
+    seq: u32,
+    generated: usize,
+    first_token_at: Option<Instant>,
+    mask_us: Vec<f64>,
+}
+
+impl<'r> Sequence<'r> {
+    fn new(request: &'r ValidRequest, prompt: Vec<u32>, constraint: Option<Constraint>) -> Self {
+        Sequence {
+            request,
+            sampler: Sampler::new(request.sampling.clone()),
+            constraint,
+            decoder: IncrementalDecoder::new(),
+            stops: StopMatcher::new(request.stop.clone()),
+            history: prompt,
+            text: String::new(),
+            seq: 0,
+            generated: 0,
+            first_token_at: None,
+            mask_us: Vec::new(),
+        }
+    }
+
+    /// Picks the next token from `logits` and streams the text it completes.
+    fn step(
         &mut self,
-        prompt: &[u32],
-        steps: usize,
-    ) -> Result<(Vec<u32>, Vec<Vec<f32>>), GenerateError> {
-        self.cache.clear();
-        self.engine
-            .forward(prompt, &mut self.cache, &mut self.logits)?;
-        let mut ids = Vec::with_capacity(steps);
-        let mut all_logits = Vec::with_capacity(steps);
-        for step in 0..steps {
-            all_logits.push(self.logits.clone());
-            let token = sampler::argmax(&self.logits);
-            ids.push(token);
-            if step + 1 < steps {
-                self.engine
-                    .forward(&[token], &mut self.cache, &mut self.logits)?;
+        logits: &mut [f32],
+        tokenizer: &Tokenizer,
+        eos_ids: &[u32],
+        control: &RunControl,
+        emit: &mut dyn FnMut(Event) -> bool,
+    ) -> Result<Step, GenerateError> {
+        let mask = match &mut self.constraint {
+            Some(constraint) => {
+                let started = Instant::now();
+                let mask = constraint.mask()?;
+                self.mask_us.push(started.elapsed().as_secs_f64() * 1e6);
+                Some(mask)
+            }
+            None => None,
+        };
+        let token = self.sampler.sample(logits, &self.history, mask.as_ref());
+        if self.first_token_at.is_none() {
+            self.first_token_at = Some(Instant::now());
+        }
+        // A grammar's end is the output's end, ignore_eos or not.
+        if eos_ids.contains(&token) && (!self.request.ignore_eos || self.constraint.is_some()) {
+            return Ok(Step::Finished(FinishReason::Stop));
+        }
+        if let Some(constraint) = &mut self.constraint {
+            constraint.commit(token)?;
+        }
+        self.generated += 1;
+        self.history.push(token);
+        let piece = self.decoder.push(tokenizer, token)?;
+        let (text, stopped) = match self.stops.push(&piece) {
+            StopCheck::Continue(t) => (t, false),
+            StopCheck::Stopped(t) => (t, true),
+        };
+        self.send(text, token, control, emit);
+        if stopped {
+            return Ok(Step::Finished(FinishReason::StopSequence));
+        }
+        // Complete: only end-of-sequence could follow, so no step is spent on it.
+        if self.constraint.as_ref().is_some_and(Constraint::is_finished) {
+            return Ok(Step::Finished(FinishReason::Stop));
+        }
+        Ok(Step::Next(token))
+    }
+
+    /// Emits what is still held back (an unfinished character, a partial stop sequence),
+    /// unless a stop sequence ended the run.
+    fn flush(
+        &mut self,
+        finish: FinishReason,
+        tokenizer: &Tokenizer,
+        emit: &mut dyn FnMut(Event) -> bool,
+    ) -> Result<(), GenerateError> {
+        if finish == FinishReason::StopSequence {
+            return Ok(());
+        }
+        let tail = self.decoder.finish(tokenizer)?;
+        let (StopCheck::Continue(mut tail) | StopCheck::Stopped(mut tail)) = self.stops.push(&tail);
+        tail.push_str(&self.stops.flush());
+        let token = *self.history.last().unwrap_or(&0);
+        // The run is over: a client gone now has nothing left to cancel.
+        self.send(tail, token, &RunControl::new(), emit);
+        Ok(())
+    }
+
+    fn send(
+        &mut self,
+        text: String,
+        token: u32,
+        control: &RunControl,
+        emit: &mut dyn FnMut(Event) -> bool,
+    ) {
+        if text.is_empty() {
+            return;
+        }
+        self.text.push_str(&text);
+        if self.request.stream {
+            let event = Event::Token {
+                id: self.request.id.clone(),
+                seq: self.seq,
+                text,
+                token,
+            };
+            self.seq += 1;
+            if !emit(event) {
+                control.cancel.cancel();
             }
         }
-        Ok((ids, all_logits))
     }
 }
 

@@ -1,17 +1,18 @@
-//! From a request's input to the token ids the model sees: the chat template, the tokenizer
-//! and the prompt's length limits. Shared (behind an `Arc`) by the ingress, which tokenizes
-//! and checks the length before a request takes a queue slot, and the generator, which
-//! detokenizes what the model produces.
+//! From a request to what the model is fed and held to: the chat template, the tokenizer,
+//! the prompt's length limits and the compiled `response_format`. Shared (behind an `Arc`)
+//! by the ingress, which tokenizes, checks the length and compiles the grammar before a
+//! request takes a queue slot, and the generator, which detokenizes what the model produces.
 
-use tokenizers::Tokenizer;
-
+use super::constraint::{Constraint, Grammars};
 use super::template::ChatTemplate;
+use super::tokenizer::Tokenizer;
 use super::GenerateError;
 use crate::model::ModelPackage;
-use crate::protocol::{Message, PromptInput};
+use crate::protocol::{Message, PromptInput, ResponseFormat};
 
 pub struct Prompter {
     tokenizer: Tokenizer,
+    grammars: Grammars,
     template: Option<ChatTemplate>,
     /// Positions the KV cache may hold (the model's, or less when configured).
     context_len: usize,
@@ -21,12 +22,8 @@ pub struct Prompter {
 
 impl Prompter {
     pub fn load(package: &ModelPackage) -> Result<Self, GenerateError> {
-        let tokenizer = Tokenizer::from_file(&package.tokenizer_file).map_err(|e| {
-            GenerateError::Tokenizer(format!(
-                "cannot load {}: {e}",
-                package.tokenizer_file.display()
-            ))
-        })?;
+        let tokenizer = Tokenizer::load(package)?;
+        let grammars = Grammars::new(&tokenizer, &package.eos_ids);
         let template = match &package.chat_template {
             Some(source) => Some(ChatTemplate::new(
                 source,
@@ -37,6 +34,7 @@ impl Prompter {
         };
         Ok(Prompter {
             tokenizer,
+            grammars,
             template,
             context_len: package.context_len,
             max_prompt_tokens: package.context_len,
@@ -77,10 +75,7 @@ impl Prompter {
     pub fn text(&self, input: &PromptInput) -> Result<String, GenerateError> {
         match input {
             PromptInput::Raw(text) => Ok(text.clone()),
-            PromptInput::Tokens(ids) => self
-                .tokenizer
-                .decode(ids, false)
-                .map_err(|e| GenerateError::Tokenizer(e.to_string())),
+            PromptInput::Tokens(ids) => self.tokenizer.decode(ids, false),
             PromptInput::Chat(messages) => self.render(messages, true),
         }
     }
@@ -92,11 +87,12 @@ impl Prompter {
         }
         let text = self.text(input)?;
         // Templates write their own special tokens, so the tokenizer must not add more.
-        let encoding = self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| GenerateError::Tokenizer(e.to_string()))?;
-        Ok(encoding.get_ids().to_vec())
+        self.tokenizer.encode(&text)
+    }
+
+    /// `format` compiled for one request; None for plain text.
+    pub fn constraint(&self, format: &ResponseFormat) -> Result<Option<Constraint>, GenerateError> {
+        self.grammars.compile(format)
     }
 
     /// The token ids of `input`, checked against the limits: not empty, within

@@ -1,5 +1,8 @@
-//! Turns the logits of the last position into one token id.
+//! Turns the logits of the last position into one token id: first the logits processors
+//! (the grammar's mask, then the repetition penalty), then temperature, top-k, top-p and
+//! min-p, then the draw.
 
+use super::constraint::TokenMask;
 use crate::protocol::SamplingParams;
 
 /// SplitMix64: tiny, fast, and the same sequence on every platform for a given seed.
@@ -30,6 +33,10 @@ pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
     candidates: Vec<(u32, f32)>,
+    /// Per token id, the last call that penalized it: each seen id is penalized once per
+    /// step without a set built every step.
+    penalized_at: Vec<u32>,
+    step: u32,
 }
 
 impl Sampler {
@@ -44,14 +51,20 @@ impl Sampler {
             params,
             rng: Rng::new(seed),
             candidates: Vec::new(),
+            penalized_at: Vec::new(),
+            step: 0,
         }
     }
 
     /// Picks the next token. `history` is every token so far (prompt and generated),
-    /// the set that the repetition penalty applies to.
-    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+    /// the set that the repetition penalty applies to; `mask`, when given, is the set of
+    /// tokens allowed at all: no other token is ever picked, whatever its logit.
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32], mask: Option<&TokenMask>) -> u32 {
+        if let Some(mask) = mask {
+            mask.apply(logits);
+        }
         if self.params.repetition_penalty != 1.0 {
-            apply_repetition_penalty(logits, history, self.params.repetition_penalty);
+            self.apply_repetition_penalty(logits, history);
         }
         if self.params.temperature == 0.0 {
             return argmax(logits);
@@ -65,10 +78,35 @@ impl Sampler {
             }
             target -= p;
         }
+        // Rounding left `target` past the end: the most likely candidate, which a mask
+        // allows (a masked token has probability 0 and sorts last).
         self.candidates
-            .last()
+            .first()
             .map(|&(id, _)| id)
             .unwrap_or_else(|| argmax(logits))
+    }
+
+    /// CTRL-style penalty, once per distinct seen token: it becomes less likely whatever
+    /// the sign of its logit.
+    fn apply_repetition_penalty(&mut self, logits: &mut [f32], history: &[u32]) {
+        let penalty = self.params.repetition_penalty;
+        if self.penalized_at.len() < logits.len() {
+            self.penalized_at.resize(logits.len(), 0);
+        }
+        self.step = self.step.wrapping_add(1);
+        if self.step == 0 {
+            // Wrapped: stale marks could equal the new step.
+            self.penalized_at.fill(0);
+            self.step = 1;
+        }
+        for &id in history {
+            let id = id as usize;
+            if id < logits.len() && self.penalized_at[id] != self.step {
+                self.penalized_at[id] = self.step;
+                let l = &mut logits[id];
+                *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+            }
+        }
     }
 
     /// Fills `candidates` with (id, unnormalized probability) of the tokens that survive
@@ -136,19 +174,6 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// CTRL-style penalty, once per distinct seen token: it becomes less likely whatever the
-/// sign of its logit.
-fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32) {
-    let mut seen = std::collections::HashSet::with_capacity(history.len());
-    for &id in history {
-        if seen.insert(id) {
-            if let Some(l) = logits.get_mut(id as usize) {
-                *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,7 +197,7 @@ mod tests {
     #[test]
     fn greedy_takes_the_largest_logit() {
         let mut s = Sampler::new(params(0.0, 0, 1.0, 0.0));
-        assert_eq!(s.sample(&mut logits(), &[]), 1);
+        assert_eq!(s.sample(&mut logits(), &[], None), 1);
     }
 
     #[test]
@@ -207,7 +232,7 @@ mod tests {
             p.seed = Some(seed);
             let mut s = Sampler::new(p);
             (0..64)
-                .map(|_| s.sample(&mut logits(), &[]))
+                .map(|_| s.sample(&mut logits(), &[], None))
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(42), run(42));
@@ -219,7 +244,7 @@ mod tests {
         let mut s = Sampler::new(params(1.0, 0, 1.0, 0.0));
         let mut counts = [0u32; 4];
         for _ in 0..20_000 {
-            counts[s.sample(&mut logits(), &[]) as usize] += 1;
+            counts[s.sample(&mut logits(), &[], None) as usize] += 1;
         }
         let share = counts[1] as f32 / 20_000.0;
         assert!(
@@ -230,13 +255,20 @@ mod tests {
 
     #[test]
     fn repetition_penalty_lowers_seen_tokens_of_either_sign() {
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            ..params(0.0, 0, 1.0, 0.0)
+        });
         let mut l = vec![2.0, -2.0, 1.0];
-        apply_repetition_penalty(&mut l, &[0, 1, 0], 2.0);
+        s.apply_repetition_penalty(&mut l, &[0, 1, 0]);
         assert_eq!(l, vec![1.0, -4.0, 1.0]);
+        // A second step penalizes again, once.
+        s.apply_repetition_penalty(&mut l, &[0, 0]);
+        assert_eq!(l, vec![0.5, -4.0, 1.0]);
         let mut s = Sampler::new(SamplingParams {
             repetition_penalty: 4.0,
             ..params(0.0, 0, 1.0, 0.0)
         });
-        assert_eq!(s.sample(&mut [2.0, 1.0], &[0]), 1);
+        assert_eq!(s.sample(&mut [2.0, 1.0], &[0], None), 1);
     }
 }

@@ -84,6 +84,28 @@ pub fn generator(dir: PathBuf, backend: Backend) -> Generator {
         .unwrap_or_else(|e| panic!("engine for {}: {e}", dir.display()))
 }
 
+/// Runs exactly `prompt` then `steps` greedy tokens from an empty cache; returns the ids and
+/// the logits of every step, for comparison with reference logits.
+pub fn greedy_trace(
+    generator: &mut Generator,
+    prompt: &[u32],
+    steps: usize,
+) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let mut ids = Vec::with_capacity(steps);
+    let mut all_logits = Vec::with_capacity(steps);
+    let mut logits = generator.forward(prompt, true).unwrap().to_vec();
+    for step in 0..steps {
+        let token = emberd::generate::sampler::argmax(&logits);
+        ids.push(token);
+        all_logits.push(logits);
+        if step + 1 == steps {
+            break;
+        }
+        logits = generator.forward(&[token], false).unwrap().to_vec();
+    }
+    (ids, all_logits)
+}
+
 pub fn read_json(path: PathBuf) -> serde_json::Value {
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()

@@ -16,7 +16,7 @@ use futures_util::{Stream, StreamExt};
 use serde_json::{json, Map, Value};
 
 use super::{events, stop_or_length, whole, Api, ApiError, Dialect};
-use crate::protocol::{Event, FinishReason, Message, Request, Timings, Usage};
+use crate::protocol::{Event, FinishReason, Message, Request, ResponseFormat, Timings, Usage};
 
 pub(super) async fn version() -> Json<Value> {
     Json(json!({"version": env!("CARGO_PKG_VERSION")}))
@@ -310,6 +310,14 @@ fn ollama_request(body: &[u8], kind: Kind, api: &Api) -> Result<Option<(Request,
                 )))
             }
             ("format" | "tools" | "images" | "suffix" | "template" | "context", _) if empty => {}
+            ("format", Value::String(f)) if f == "json" => {
+                request.response_format = Some(ResponseFormat::JsonObject)
+            }
+            // Ollama's structured outputs: the JSON Schema itself.
+            ("format", Value::Object(_)) => {
+                request.response_format = Some(ResponseFormat::json_schema(value.clone()))
+            }
+            ("format", _) => return Err(wrong("\"json\" or a JSON Schema object")),
             _ => {
                 return Err(ApiError::bad_request(format!(
                     "{name} = {value} is not supported by this server (it would change the output)"

@@ -274,7 +274,14 @@ fn openai_request(body: &[u8], kind: Kind, api: &Api) -> Result<(Request, Wanted
             ("top_logprobs" | "suffix", Value::Null) => {}
             ("presence_penalty" | "frequency_penalty", v)
                 if v.is_null() || v.as_f64() == Some(0.0) => {}
-            ("response_format", v) if v.is_null() || v.get("type") == Some(&json!("text")) => {}
+            ("response_format", Value::Null) => {}
+            // The same object as emberd's own field.
+            ("response_format", v) => {
+                request.response_format = Some(
+                    serde_json::from_value(v.clone())
+                        .map_err(|e| ApiError::bad_request(format!("response_format: {e}")))?,
+                )
+            }
             ("tool_choice", v) if v.is_null() || *v == json!("none") => {}
             ("tools" | "functions", v)
                 if v.is_null() || v.as_array().is_some_and(|a| a.is_empty()) => {}
