@@ -83,7 +83,7 @@ fn tract_matches_the_exact_reference_on_the_default_model() {
         );
         eprintln!("default model, first 8 steps: tract vs exact top-5 max |Δlogit| {worst:e}");
         if let Some(ort) = ort.as_mut() {
-            let (_, ort_logits) = common::greedy_trace(&mut ort, &prompt, 8);
+            let (_, ort_logits) = common::greedy_trace(ort, &prompt, 8);
             let vs_ort = (0..8)
                 .map(|s| max_abs_diff(&ort_logits[s], &tract_logits[s]))
                 .fold(0.0, f32::max);

@@ -6,8 +6,10 @@ use common::*;
 use emberd::engine::Backend;
 use emberd::generate::RunControl;
 use emberd::model::{Layout, ModelPackage};
+use emberd::generate::sampler::Sampler;
 use emberd::protocol::{
-    ErrorCode, Event, FinishReason, Message, PromptInput, SamplingParams, ValidRequest,
+    ErrorCode, Event, FinishReason, Message, PromptInput, ResponseFormat, SamplingParams,
+    ValidRequest,
 };
 
 fn request(input: PromptInput, max_tokens: u32) -> ValidRequest {
@@ -190,7 +192,7 @@ fn greedy_ids_follow_the_exact_reference(
 ) {
     let exact = ids(&case["greedy_ids_exact"]);
     let n = exact.len().min(32);
-    let (got, _) = common::greedy_trace(&mut generator, prompt, n);
+    let (got, _) = common::greedy_trace(generator, prompt, n);
     let Some(step) = (0..n).find(|&i| got[i] != exact[i]) else {
         return;
     };
@@ -472,4 +474,112 @@ fn a_shared_prompt_prefix_is_served_from_the_cache_with_the_same_result() {
         warm_text,
         done(collect(&mut cold, &ask("Is the pump running?"))).0
     );
+}
+
+fn sampling(temperature: f32, seed: u64) -> SamplingParams {
+    SamplingParams {
+        temperature,
+        seed: Some(seed),
+        ..SamplingParams::greedy()
+    }
+}
+
+#[test]
+fn a_token_the_mask_forbids_is_never_drawn_and_eos_waits_for_the_grammar() {
+    let generator = generator(tiny_dir("optimum"), serving_backend());
+    let prompter = generator.prompter();
+    let tokenizer = prompter.tokenizer();
+    let vocab = generator.package().vocab_size;
+    let eos_ids = generator.package().eos_ids.clone();
+    let format = ResponseFormat::Regex {
+        regex: "abc".into(),
+    };
+    let mut constraint = prompter.constraint(&format).unwrap().unwrap();
+    let mask = constraint.mask().unwrap();
+    assert!(!mask.allows_eos(), "EOS before the grammar is complete");
+    let allowed: Vec<u32> = (0..vocab as u32).filter(|&t| mask.allows(t)).collect();
+    assert!(!allowed.is_empty());
+    for &t in &allowed {
+        let bytes = tokenizer.token_bytes(t).unwrap();
+        assert!(
+            !bytes.is_empty() && b"abc".starts_with(&bytes),
+            "token {t} ({bytes:?}) cannot start \"abc\""
+        );
+    }
+    let forbidden = (0..vocab as u32)
+        .find(|&t| !mask.allows(t) && !eos_ids.contains(&t))
+        .unwrap();
+    // The largest logits on a forbidden token and on EOS: neither is ever drawn, greedy or
+    // at temperature 1, where without the mask they would win nearly every draw.
+    for seed in 0..200 {
+        for temperature in [0.0, 1.0] {
+            let mut logits = vec![0.0f32; vocab];
+            logits[forbidden as usize] = 50.0;
+            logits[eos_ids[0] as usize] = 40.0;
+            let token = Sampler::new(sampling(temperature, seed)).sample(&mut logits, &[], Some(&mask));
+            assert!(mask.allows(token), "seed {seed}: drew {token}");
+        }
+    }
+    // Once the text is complete, EOS and nothing else.
+    for t in tokenizer.encode("abc").unwrap() {
+        constraint.commit(t).unwrap();
+    }
+    assert!(constraint.is_finished());
+    let mask = constraint.mask().unwrap();
+    let allowed: Vec<u32> = (0..vocab as u32).filter(|&t| mask.allows(t)).collect();
+    assert!(mask.allows_eos());
+    assert!(allowed.iter().all(|t| eos_ids.contains(t)), "{allowed:?}");
+}
+
+#[test]
+fn constrained_generation_on_a_tiny_model_follows_the_grammar_and_ends_by_it() {
+    let mut generator = generator(tiny_dir("optimum"), serving_backend());
+    let mut free = request(PromptInput::Raw("hello world".into()), 8);
+    free.stream = false;
+    let mut held = free.clone();
+    held.response_format = ResponseFormat::Regex {
+        regex: "[a-d]{3,5}".into(),
+    };
+    let text = |events: &[Event]| match events.last() {
+        Some(Event::Done {
+            text,
+            finish_reason,
+            ..
+        }) => (text.clone().unwrap(), *finish_reason),
+        other => panic!("{other:?}"),
+    };
+    let (unconstrained, _) = text(&collect(&mut generator, &free));
+    eprintln!("unconstrained: {unconstrained:?}");
+    for seed in 0..20 {
+        held.sampling = sampling(1.0, seed);
+        let (out, finish) = text(&collect(&mut generator, &held));
+        assert!(
+            (3..=5).contains(&out.len()) && out.bytes().all(|b| (b'a'..=b'd').contains(&b)),
+            "seed {seed}: {out:?}"
+        );
+        assert_eq!(finish, FinishReason::Stop, "seed {seed}: {out:?}");
+    }
+    // The tiny model's own text is not of that shape: the mask did the work.
+    assert!(!unconstrained.bytes().all(|b| (b'a'..=b'd').contains(&b)));
+}
+
+#[test]
+fn the_default_tokenizer_is_byte_level_and_its_token_bytes_agree_with_decoding() {
+    let generator = generator(default_model_dir(), serving_backend());
+    let prompter = generator.prompter();
+    let tokenizer = prompter.tokenizer();
+    assert_eq!(tokenizer.decoder_type(), "ByteLevel");
+    let mut checked = 0;
+    for id in 0..generator.package().vocab_size as u32 {
+        let bytes = tokenizer.token_bytes(id).unwrap();
+        // Special tokens carry llguidance's marker byte; ordinary ones their own bytes.
+        if bytes.first() == Some(&0xFF) {
+            continue;
+        }
+        if let Ok(text) = std::str::from_utf8(&bytes) {
+            assert_eq!(tokenizer.decode(&[id], false).unwrap(), text, "token {id}");
+            checked += 1;
+        }
+    }
+    assert!(checked > 40_000, "only {checked} tokens checked");
 }
