@@ -86,6 +86,13 @@ async fn the_openai_client_gets_the_same_text_streamed_and_whole() {
     assert!(seen["whole_usage"]["prompt_tokens"].as_u64().unwrap() > 0);
     assert!(!seen["completion_text"].as_str().unwrap().is_empty());
     assert_eq!(seen["unknown_model"]["status"], 404, "{seen}");
+    assert_eq!(seen["schema_finish"], "stop", "{seen}");
+    assert_eq!(seen["schema_valid"], true, "{seen}");
+    assert_eq!(seen["bad_schema"]["status"], 400, "{seen}");
+    assert!(seen["bad_schema"]["body"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("nothing"));
     assert_eq!(seen["unsupported_field"]["status"], 400, "{seen}");
     assert!(
         seen["unsupported_field"]["body"]["message"]
@@ -231,7 +238,19 @@ async fn the_ollama_client_gets_the_same_text_streamed_and_whole() {
         .as_str()
         .unwrap()
         .contains("mirostat"));
-    assert_eq!(seen["format"]["status"], 400, "{seen}");
+    // Structured output: format "json" and a schema come back whole and parse; the schema
+    // holds (checked by `jsonschema` in the client); a schema that cannot compile is a 400.
+    for key in ["format_json", "format_schema"] {
+        assert_eq!(seen[format!("{key}_done")], "stop", "{seen}");
+        let text = seen[key].as_str().unwrap();
+        assert!(serde_json::from_str::<serde_json::Value>(text).is_ok(), "{key}: {text}");
+    }
+    assert_eq!(seen["format_schema_valid"], true, "{seen}");
+    assert_eq!(seen["bad_format"]["status"], 400, "{seen}");
+    assert!(seen["bad_format"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("minProperties"));
     daemon.stop().await;
 }
 

@@ -1,7 +1,8 @@
 //! The shared behaviour of the one ingress, run the same way against every transport of
 //! one daemon: the Unix socket and MQTT (emberd's JSON) and HTTP (OpenAI's JSON). Bad JSON
 //! and an unknown field are `bad_request`; a prompt that is too long is `too_long` even when
-//! the queue is full (it is checked before it takes a slot); a full queue is `busy`; the
+//! the queue is full (it is checked before it takes a slot), and so is a `response_format`
+//! that does not compile (`bad_request`); a full queue is `busy`; the
 //! daemon keeps serving after each; requests in flight when shutdown begins finish; and, on
 //! the transports that carry ids and cancels (socket, MQTT), a duplicate id is refused, a
 //! cancel stops its request, and the id is free again after its terminal event.
@@ -223,6 +224,16 @@ async fn every_transport_refuses_bad_input_too_long_and_busy_alike_and_keeps_ser
             seen["message"].as_str().unwrap().contains("tokens"),
             "{name}: {seen}"
         );
+        // So is a schema that does not compile.
+        let bogus = json!({"response_format": {"type": "json_schema", "json_schema":
+            {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "bogus"}}}}}});
+        let body = wire.body("schema", "Hi", bogus);
+        let seen = wire.exchange("schema", body).await;
+        assert_eq!(seen["code"], "bad_request", "{name}: {seen}");
+        assert!(
+            seen["message"].as_str().unwrap().contains("bogus"),
+            "{name}: {seen}"
+        );
         let body = wire.body("busy", "Hi", json!({}));
         let seen = wire.exchange("busy", body).await;
         assert_eq!(seen["code"], "busy", "{name}: {seen}");
@@ -243,7 +254,7 @@ async fn every_transport_refuses_bad_input_too_long_and_busy_alike_and_keeps_ser
         }
         let body = wire.body("ok2", "Hi", json!({}));
         assert_eq!(wire.exchange("ok2", body).await["type"], "done", "{name}");
-        eprintln!("{name}: bad JSON, unknown field, too long, busy: as the others");
+        eprintln!("{name}: bad JSON, unknown field, too long, bad schema, busy: as the others");
     }
     daemon.stop().await;
 }

@@ -8,6 +8,7 @@ with the reason when the client raises where it should not.
 import json
 import sys
 
+import jsonschema
 import ollama
 
 base_url, model = sys.argv[1], sys.argv[2]
@@ -66,11 +67,28 @@ for chunk in client.generate(model=model, prompt="Once upon a time", raw=True,
     pieces.append(chunk.response or "")
 out["generate_stream_text"] = "".join(pieces)
 
+# Structured outputs, as Ollama's documentation shows them: "json", and a JSON Schema.
+schema = {"type": "object",
+          "properties": {"colors": {"type": "array", "items": {"type": "string", "maxLength": 12},
+                                    "minItems": 3, "maxItems": 3}},
+          "required": ["colors"], "additionalProperties": False}
+as_json = client.chat(model=model, messages=messages, format="json",
+                      options=dict(options, num_predict=64))
+out["format_json"] = as_json.message.content
+out["format_json_done"] = as_json.done_reason
+held = client.chat(model=model, messages=messages, format=schema,
+                   options=dict(options, temperature=1.0, num_predict=64))
+out["format_schema"] = held.message.content
+out["format_schema_done"] = held.done_reason
+out["format_schema_valid"] = not list(
+    jsonschema.Draft202012Validator(schema).iter_errors(json.loads(held.message.content)))
+
 for name, call in [
     ("unknown_model", lambda: client.chat(model="llama3:8b", messages=messages)),
     ("unsupported_option",
      lambda: client.chat(model=model, messages=messages, options={"mirostat": 2})),
-    ("format", lambda: client.chat(model=model, messages=messages, format="json")),
+    ("bad_format", lambda: client.chat(model=model, messages=messages,
+                                       format={"type": "object", "minProperties": "two"})),
 ]:
     try:
         call()

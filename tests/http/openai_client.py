@@ -8,6 +8,7 @@ with the reason when the client raises.
 import json
 import sys
 
+import jsonschema
 import openai
 
 base_url, model = sys.argv[1], sys.argv[2]
@@ -57,9 +58,34 @@ out["stream_roles"] = roles
 out["stream_finishes"] = finishes
 out["stream_usage"] = usage
 
+# Structured output as the OpenAI documentation shows it: response_format json_schema, strict.
+schema = {"type": "object",
+          "properties": {"name": {"type": "string", "maxLength": 20},
+                         "rgb": {"type": "array", "items": {"type": "integer", "minimum": 0,
+                                                            "maximum": 255},
+                                 "minItems": 3, "maxItems": 3}},
+          "required": ["name", "rgb"], "additionalProperties": False}
+held = client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "Describe the color of the sky as JSON."}],
+    max_tokens=64, temperature=1.0, seed=3,
+    response_format={"type": "json_schema",
+                     "json_schema": {"name": "color", "schema": schema, "strict": True}},
+)
+out["schema_text"] = held.choices[0].message.content
+out["schema_finish"] = held.choices[0].finish_reason
+out["schema_valid"] = not list(
+    jsonschema.Draft202012Validator(schema).iter_errors(json.loads(out["schema_text"])))
 
 for name, call in [
     ("unknown_model", lambda: client.chat.completions.create(model="gpt-4o", messages=messages)),
+    (
+        "bad_schema",
+        lambda: client.chat.completions.create(
+            model=model, messages=messages,
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "x", "schema": {"type": "nothing"}}},
+        ),
+    ),
     (
         "unsupported_field",
         lambda: client.chat.completions.create(
