@@ -4,9 +4,9 @@ mod common;
 
 use common::*;
 use emberd::engine::Backend;
+use emberd::generate::sampler::Sampler;
 use emberd::generate::RunControl;
 use emberd::model::{Layout, ModelPackage};
-use emberd::generate::sampler::Sampler;
 use emberd::protocol::{
     ErrorCode, Event, FinishReason, Message, PromptInput, ResponseFormat, SamplingParams,
     ValidRequest,
@@ -516,7 +516,8 @@ fn a_token_the_mask_forbids_is_never_drawn_and_eos_waits_for_the_grammar() {
             let mut logits = vec![0.0f32; vocab];
             logits[forbidden as usize] = 50.0;
             logits[eos_ids[0] as usize] = 40.0;
-            let token = Sampler::new(sampling(temperature, seed)).sample(&mut logits, &[], Some(&mask));
+            let token =
+                Sampler::new(sampling(temperature, seed)).sample(&mut logits, &[], Some(&mask));
             assert!(mask.allows(token), "seed {seed}: drew {token}");
         }
     }

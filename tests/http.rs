@@ -243,7 +243,10 @@ async fn the_ollama_client_gets_the_same_text_streamed_and_whole() {
     for key in ["format_json", "format_schema"] {
         assert_eq!(seen[format!("{key}_done")], "stop", "{seen}");
         let text = seen[key].as_str().unwrap();
-        assert!(serde_json::from_str::<serde_json::Value>(text).is_ok(), "{key}: {text}");
+        assert!(
+            serde_json::from_str::<serde_json::Value>(text).is_ok(),
+            "{key}: {text}"
+        );
     }
     assert_eq!(seen["format_schema_valid"], true, "{seen}");
     assert_eq!(seen["bad_format"]["status"], 400, "{seen}");

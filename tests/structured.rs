@@ -116,8 +116,15 @@ async fn an_iot_schema_holds_for_fifty_seeds_over_the_socket_and_mqtt() {
     // The same seed gives the same answer on either transport.
     assert_eq!(over_socket, over_mqtt);
     let distinct: std::collections::BTreeSet<_> = over_socket.iter().collect();
-    eprintln!("{} distinct answers, e.g. {:?}", distinct.len(), over_socket[0]);
-    assert!(distinct.len() > 1, "temperature 1 over 50 seeds: {distinct:?}");
+    eprintln!(
+        "{} distinct answers, e.g. {:?}",
+        distinct.len(),
+        over_socket[0]
+    );
+    assert!(
+        distinct.len() > 1,
+        "temperature 1 over 50 seeds: {distinct:?}"
+    );
     assert_valid("socket", &iot_schema(), &over_socket);
     assert_valid("mqtt", &iot_schema(), &over_mqtt);
     daemon.stop().await;
@@ -165,7 +172,9 @@ async fn a_regex_and_a_lark_grammar_hold_for_twenty_seeds() {
         let rest = text
             .strip_prefix("set ")
             .unwrap_or_else(|| panic!("{text:?}"));
-        let (device, level) = rest.split_once(" to ").unwrap_or_else(|| panic!("{text:?}"));
+        let (device, level) = rest
+            .split_once(" to ")
+            .unwrap_or_else(|| panic!("{text:?}"));
         assert!(["fan", "heater", "pump"].contains(&device), "{text:?}");
         let level: u32 = level.parse().unwrap_or_else(|_| panic!("{text:?}"));
         assert!((1..100).contains(&level), "{text:?}");
@@ -195,7 +204,10 @@ async fn max_tokens_mid_value_ends_with_length_and_a_bad_grammar_is_named() {
             "bogus",
         ),
         (json!({"type": "regex", "regex": "(on|off"}), "regex"),
-        (json!({"type": "lark", "lark": "start: missing_rule"}), "missing_rule"),
+        (
+            json!({"type": "lark", "lark": "start: missing_rule"}),
+            "missing_rule",
+        ),
         (json!({"type": "xml"}), "xml"),
     ] {
         socket

@@ -75,7 +75,11 @@ impl Grammars {
             .map_err(|reason| GenerateError::InvalidFormat(reason.clone()))?;
         let key = serde_json::to_string(format).unwrap_or_default();
         let started = Instant::now();
-        let cached = self.lock().iter().find(|(k, _)| *k == key).map(|(_, m)| m.clone());
+        let cached = self
+            .lock()
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, m)| m.clone());
         let (matcher, cached) = match cached {
             Some(m) => (m, true),
             None => {

@@ -491,7 +491,11 @@ impl<'r> Sequence<'r> {
             return Ok(Step::Finished(FinishReason::StopSequence));
         }
         // Complete: only end-of-sequence could follow, so no step is spent on it.
-        if self.constraint.as_ref().is_some_and(Constraint::is_finished) {
+        if self
+            .constraint
+            .as_ref()
+            .is_some_and(Constraint::is_finished)
+        {
             return Ok(Step::Finished(FinishReason::Stop));
         }
         Ok(Step::Next(token))

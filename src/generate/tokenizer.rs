@@ -40,8 +40,9 @@ impl Tokenizer {
         vocab_size: usize,
         eos_ids: &[u32],
     ) -> Result<Self, GenerateError> {
-        let cannot =
-            |e: &dyn std::fmt::Display| GenerateError::Tokenizer(format!("cannot load {origin}: {e}"));
+        let cannot = |e: &dyn std::fmt::Display| {
+            GenerateError::Tokenizer(format!("cannot load {origin}: {e}"))
+        };
         let hf: tokenizers::Tokenizer = source.parse().map_err(|e| cannot(&e))?;
         let json: serde_json::Value = serde_json::from_str(source).map_err(|e| cannot(&e))?;
         let decoder_type = json["decoder"]["type"]
