@@ -1,23 +1,49 @@
 //! The KV cache of one sequence.
 //!
 //! The tokens it holds are tracked here, engine-neutrally; the tensors themselves are the
-//! engine's own type (ONNX Runtime values, tract tensors), kept behind `Any` so that an
-//! engine can hand its `present` outputs back as the next step's `past` without copying.
-
-use std::any::Any;
+//! engine's own type (ONNX Runtime values, tract tensors), so that an engine can hand its
+//! `present` outputs back as the next step's `past` without copying.
 
 pub struct KvCache {
     tokens: Vec<u32>,
-    /// Per-layer keys and values in the engine's own representation; None when empty.
-    pub(crate) store: Option<Box<dyn Any + Send>>,
+    /// Per-layer keys and values, in the representation of the engine that made them.
+    pub(crate) store: KvStore,
+}
+
+/// Whose tensors a cache holds: an engine meeting another's is an error, not a silent reset.
+pub(crate) enum KvStore {
+    Empty,
+    /// ONNX Runtime, a graph that returns a grown copy of the cache every step.
+    OrtGrown(super::ort::GrownKv),
+    /// ONNX Runtime, buffers the graph appends to in place.
+    OrtInPlace(super::ort::InPlaceKv),
+    #[cfg(feature = "tract")]
+    Tract(super::tract::TractKv),
+}
+
+impl KvStore {
+    pub(crate) fn owner(&self) -> &'static str {
+        match self {
+            KvStore::Empty => "no",
+            KvStore::OrtGrown(_) => "ONNX Runtime (grown)",
+            KvStore::OrtInPlace(_) => "ONNX Runtime (in place)",
+            #[cfg(feature = "tract")]
+            KvStore::Tract(_) => "tract",
+        }
+    }
 }
 
 impl KvCache {
     pub fn new() -> Self {
         KvCache {
             tokens: Vec::new(),
-            store: None,
+            store: KvStore::Empty,
         }
+    }
+
+    /// Moves the tensors out, leaving the cache's store empty (its tokens stay).
+    pub(crate) fn take_store(&mut self) -> KvStore {
+        std::mem::replace(&mut self.store, KvStore::Empty)
     }
 
     /// Positions filled so far.
@@ -36,7 +62,7 @@ impl KvCache {
 
     pub fn clear(&mut self) {
         self.tokens.clear();
-        self.store = None;
+        self.store = KvStore::Empty;
     }
 
     /// Keeps the first `len` positions' ids; the engine trims its tensors to match.

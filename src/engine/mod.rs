@@ -30,6 +30,8 @@ pub enum EngineError {
     TractNotBuilt,
     #[error("the model produced {got} logits, expected a multiple of the vocabulary size {vocab}")]
     BadLogits { got: usize, vocab: usize },
+    #[error("the KV cache holds {0} tensors, not this engine's")]
+    ForeignCache(&'static str),
     #[error("the KV cache holds {len} positions, the context is {context}")]
     ContextFull { len: usize, context: usize },
 }

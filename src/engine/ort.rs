@@ -13,6 +13,7 @@ use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor};
 
+use super::kv::KvStore;
 use super::{ort_library_path, Engine, EngineError, EngineInfo, KvCache};
 use crate::config::ModelConfig;
 use crate::model::{IoNames, ModelPackage};
@@ -156,13 +157,13 @@ pub struct OrtEngine {
 
 /// Per-layer keys then values, as ONNX Runtime produced them: each step's present outputs
 /// (past and the new positions, a fresh copy) become the next step's past.
-struct GrownKv(Vec<DynValue>);
+pub(crate) struct GrownKv(Vec<DynValue>);
 
 /// Per-layer keys then values in buffers of `capacity` positions, bound as both past and
 /// present. GroupQueryAttention sees the same memory on both sides and writes only the new
 /// positions (its past_present_share_buffer mode), so a step does not copy the cache, and
 /// dropping positions is only a shorter attention mask.
-struct InPlaceKv {
+pub(crate) struct InPlaceKv {
     buffers: Vec<Tensor<f32>>,
     capacity: usize,
 }
@@ -254,13 +255,18 @@ impl OrtEngine {
     /// Makes the in-place buffers of `cache` hold at least `positions`, keeping what they hold.
     fn reserve_in_place(&self, cache: &mut KvCache, positions: usize) -> Result<(), EngineError> {
         let filled = cache.len();
-        let old = match cache.store.take().map(|s| s.downcast::<InPlaceKv>()) {
-            Some(Ok(kv)) if kv.capacity >= positions => {
-                cache.store = Some(kv);
+        let old = match cache.take_store() {
+            KvStore::OrtInPlace(kv) if kv.capacity >= positions => {
+                cache.store = KvStore::OrtInPlace(kv);
                 return Ok(());
             }
-            Some(Ok(kv)) => Some(kv),
-            _ => None,
+            KvStore::OrtInPlace(kv) => Some(kv),
+            KvStore::Empty => None,
+            other => {
+                let owner = other.owner();
+                cache.store = other;
+                return Err(EngineError::ForeignCache(owner));
+            }
         };
         let capacity = positions.next_power_of_two().max(MIN_IN_PLACE_CAPACITY);
         let (heads, dim) = (self.kv_heads, self.head_dim);
@@ -279,7 +285,7 @@ impl OrtEngine {
             }
             buffers.push(buffer);
         }
-        cache.store = Some(Box::new(InPlaceKv { buffers, capacity }));
+        cache.store = KvStore::OrtInPlace(InPlaceKv { buffers, capacity });
         Ok(())
     }
 
@@ -291,11 +297,9 @@ impl OrtEngine {
     ) -> Result<(), EngineError> {
         let past_len = cache.len();
         self.reserve_in_place(cache, past_len + ids.len())?;
-        let kv = cache
-            .store
-            .as_mut()
-            .and_then(|s| s.downcast_mut::<InPlaceKv>())
-            .expect("reserved above");
+        let KvStore::OrtInPlace(kv) = &mut cache.store else {
+            unreachable!("reserved above")
+        };
         let mut binding = self.session.create_binding().map_err(ort_error)?;
         for (name, value) in token_inputs(&self.io, ids, past_len)? {
             binding.bind_input(name, &value).map_err(ort_error)?;
@@ -402,13 +406,13 @@ impl Engine for OrtEngine {
             cache.truncate_tokens(len);
             return Ok(());
         }
-        let Some(kv) = cache
-            .store
-            .as_ref()
-            .and_then(|s| s.downcast_ref::<GrownKv>())
-        else {
-            cache.clear();
-            return Ok(());
+        let kv = match &cache.store {
+            KvStore::OrtGrown(kv) => kv,
+            KvStore::Empty => {
+                cache.clear();
+                return Ok(());
+            }
+            other => return Err(EngineError::ForeignCache(other.owner())),
         };
         let mut trimmed = Vec::with_capacity(kv.0.len());
         for value in &kv.0 {
@@ -424,7 +428,7 @@ impl Engine for OrtEngine {
                     .into_dyn(),
             );
         }
-        cache.store = Some(Box::new(GrownKv(trimmed)));
+        cache.store = KvStore::OrtGrown(GrownKv(trimmed));
         cache.truncate_tokens(len);
         Ok(())
     }
@@ -441,16 +445,13 @@ impl Engine for OrtEngine {
         let past_len = cache.len();
         let layers = self.io.past_keys.len();
         let empty;
-        let past: &[DynValue] = match cache
-            .store
-            .as_ref()
-            .and_then(|s| s.downcast_ref::<GrownKv>())
-        {
-            Some(kv) => &kv.0,
-            None => {
+        let past: &[DynValue] = match &cache.store {
+            KvStore::OrtGrown(kv) => &kv.0,
+            KvStore::Empty => {
                 empty = self.empty_past()?;
                 &empty
             }
+            other => return Err(EngineError::ForeignCache(other.owner())),
         };
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
             Vec::with_capacity(4 + 2 * layers);
@@ -481,7 +482,7 @@ impl Engine for OrtEngine {
             }
         }
         drop(outputs);
-        cache.store = Some(Box::new(GrownKv(next)));
+        cache.store = KvStore::OrtGrown(GrownKv(next));
         cache.extend(ids);
         Ok(())
     }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 
+use super::kv::KvStore;
 use super::{Engine, EngineError, EngineInfo, KvCache};
 use crate::config::ModelConfig;
 use crate::model::{IoNames, ModelPackage};
@@ -34,7 +35,7 @@ enum InputRole {
 }
 
 /// Per-layer keys then values, as tract produced them.
-struct TractKv(Vec<Tensor>);
+pub(crate) struct TractKv(Vec<Tensor>);
 
 fn tract_error(e: impl std::fmt::Display) -> EngineError {
     EngineError::Tract(format!("{e:#}"))
@@ -238,15 +239,16 @@ impl Engine for TractEngine {
         if len >= cache.len() {
             return Ok(());
         }
-        let kv = match cache
-            .store
-            .take()
-            .and_then(|s| s.downcast::<TractKv>().ok())
-        {
-            Some(kv) if len > 0 => kv,
-            _ => {
+        let kv = match cache.take_store() {
+            KvStore::Tract(kv) if len > 0 => kv,
+            KvStore::Tract(_) | KvStore::Empty => {
                 cache.clear();
                 return Ok(());
+            }
+            other => {
+                let owner = other.owner();
+                cache.store = other;
+                return Err(EngineError::ForeignCache(owner));
             }
         };
         let trimmed: Result<Vec<Tensor>, _> =
@@ -255,7 +257,7 @@ impl Engine for TractEngine {
                 .collect();
         match trimmed {
             Ok(t) => {
-                cache.store = Some(Box::new(TractKv(t)));
+                cache.store = KvStore::Tract(TractKv(t));
                 cache.truncate_tokens(len);
                 Ok(())
             }
@@ -281,13 +283,14 @@ impl Engine for TractEngine {
         };
         let past_len = cache.len();
         let n = ids.len();
-        let mut past: Vec<Option<Tensor>> = match cache
-            .store
-            .take()
-            .and_then(|s| s.downcast::<TractKv>().ok())
-        {
-            Some(kv) => kv.0.into_iter().map(Some).collect(),
-            None => Vec::new(),
+        let mut past: Vec<Option<Tensor>> = match cache.take_store() {
+            KvStore::Tract(kv) => kv.0.into_iter().map(Some).collect(),
+            KvStore::Empty => Vec::new(),
+            other => {
+                let owner = other.owner();
+                cache.store = other;
+                return Err(EngineError::ForeignCache(owner));
+            }
         };
         let mut inputs: TVec<TValue> = TVec::with_capacity(self.input_order.len());
         for role in &self.input_order {
@@ -337,7 +340,7 @@ impl Engine for TractEngine {
             let value = std::mem::replace(&mut outputs[ix], Tensor::default().into_tvalue());
             next.push(value.into_tensor());
         }
-        cache.store = Some(Box::new(TractKv(next)));
+        cache.store = KvStore::Tract(TractKv(next));
         cache.extend(ids);
         Ok(())
     }
