@@ -227,7 +227,7 @@ fn constrained(
     let (mut free_tokens, mut held_tokens, mut parse) = (0, 0, true);
     let json = matches!(
         format,
-        ResponseFormat::JsonObject | ResponseFormat::JsonSchema { .. }
+        ResponseFormat::JsonObject {} | ResponseFormat::JsonSchema { .. }
     );
     // Free decoding as long as the constrained answer, so both are measured over the same
     // positions (decode slows as the cache grows).

@@ -184,7 +184,7 @@ impl FormatArgs {
             return Ok(None);
         };
         if given == "json" {
-            return Ok(Some(ResponseFormat::JsonObject));
+            return Ok(Some(ResponseFormat::JsonObject {}));
         }
         let text = std::fs::read_to_string(given)
             .with_context(|| format!("--response-format: cannot read {given}"))?;

@@ -120,19 +120,26 @@ pub struct Request {
 /// The shape the output must take: OpenAI's `response_format`, plus a regular expression and
 /// a Lark grammar. Enforced token by token, so what comes back always parses (unless
 /// `max_tokens` cuts it: then `finish_reason` is `length`).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ResponseFormat {
-    #[default]
-    Text,
+    // Braced, so that a field beside the type (`{"type":"json_object","schema":..}`) is
+    // refused rather than ignored: serde checks unknown fields only in struct variants.
+    Text {},
     /// Any JSON object.
-    JsonObject,
+    JsonObject {},
     /// JSON valid under a JSON Schema.
-    JsonSchema { json_schema: JsonSchemaFormat },
+    JsonSchema {
+        json_schema: JsonSchemaFormat,
+    },
     /// Text matching a regular expression, as a whole.
-    Regex { regex: String },
+    Regex {
+        regex: String,
+    },
     /// Text of a Lark grammar (llguidance's dialect; `%json` embeds a schema).
-    Lark { lark: String },
+    Lark {
+        lark: String,
+    },
 }
 
 /// OpenAI's `json_schema` object; `name`, `description` and `strict` are accepted and do not
@@ -147,6 +154,12 @@ pub struct JsonSchemaFormat {
     pub schema: serde_json::Value,
     #[serde(default)]
     pub strict: Option<bool>,
+}
+
+impl Default for ResponseFormat {
+    fn default() -> Self {
+        ResponseFormat::Text {}
+    }
 }
 
 impl ResponseFormat {
@@ -587,6 +600,40 @@ mod tests {
             .validate(&crate::config::Config::default().request_policy(), || {
                 "gen".into()
             })
+    }
+
+    #[test]
+    fn response_format_takes_openais_shape_and_names_what_is_wrong() {
+        let r = valid(
+            r#"{"prompt":"hi","response_format":{"type":"json_schema","json_schema":
+                {"name":"c","schema":{"type":"object"},"strict":true}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.response_format,
+            ResponseFormat::JsonSchema {
+                json_schema: JsonSchemaFormat {
+                    name: Some("c".into()),
+                    description: None,
+                    schema: serde_json::json!({"type": "object"}),
+                    strict: Some(true),
+                }
+            }
+        );
+        assert_eq!(
+            valid(r#"{"prompt":"hi"}"#).unwrap().response_format,
+            ResponseFormat::Text {}
+        );
+        for (body, names) in [
+            (r#"{"type":"xml"}"#, "xml"),
+            (r#"{"type":"regex"}"#, "regex"),
+            (r#"{"type":"json_object","schema":{}}"#, "schema"),
+        ] {
+            let json = format!(r#"{{"prompt":"hi","response_format":{body}}}"#);
+            let e = valid(&json).unwrap_err();
+            assert_eq!(e.code(), ErrorCode::BadRequest);
+            assert!(e.to_string().contains(names), "{body}: {e}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use emberd::engine::Backend;
+use emberd::generate::prompt::Prompter;
 use emberd::generate::sampler::Sampler;
 use emberd::generate::RunControl;
 use emberd::model::{Layout, ModelPackage};
@@ -486,11 +487,12 @@ fn sampling(temperature: f32, seed: u64) -> SamplingParams {
 
 #[test]
 fn a_token_the_mask_forbids_is_never_drawn_and_eos_waits_for_the_grammar() {
-    let generator = generator(tiny_dir("optimum"), serving_backend());
-    let prompter = generator.prompter();
+    // The grammar and the sampler alone: no engine runs.
+    let package = ModelPackage::load(&tiny_dir("optimum")).unwrap();
+    let prompter = Prompter::load(&package).unwrap();
     let tokenizer = prompter.tokenizer();
-    let vocab = generator.package().vocab_size;
-    let eos_ids = generator.package().eos_ids.clone();
+    let vocab = package.vocab_size;
+    let eos_ids = package.eos_ids.clone();
     let format = ResponseFormat::Regex {
         regex: "abc".into(),
     };
@@ -566,12 +568,12 @@ fn constrained_generation_on_a_tiny_model_follows_the_grammar_and_ends_by_it() {
 
 #[test]
 fn the_default_tokenizer_is_byte_level_and_its_token_bytes_agree_with_decoding() {
-    let generator = generator(default_model_dir(), serving_backend());
-    let prompter = generator.prompter();
+    let package = ModelPackage::load(&default_model_dir()).unwrap();
+    let prompter = Prompter::load(&package).unwrap();
     let tokenizer = prompter.tokenizer();
     assert_eq!(tokenizer.decoder_type(), "ByteLevel");
     let mut checked = 0;
-    for id in 0..generator.package().vocab_size as u32 {
+    for id in 0..package.vocab_size as u32 {
         let bytes = tokenizer.token_bytes(id).unwrap();
         // Special tokens carry llguidance's marker byte; ordinary ones their own bytes.
         if bytes.first() == Some(&0xFF) {

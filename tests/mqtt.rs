@@ -22,9 +22,7 @@ async fn mqtt_requests_stream_to_the_response_topic_with_correlation_data() {
     let port = broker.port;
     let daemon = Daemon::start(tiny_dir("optimum"), |c| {
         c.socket.enabled = false;
-        c.mqtt.enabled = true;
-        c.mqtt.port = port;
-        c.mqtt.device_id = "dev1".into();
+        on_broker(c, port, "dev1");
         c.mqtt.prefix = "test".into();
     })
     .await;
@@ -127,9 +125,7 @@ async fn malformed_mqtt_messages_get_error_events_and_the_daemon_keeps_serving()
     let port = broker.port;
     let daemon = Daemon::start(tiny_dir("optimum"), |c| {
         c.socket.enabled = false;
-        c.mqtt.enabled = true;
-        c.mqtt.port = port;
-        c.mqtt.device_id = "bad".into();
+        on_broker(c, port, "bad");
         c.limits.max_request_bytes = 2048;
         c.limits.max_prompt_tokens = 16;
     })
@@ -193,9 +189,7 @@ async fn mqtt_cancel_topic_stops_a_running_request() {
     let port = broker.port;
     let daemon = Daemon::start(default_model_dir(), |c| {
         c.socket.enabled = false;
-        c.mqtt.enabled = true;
-        c.mqtt.port = port;
-        c.mqtt.device_id = "dev2".into();
+        on_broker(c, port, "dev2");
     })
     .await;
     let (client, mut rx) = mqtt_client(port, "canceller", &["out/#", "emberd/dev2/status"]).await;
@@ -373,9 +367,7 @@ async fn a_share_group_splits_requests_between_two_daemons_with_none_lost_or_dou
     let fleet = |device: &'static str| {
         move |c: &mut Config| {
             c.socket.enabled = false;
-            c.mqtt.enabled = true;
-            c.mqtt.port = port;
-            c.mqtt.device_id = device.into();
+            on_broker(c, port, device);
             c.mqtt.share_group = Some("fleet".into());
         }
     };
@@ -560,9 +552,7 @@ async fn mqtt_over_tls_with_a_client_certificate_and_a_password() {
     let (port, dir) = (broker.port, broker.dir.path().to_path_buf());
     let daemon = Daemon::start(tiny_dir("q4"), |c| {
         c.socket.enabled = false;
-        c.mqtt.enabled = true;
-        c.mqtt.port = port;
-        c.mqtt.device_id = "secure".into();
+        on_broker(c, port, "secure");
         c.mqtt.username = Some("emberd".into());
         c.mqtt.password_file = Some(dir.join("emberd-password"));
         c.mqtt.tls = Some(test_tls(&dir));
@@ -712,9 +702,7 @@ async fn a_broker_restart_mid_stream_loses_nothing_and_requests_sent_meanwhile_a
     let port = broker.port;
     let daemon = Daemon::start(default_model_dir(), |c| {
         c.socket.enabled = false;
-        c.mqtt.enabled = true;
-        c.mqtt.port = port;
-        c.mqtt.device_id = "outage".into();
+        on_broker(c, port, "outage");
     })
     .await;
     // A client with a persistent session too, so its replies wait for it at the broker.

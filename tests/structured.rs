@@ -70,25 +70,11 @@ async fn an_iot_schema_holds_for_fifty_seeds_over_the_socket_and_mqtt() {
     let broker = Broker::start();
     let port = broker.port;
     let daemon = Daemon::start(default_model_dir(), |c| {
-        c.mqtt.enabled = true;
-        c.mqtt.port = port;
-        c.mqtt.device_id = DEVICE.into();
+        on_broker(c, port, DEVICE);
     })
     .await;
-    let (client, mut rx) = mqtt_client(
-        port,
-        // Not the device id: the daemon's own client goes by that.
-        "structured-client",
-        &[
-            &format!("emberd/{DEVICE}/response/#"),
-            &format!("emberd/{DEVICE}/status"),
-        ],
-    )
-    .await;
-    wait_on(&mut rx, &format!("emberd/{DEVICE}/status"), |v| {
-        v["state"] == "online"
-    })
-    .await;
+    // Not the device id as client id: the daemon's own client goes by that.
+    let (client, mut rx) = device_client(port, "structured-client", DEVICE).await;
     let mut socket = daemon.connect().await;
     let (mut over_socket, mut over_mqtt) = (Vec::new(), Vec::new());
     for seed in 0..SEEDS {

@@ -148,9 +148,7 @@ async fn all_transports(tweak: impl FnOnce(&mut emberd::config::Config)) -> (Dae
     let broker = Broker::start();
     let port = broker.port;
     let daemon = Daemon::start(default_model_dir(), |c| {
-        c.mqtt.enabled = true;
-        c.mqtt.port = port;
-        c.mqtt.device_id = DEVICE.into();
+        on_broker(c, port, DEVICE);
         c.http.enabled = true;
         c.http.listen = "127.0.0.1:0".into();
         c.limits.max_prompt_tokens = MAX_PROMPT_TOKENS;
@@ -162,20 +160,7 @@ async fn all_transports(tweak: impl FnOnce(&mut emberd::config::Config)) -> (Dae
 }
 
 async fn wires(daemon: &Daemon, broker: &Broker) -> Vec<Wire> {
-    let (client, mut rx) = mqtt_client(
-        broker.port,
-        "shared-behaviour",
-        &[
-            &format!("emberd/{DEVICE}/errors"),
-            &format!("emberd/{DEVICE}/response/#"),
-            &format!("emberd/{DEVICE}/status"),
-        ],
-    )
-    .await;
-    wait_on(&mut rx, &format!("emberd/{DEVICE}/status"), |v| {
-        v["state"] == "online"
-    })
-    .await;
+    let (client, rx) = device_client(broker.port, "shared-behaviour", DEVICE).await;
     vec![
         Wire::Socket(daemon.connect().await),
         Wire::Mqtt { client, rx },

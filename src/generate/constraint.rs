@@ -48,8 +48,8 @@ impl Grammars {
     /// the schema or grammar.
     pub fn compile(&self, format: &ResponseFormat) -> Result<Option<Constraint>, GenerateError> {
         let grammar = match format {
-            ResponseFormat::Text => return Ok(None),
-            ResponseFormat::JsonObject => {
+            ResponseFormat::Text {} => return Ok(None),
+            ResponseFormat::JsonObject {} => {
                 let mut schema = json!({"type": "object"});
                 schema["x-guidance"] = compact_json_options();
                 TopLevelGrammar::from_json_schema(schema)

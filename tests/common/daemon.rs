@@ -338,6 +338,33 @@ pub async fn mqtt_client_with(
     (client, rx)
 }
 
+/// Turns on the MQTT transport of the daemon `c` configures, on the broker at `port`, as
+/// device `device`.
+pub fn on_broker(c: &mut Config, port: u16, device: &str) {
+    c.mqtt.enabled = true;
+    c.mqtt.port = port;
+    c.mqtt.device_id = device.into();
+}
+
+/// A client of device `device`'s topics (its responses, errors and status), returned once
+/// the daemon says it is online.
+pub async fn device_client(
+    port: u16,
+    name: &str,
+    device: &str,
+) -> (AsyncClient, tokio::sync::mpsc::UnboundedReceiver<Received>) {
+    let status = format!("emberd/{device}/status");
+    let topics = [
+        format!("emberd/{device}/errors"),
+        format!("emberd/{device}/response/#"),
+        status.clone(),
+    ];
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let (client, mut rx) = mqtt_client(port, name, &topics).await;
+    wait_on(&mut rx, &status, |v| v["state"] == "online").await;
+    (client, rx)
+}
+
 /// The next message on `topic` that `wanted` accepts, skipping all others.
 pub async fn wait_on(
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<Received>,

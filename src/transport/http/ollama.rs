@@ -311,7 +311,7 @@ fn ollama_request(body: &[u8], kind: Kind, api: &Api) -> Result<Option<(Request,
             }
             ("format" | "tools" | "images" | "suffix" | "template" | "context", _) if empty => {}
             ("format", Value::String(f)) if f == "json" => {
-                request.response_format = Some(ResponseFormat::JsonObject)
+                request.response_format = Some(ResponseFormat::JsonObject {})
             }
             // Ollama's structured outputs: the JSON Schema itself.
             ("format", Value::Object(_)) => {
