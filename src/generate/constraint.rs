@@ -47,42 +47,32 @@ impl Grammars {
     /// The constraint for `format`, or None for plain text. Errors name what is wrong with
     /// the schema or grammar.
     pub fn compile(&self, format: &ResponseFormat) -> Result<Option<Constraint>, GenerateError> {
-        let grammar = match format {
-            ResponseFormat::Text {} => return Ok(None),
-            ResponseFormat::JsonObject {} => {
-                let mut schema = json!({"type": "object"});
-                schema["x-guidance"] = compact_json_options();
-                TopLevelGrammar::from_json_schema(schema)
-            }
-            ResponseFormat::JsonSchema { json_schema } => {
-                let mut schema = json_schema.schema.clone();
-                let Some(object) = schema.as_object_mut() else {
-                    return Err(GenerateError::InvalidFormat(
-                        "json_schema.schema must be a JSON object".into(),
-                    ));
-                };
-                object
-                    .entry("x-guidance")
-                    .or_insert_with(compact_json_options);
-                TopLevelGrammar::from_json_schema(schema)
-            }
-            ResponseFormat::Regex { regex } => TopLevelGrammar::from_regex(regex),
-            ResponseFormat::Lark { lark } => TopLevelGrammar::from_lark(lark.clone()),
-        };
+        if let ResponseFormat::Text {} = format {
+            return Ok(None);
+        }
         let factory = self
             .factory
             .as_ref()
             .map_err(|reason| GenerateError::InvalidFormat(reason.clone()))?;
-        let key = serde_json::to_string(format).unwrap_or_default();
         let started = Instant::now();
-        let cached = self
-            .lock()
-            .iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, m)| m.clone());
-        let (matcher, cached) = match cached {
-            Some(m) => (m, true),
+        let key = serde_json::to_string(format).unwrap_or_default();
+        let hit = {
+            let mut cache = self.lock();
+            // Most recently used last, so the entry dropped when full is the least used.
+            let found = cache.iter().position(|(k, _)| *k == key);
+            found.map(|i| {
+                let entry = cache.remove(i);
+                let matcher = entry.1.clone();
+                cache.push(entry);
+                matcher
+            })
+        };
+        let matcher = match hit {
+            Some(matcher) => matcher,
             None => {
+                let Some(grammar) = grammar(format)? else {
+                    return Ok(None);
+                };
                 let matcher = Matcher::new(factory.create_parser(grammar));
                 if let Some(e) = matcher.get_error() {
                     return Err(GenerateError::InvalidFormat(first_line(&e)));
@@ -92,22 +82,47 @@ impl Grammars {
                     cache.remove(0);
                 }
                 cache.push((key, matcher.clone()));
-                (matcher, false)
+                matcher
             }
         };
         Ok(Some(Constraint {
             eos: factory.tok_env().tok_trie().eos_token(),
             eos_ids: self.eos_ids.clone(),
-            env: factory.tok_env().clone(),
             matcher,
             compile_ms: started.elapsed().as_secs_f64() * 1e3,
-            cached,
         }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, Matcher)>> {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// llguidance's grammar for `format` (none for plain text); JSON is held to compact
+/// separators unless the schema says otherwise in its own `x-guidance`.
+fn grammar(format: &ResponseFormat) -> Result<Option<TopLevelGrammar>, GenerateError> {
+    Ok(Some(match format {
+        ResponseFormat::Text {} => return Ok(None),
+        ResponseFormat::JsonObject {} => {
+            let mut schema = json!({"type": "object"});
+            schema["x-guidance"] = compact_json_options();
+            TopLevelGrammar::from_json_schema(schema)
+        }
+        ResponseFormat::JsonSchema { json_schema } => {
+            let mut schema = json_schema.schema.clone();
+            let Some(object) = schema.as_object_mut() else {
+                return Err(GenerateError::InvalidFormat(
+                    "json_schema.schema must be a JSON object".into(),
+                ));
+            };
+            object
+                .entry("x-guidance")
+                .or_insert_with(compact_json_options);
+            TopLevelGrammar::from_json_schema(schema)
+        }
+        ResponseFormat::Regex { regex } => TopLevelGrammar::from_regex(regex),
+        ResponseFormat::Lark { lark } => TopLevelGrammar::from_lark(lark.clone()),
+    }))
 }
 
 fn factory(env: &TokEnv) -> Result<ParserFactory, String> {
@@ -124,38 +139,23 @@ fn first_line(error: &str) -> String {
     error.lines().next().unwrap_or(error).trim().to_string()
 }
 
-/// One request's grammar state: which tokens may come next, advanced token by token.
+/// One request's grammar state: which tokens may come next, advanced token by token. A clone
+/// shares the compiled grammar and its lexer caches (behind llguidance's own lock).
+#[derive(Clone)]
 pub struct Constraint {
     matcher: Matcher,
-    env: TokEnv,
     /// The trie's end-of-sequence token, which stands for all of `eos_ids`.
     eos: u32,
     eos_ids: Vec<u32>,
     /// How long compiling (or fetching from the cache) took.
     pub compile_ms: f64,
-    /// Whether the grammar came from the cache.
-    pub cached: bool,
 }
 
 impl std::fmt::Debug for Constraint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Constraint")
             .field("compile_ms", &self.compile_ms)
-            .field("cached", &self.cached)
             .finish_non_exhaustive()
-    }
-}
-
-impl Clone for Constraint {
-    fn clone(&self) -> Self {
-        Constraint {
-            matcher: self.matcher.clone(),
-            env: self.env.clone(),
-            eos: self.eos,
-            eos_ids: self.eos_ids.clone(),
-            compile_ms: self.compile_ms,
-            cached: self.cached,
-        }
     }
 }
 
