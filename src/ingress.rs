@@ -142,6 +142,17 @@ impl Ingress {
         &self.metrics
     }
 
+    /// Why a message of `len` bytes is refused, when it is over `max_request_bytes`; the
+    /// same words on every transport (HTTP checks its body before decoding it).
+    pub fn oversize(&self, len: usize) -> Option<String> {
+        (len > self.max_request_bytes).then(|| {
+            format!(
+                "request of {len} bytes exceeds max_request_bytes = {}",
+                self.max_request_bytes
+            )
+        })
+    }
+
     pub fn max_request_bytes(&self) -> usize {
         self.max_request_bytes
     }
@@ -159,16 +170,11 @@ impl Ingress {
         route: impl FnOnce(Route) -> R,
     ) {
         let accepted_at = Instant::now();
-        if bytes.len() > self.max_request_bytes {
+        if let Some(message) = self.oversize(bytes.len()) {
             let reply = route(Route {
                 id: String::new(),
                 reply_to: None,
             });
-            let message = format!(
-                "request of {} bytes exceeds max_request_bytes = {}",
-                bytes.len(),
-                self.max_request_bytes
-            );
             self.refuse(
                 origin.transport,
                 &reply,

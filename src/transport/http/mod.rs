@@ -451,15 +451,10 @@ impl Api {
 
     /// The size check every route with a body makes before parsing it.
     fn check_size(&self, body: &[u8]) -> Result<(), ApiError> {
-        let limit = self.ingress.max_request_bytes();
-        if body.len() > limit {
-            let message = format!(
-                "request of {} bytes exceeds max_request_bytes = {limit}",
-                body.len()
-            );
-            return Err(ApiError::from_event(ErrorCode::TooLong, message));
+        match self.ingress.oversize(body.len()) {
+            Some(message) => Err(ApiError::from_event(ErrorCode::TooLong, message)),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
