@@ -255,6 +255,15 @@ fn info_reports_layout_engine_and_available_providers() {
         "{providers:?}"
     );
     assert_eq!(info["model"]["io"]["past_keys"][1], "past_key_values.1.key");
+    // ONNX Runtime's own profile of the first step: the CPU provider ran every node, the
+    // matrix products among them.
+    let placement = info["engine"]["placement"].as_array().unwrap();
+    assert_eq!(placement.len(), 1, "{placement:?}");
+    assert_eq!(placement[0]["provider"], "CPUExecutionProvider");
+    let by_op = placement[0]["op_types"].as_object().unwrap();
+    let counted: u64 = by_op.values().map(|n| n.as_u64().unwrap()).sum();
+    assert_eq!(placement[0]["nodes"], counted, "{placement:?}");
+    assert!(by_op.contains_key("MatMul"), "{placement:?}");
 }
 
 #[test]

@@ -75,6 +75,19 @@ pub struct EngineInfo {
     /// The graph appends each step's keys and values to the cache in place; otherwise it
     /// returns a grown copy of the cache every step.
     pub kv_in_place: bool,
+    /// Where ONNX Runtime ran the graph's nodes, per provider, from its own profile of the
+    /// first step; empty where unknown (tract runs every node itself).
+    pub placement: Vec<Placement>,
+}
+
+/// The nodes one execution provider ran in a step (an OpenVINO or TensorRT subgraph counts
+/// as one node, with the subgraph as its op type).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Placement {
+    /// ONNX Runtime's name ("CPUExecutionProvider", "OpenVINOExecutionProvider", ...).
+    pub provider: String,
+    pub nodes: usize,
+    pub op_types: std::collections::BTreeMap<String, usize>,
 }
 
 impl EngineInfo {

@@ -14,7 +14,7 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor};
 
 use super::kv::KvStore;
-use super::{ort_library_path, Engine, EngineError, EngineInfo, KvCache};
+use super::{ort_library_path, Engine, EngineError, EngineInfo, KvCache, Placement};
 use crate::config::ModelConfig;
 use crate::model::{IoNames, ModelPackage};
 
@@ -187,6 +187,10 @@ impl OrtEngine {
             .map_err(ort_error)?;
         let threads = options.resolved_threads();
         builder = builder.with_intra_threads(threads).map_err(ort_error)?;
+        // ONNX Runtime's own record of which provider ran each node: the first step (made
+        // below, at load) is profiled, then profiling ends.
+        let profile = std::env::temp_dir().join(format!("emberd-placement-{}", std::process::id()));
+        builder = builder.with_profiling(&profile).map_err(ort_error)?;
         let mut provider = None;
         for name in &options.providers {
             match register(&mut builder, name) {
@@ -225,6 +229,7 @@ impl OrtEngine {
             fallback_reason: None,
             available_providers: available,
             kv_in_place,
+            placement: Vec::new(),
         };
         log::info!(
             "ONNX Runtime {} from {} serving {} on {} with {} threads",
@@ -241,7 +246,7 @@ impl OrtEngine {
             MemoryType::Default,
         )
         .map_err(ort_error)?;
-        Ok(OrtEngine {
+        let mut engine = OrtEngine {
             session,
             io: package.io.clone(),
             kv_heads: package.kv_heads,
@@ -249,6 +254,38 @@ impl OrtEngine {
             vocab_size: package.vocab_size,
             cpu_memory,
             info,
+        };
+        engine.info.placement = engine.profiled_step();
+        for p in &engine.info.placement {
+            let ops: Vec<String> = p
+                .op_types
+                .iter()
+                .map(|(op, n)| format!("{op} {n}"))
+                .collect();
+            log::info!("{} ran {} nodes: {}", p.provider, p.nodes, ops.join(", "));
+        }
+        Ok(engine)
+    }
+
+    /// Runs one step (the profiler has been on since the session was made), ends profiling
+    /// and reads which provider ran each node; empty, with a warning, where that fails.
+    fn profiled_step(&mut self) -> Vec<Placement> {
+        let (mut cache, mut logits) = (KvCache::new(), Vec::new());
+        let step = self.forward(&[0], &mut cache, &mut logits);
+        let file = self.session.end_profiling();
+        let placement = match (step, file) {
+            (Ok(()), Ok(file)) => {
+                let read = std::fs::read_to_string(&file);
+                let _ = std::fs::remove_file(&file);
+                read.map_err(|e| format!("{file}: {e}"))
+                    .and_then(|json| placement_from_profile(&json))
+            }
+            (Err(e), _) => Err(format!("the first step failed: {e}")),
+            (_, Err(e)) => Err(format!("no profile: {e}")),
+        };
+        placement.unwrap_or_else(|reason| {
+            log::warn!("where ONNX Runtime runs the nodes is unknown: {reason}");
+            Vec::new()
         })
     }
 
@@ -488,6 +525,50 @@ impl Engine for OrtEngine {
     }
 }
 
+/// Per provider, the nodes of an ONNX Runtime profile (a JSON list of events; a node's
+/// `"cat": "Node"` events carry `args.provider` and `args.op_name`).
+fn placement_from_profile(json: &str) -> Result<Vec<Placement>, String> {
+    let events: Vec<serde_json::Value> =
+        serde_json::from_str(json).map_err(|e| format!("the profile is not JSON: {e}"))?;
+    let mut seen = std::collections::HashSet::new();
+    let mut by_provider: std::collections::BTreeMap<String, Placement> = Default::default();
+    for event in &events {
+        let args = &event["args"];
+        let (Some("Node"), Some(name), Some(provider), Some(op)) = (
+            event["cat"].as_str(),
+            event["name"].as_str(),
+            args["provider"].as_str(),
+            args["op_name"].as_str(),
+        ) else {
+            continue;
+        };
+        // A node's run is its kernel-time event (fences are events of their own); each node
+        // counts once.
+        let Some(node) = name.strip_suffix("_kernel_time") else {
+            continue;
+        };
+        if !seen.insert(node.to_string()) {
+            continue;
+        }
+        let entry = by_provider
+            .entry(provider.to_string())
+            .or_insert_with(|| Placement {
+                provider: provider.to_string(),
+                nodes: 0,
+                op_types: Default::default(),
+            });
+        entry.nodes += 1;
+        *entry.op_types.entry(op.to_string()).or_default() += 1;
+    }
+    if by_provider.is_empty() {
+        return Err("the profile has no node events".into());
+    }
+    // Most nodes first: the provider doing the work leads.
+    let mut placement: Vec<Placement> = by_provider.into_values().collect();
+    placement.sort_by_key(|p| std::cmp::Reverse(p.nodes));
+    Ok(placement)
+}
+
 /// After the session is built, the pages of the model files that ONNX Runtime mapped (external
 /// data) and read while prepacking stay resident, though the prepacked copies are what runs;
 /// only the embedding rows a prompt gathers are read again. Dropping those pages from this
@@ -538,4 +619,31 @@ fn unmap_clean_weight_pages(model_file: &Path) -> usize {
 #[cfg(not(target_os = "linux"))]
 fn unmap_clean_weight_pages(_model_file: &Path) -> usize {
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placement_counts_each_node_once_per_provider_with_its_op_types() {
+        // The shape of ONNX Runtime's profile: session events, then node events.
+        let profile = r#"[
+            {"cat":"Session","name":"model_run","args":{}},
+            {"cat":"Node","name":"attn0_kernel_time","args":{"op_name":"GroupQueryAttention","provider":"CPUExecutionProvider"}},
+            {"cat":"Node","name":"attn1_kernel_time","args":{"op_name":"GroupQueryAttention","provider":"CPUExecutionProvider"}},
+            {"cat":"Node","name":"attn1_fence_before","args":{"op_name":"GroupQueryAttention","provider":"CPUExecutionProvider"}},
+            {"cat":"Node","name":"ln_kernel_time","args":{"op_name":"SimplifiedLayerNormalization","provider":"CPUExecutionProvider"}},
+            {"cat":"Node","name":"OpenVINOExecutionProvider_OpenVINO-EP-subgraph_1_0_kernel_time","args":{"op_name":"OpenVINO-EP-subgraph_1","provider":"OpenVINOExecutionProvider"}}
+        ]"#;
+        let placement = placement_from_profile(profile).unwrap();
+        assert_eq!(placement.len(), 2);
+        assert_eq!(placement[0].provider, "CPUExecutionProvider");
+        assert_eq!(placement[0].nodes, 3, "{placement:?}");
+        assert_eq!(placement[0].op_types["GroupQueryAttention"], 2);
+        assert_eq!(placement[1].provider, "OpenVINOExecutionProvider");
+        assert_eq!(placement[1].nodes, 1);
+        assert!(placement_from_profile("[]").is_err());
+        assert!(placement_from_profile("not json").is_err());
+    }
 }

@@ -159,6 +159,7 @@ impl TractEngine {
             fallback_reason,
             available_providers: Vec::new(),
             kv_in_place: false,
+            placement: Vec::new(),
         };
         log::info!(
             "tract serving {} on the CPU with {} threads",
