@@ -143,3 +143,36 @@ impl TokenizerEnv for ByteTokenizer {
         false
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generate::constraint::Grammars;
+    use crate::protocol::ResponseFormat;
+
+    /// A word-level tokenizer: its tokens are words, not bytes, so no grammar can be matched
+    /// against them.
+    const WORD_LEVEL: &str = r###"{"version":"1.0","truncation":null,"padding":null,
+        "added_tokens":[],"normalizer":null,"pre_tokenizer":{"type":"Whitespace"},
+        "post_processor":null,"decoder":{"type":"WordPiece","prefix":"##","cleanup":true},
+        "model":{"type":"WordLevel","vocab":{"on":0,"off":1,"[UNK]":2},"unk_token":"[UNK]"}}"###;
+
+    #[test]
+    fn a_tokenizer_without_token_bytes_serves_text_and_refuses_formats_naming_why() {
+        let tokenizer = Tokenizer::from_json(WORD_LEVEL, "words.json", 3, &[2]).unwrap();
+        assert_eq!(tokenizer.decoder_type(), "WordPiece");
+        assert_eq!(tokenizer.encode("on off").unwrap(), vec![0, 1]);
+        let reason = tokenizer.token_env().err().unwrap();
+        assert!(reason.contains("WordPiece"), "{reason}");
+        let grammars = Grammars::new(&tokenizer, &[2]);
+        assert!(grammars
+            .compile(&ResponseFormat::Text {})
+            .unwrap()
+            .is_none());
+        let refused = grammars
+            .compile(&ResponseFormat::JsonObject {})
+            .unwrap_err();
+        assert_eq!(refused.code(), crate::protocol::ErrorCode::BadRequest);
+        assert!(refused.to_string().contains("WordPiece"), "{refused}");
+    }
+}
