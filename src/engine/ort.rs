@@ -189,7 +189,12 @@ impl OrtEngine {
         builder = builder.with_intra_threads(threads).map_err(ort_error)?;
         // ONNX Runtime's own record of which provider ran each node: the first step (made
         // below, at load) is profiled, then profiling ends.
-        let profile = std::env::temp_dir().join(format!("emberd-placement-{}", std::process::id()));
+        // ONNX Runtime names the file by the second: a process loading two engines at once
+        // (tests do) needs a prefix of each one's own.
+        static LOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let load = LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let profile =
+            std::env::temp_dir().join(format!("emberd-placement-{}-{load}", std::process::id()));
         builder = builder.with_profiling(&profile).map_err(ort_error)?;
         let mut provider = None;
         for name in &options.providers {
