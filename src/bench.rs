@@ -188,8 +188,7 @@ fn decode_at(
     for _ in 0..options.runs {
         generator.clear_cache();
         let stats = generator.run(&request, &RunControl::new(), &mut |_| true);
-        let decoded = stats.generated_tokens.saturating_sub(1) as f64;
-        rates.push(decoded / (stats.decode_ms.max(1e-9) / 1e3));
+        rates.push(stats.decode_tokens_per_s());
     }
     Ok(PositionFigure {
         position,
@@ -219,9 +218,6 @@ fn constrained(
     let first_compile = Instant::now();
     generator.prompter().constraint(format)?;
     let grammar_compile_ms = first_compile.elapsed().as_secs_f64() * 1e3;
-    let rate = |stats: &crate::generate::RunStats| {
-        stats.generated_tokens.saturating_sub(1) as f64 / (stats.decode_ms.max(1e-9) / 1e3)
-    };
     let (mut free_tps, mut held_tps, mut compile, mut mask_us) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut free_tokens, mut held_tokens, mut parse) = (0, 0, true);
@@ -238,7 +234,7 @@ fn constrained(
         generator.clear_cache();
         let stats = generator.run(&free, &RunControl::new(), &mut |_| true);
         free_tokens = stats.generated_tokens;
-        free_tps.push(rate(&stats));
+        free_tps.push(stats.decode_tokens_per_s());
         generator.clear_cache();
         let mut text = None;
         let stats = generator.run(&held, &RunControl::new(), &mut |event| {
@@ -248,7 +244,7 @@ fn constrained(
             true
         });
         held_tokens = stats.generated_tokens;
-        held_tps.push(rate(&stats));
+        held_tps.push(stats.decode_tokens_per_s());
         compile.push(stats.grammar_compile_ms.unwrap_or(0.0));
         mask_us.extend(stats.mask_us);
         if json {
@@ -354,12 +350,7 @@ pub fn run(
         prefill.push(stats.prefill_ms);
         prefill_tps.push(stats.prompt_tokens as f64 / (stats.prefill_ms / 1e3));
         ttft.push(stats.ttft_ms);
-        let decoded = stats.generated_tokens.saturating_sub(1) as f64;
-        decode_tps.push(if stats.decode_ms > 0.0 {
-            decoded / (stats.decode_ms / 1e3)
-        } else {
-            0.0
-        });
+        decode_tps.push(stats.decode_tokens_per_s());
     }
     // Before the position runs, whose longer caches are not what the figure compares.
     let rss_after_runs = rss_mb();

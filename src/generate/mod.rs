@@ -143,6 +143,17 @@ pub struct RunStats {
     pub mask_us: Vec<f64>,
 }
 
+impl RunStats {
+    /// Tokens after the first, over the time after the first; 0 with fewer than two.
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        if self.generated_tokens > 1 && self.decode_ms > 0.0 {
+            (self.generated_tokens - 1) as f64 / (self.decode_ms / 1e3)
+        } else {
+            0.0
+        }
+    }
+}
+
 /// One loaded model: engine, prompter (template, tokenizer, limits), and the scratch state
 /// of the loop.
 pub struct Generator {
@@ -218,10 +229,6 @@ impl Generator {
 
     pub fn package(&self) -> &ModelPackage {
         &self.package
-    }
-
-    pub fn tokenizer(&self) -> &Tokenizer {
-        self.prompter.tokenizer()
     }
 
     /// The text the model sees for `input`.
@@ -355,12 +362,7 @@ impl Generator {
             queue_ms,
             prefill_ms: stats.prefill_ms,
             ttft_ms: ms(first - control.accepted_at.min(started)),
-            // Tokens after the first, over the time after the first.
-            decode_tokens_per_s: if generated > 1 && decode_s > 0.0 {
-                (generated - 1) as f64 / decode_s
-            } else {
-                0.0
-            },
+            decode_tokens_per_s: stats.decode_tokens_per_s(),
             total_ms: ms(end - control.accepted_at.min(started)),
             engine: self.engine.info().label(),
         };
@@ -486,7 +488,9 @@ impl<'r> Sequence<'r> {
             StopCheck::Continue(t) => (t, false),
             StopCheck::Stopped(t) => (t, true),
         };
-        self.send(text, token, control, emit);
+        if !self.send(text, token, emit) {
+            control.cancel.cancel();
+        }
         if stopped {
             return Ok(Step::Finished(FinishReason::StopSequence));
         }
@@ -517,33 +521,27 @@ impl<'r> Sequence<'r> {
         tail.push_str(&self.stops.flush());
         let token = *self.history.last().unwrap_or(&0);
         // The run is over: a client gone now has nothing left to cancel.
-        self.send(tail, token, &RunControl::new(), emit);
+        self.send(tail, token, emit);
         Ok(())
     }
 
-    fn send(
-        &mut self,
-        text: String,
-        token: u32,
-        control: &RunControl,
-        emit: &mut dyn FnMut(Event) -> bool,
-    ) {
+    /// Adds `text` to the answer and streams it; false when the client is gone.
+    fn send(&mut self, text: String, token: u32, emit: &mut dyn FnMut(Event) -> bool) -> bool {
         if text.is_empty() {
-            return;
+            return true;
         }
         self.text.push_str(&text);
-        if self.request.stream {
-            let event = Event::Token {
-                id: self.request.id.clone(),
-                seq: self.seq,
-                text,
-                token,
-            };
-            self.seq += 1;
-            if !emit(event) {
-                control.cancel.cancel();
-            }
+        if !self.request.stream {
+            return true;
         }
+        let event = Event::Token {
+            id: self.request.id.clone(),
+            seq: self.seq,
+            text,
+            token,
+        };
+        self.seq += 1;
+        emit(event)
     }
 }
 
