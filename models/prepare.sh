@@ -81,6 +81,54 @@ else
     "$VPY" -c 'import onnxruntime; print(onnxruntime.__version__)' > "$ROOT/vendor/onnxruntime/VERSION"
 fi
 
+# ---------------------------------------------------------------- 2b. OpenVINO build (optional)
+# EMBERD_OPENVINO=1 (the test command sets it): the onnxruntime-openvino wheel's ONNX Runtime,
+# with the OpenVINO execution provider and OpenVINO's CPU, GPU and NPU plugins, into
+# vendor/onnxruntime-openvino/lib (point model.ort_library at its libonnxruntime.so). It is
+# its own library: the CPU one above stays as it is. Intel publishes it for x86_64 Linux only.
+OV_WHEEL="onnxruntime_openvino-1.24.1-cp311-cp311-manylinux_2_28_x86_64.whl"
+OV_SHA256="3007c803634cc69c6d52af1dea7ce729d9bb62b9a11070fd2f959119199007a8"
+OV_DIR="$ROOT/vendor/onnxruntime-openvino/lib"
+# What emberd loads (RPATH $ORIGIN: they find each other in one directory); the Python
+# bindings and OpenVINO's C API stay in the wheel.
+OV_LIBS=(libonnxruntime.so.1.24.1 libonnxruntime_providers_shared.so libonnxruntime_providers_openvino.so
+    libopenvino.so.2541 libopenvino_onnx_frontend.so.2541 libtbb.so.12
+    libopenvino_intel_cpu_plugin.so libopenvino_intel_gpu_plugin.so libopenvino_intel_npu_plugin.so)
+if [ "${EMBERD_OPENVINO:-0}" = 1 ]; then
+    if [ "$(uname -sm)" != "Linux x86_64" ]; then
+        say "note: no OpenVINO build of ONNX Runtime for $(uname -sm); its tests will say so and skip"
+    elif [ "$(cat "$OV_DIR/.stamp" 2>/dev/null || true)" = "$OV_SHA256" ]; then
+        say "OpenVINO build of ONNX Runtime up to date (vendor/onnxruntime-openvino)"
+    else
+        say "installing the OpenVINO build of ONNX Runtime (onnxruntime-openvino 1.24.1, an 84 MB download)"
+        OV_TMP="$(mktemp -d)"
+        trap 'rm -rf "$OV_TMP"' EXIT
+        # Fetched for its platform whatever this Python is: only its native libraries are used.
+        "$VPY" -m pip download --disable-pip-version-check --progress-bar off --no-deps \
+            --only-binary :all: --platform manylinux_2_28_x86_64 --python-version 3.11 \
+            --implementation cp --abi cp311 -d "$OV_TMP" "onnxruntime-openvino==1.24.1" \
+            || die "pip download onnxruntime-openvino==1.24.1 failed (is PyPI reachable?)"
+        [ "$(sha "$OV_TMP/$OV_WHEEL")" = "$OV_SHA256" ] || die "$OV_WHEEL: sha256 differs from the pinned one"
+        rm -rf "$OV_DIR.tmp" && mkdir -p "$OV_DIR.tmp"
+        "$VPY" - "$OV_TMP/$OV_WHEEL" "$OV_DIR.tmp" "${OV_LIBS[@]}" <<'EOF'
+import os, sys, zipfile
+wheel, out, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+with zipfile.ZipFile(wheel) as z:
+    for name in names:
+        with z.open("onnxruntime/capi/" + name) as src, open(os.path.join(out, name), "wb") as dst:
+            dst.write(src.read())
+        os.chmod(os.path.join(out, name), 0o755)
+EOF
+        ln -s libonnxruntime.so.1.24.1 "$OV_DIR.tmp/libonnxruntime.so"
+        ln -s libonnxruntime.so.1.24.1 "$OV_DIR.tmp/libonnxruntime.so.1"
+        echo "$OV_SHA256" > "$OV_DIR.tmp/.stamp"
+        rm -rf "$OV_DIR" && mv "$OV_DIR.tmp" "$OV_DIR"
+        rm -rf "$OV_TMP"
+        trap - EXIT
+        say "OpenVINO build ready: $(du -sh "$OV_DIR" | cut -f1) in vendor/onnxruntime-openvino/lib"
+    fi
+fi
+
 # ---------------------------------------------------------------- 3. default model package
 CONVERTER=("$MODELS/convert_gguf.py" "$MODELS/llama_onnx.py")
 if [ "${EMBERD_SKIP_MODEL:-0}" != 1 ]; then

@@ -7,7 +7,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 require_toolchain
 install_apt_packages
-prepare_models
+# The OpenVINO build of ONNX Runtime too (x86-64 Linux): tests/openvino.rs serves with it.
+EMBERD_OPENVINO=1 prepare_models
 install_test_clients
 
 say "cargo fmt --check"

@@ -1,6 +1,7 @@
 //! The TOML config. Every field has a default, so an empty file (or none) is valid;
 //! `validate` checks the values once at start with messages that name the field.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -42,6 +43,9 @@ pub struct ModelConfig {
     pub backend: Backend,
     /// Execution providers in priority order.
     pub providers: Vec<String>,
+    /// Per provider, the options ONNX Runtime passes to it (`[model.provider_options.openvino]
+    /// device_type = "GPU"`), as the provider's documentation names them.
+    pub provider_options: BTreeMap<String, BTreeMap<String, OptionValue>>,
     pub ort_library: Option<PathBuf>,
     /// 0: one per core.
     pub threads: usize,
@@ -57,6 +61,7 @@ impl Default for ModelConfig {
             dir: None,
             backend: Backend::Auto,
             providers: vec!["cpu".into()],
+            provider_options: BTreeMap::new(),
             ort_library: None,
             threads: 0,
             context: 0,
@@ -78,10 +83,41 @@ impl ModelConfig {
         }
     }
 
+    /// The options for provider `name`, as ONNX Runtime takes them: strings.
+    pub fn options_of(&self, name: &str) -> Vec<(String, String)> {
+        self.provider_options
+            .get(name)
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect()
+    }
+
     pub fn model_dir(&self) -> PathBuf {
         self.dir
             .clone()
             .unwrap_or_else(crate::paths::default_model_dir)
+    }
+}
+
+/// A provider option as TOML writes it; ONNX Runtime takes every option as a string.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum OptionValue {
+    String(String),
+    Integer(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl std::fmt::Display for OptionValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OptionValue::String(s) => f.write_str(s),
+            OptionValue::Integer(n) => write!(f, "{n}"),
+            OptionValue::Float(x) => write!(f, "{x}"),
+            OptionValue::Bool(b) => write!(f, "{b}"),
+        }
     }
 }
 
@@ -296,6 +332,19 @@ impl Config {
                 ));
             }
         }
+        for (name, options) in &self.model.provider_options {
+            if !crate::engine::ort::KNOWN_PROVIDERS.contains(&name.as_str()) {
+                return bad(format!(
+                    "model.provider_options: unknown provider {name:?}; known: {}",
+                    crate::engine::ort::KNOWN_PROVIDERS.join(", ")
+                ));
+            }
+            if !options.is_empty() && !crate::engine::ort::takes_options(name) {
+                return bad(format!(
+                    "model.provider_options.{name}: emberd passes no options to {name}"
+                ));
+            }
+        }
         if self.http.enabled && self.http.listen.parse::<std::net::SocketAddr>().is_err() {
             return bad(format!(
                 "http.listen must be an address and port like \"127.0.0.1:8080\", got {:?}",
@@ -366,5 +415,29 @@ mod tests {
         assert!(err.to_string().contains("limits.max_queue"), "{err}");
         let err = Config::from_toml("[model]\nproviders = [\"cuda\", \"gpu9\"]\n").unwrap_err();
         assert!(err.to_string().contains("gpu9"), "{err}");
+        let err = Config::from_toml("[model.provider_options.gpu9]\nx = 1\n").unwrap_err();
+        assert!(err.to_string().contains("gpu9"), "{err}");
+        let err = Config::from_toml("[model.provider_options.nnapi]\nx = 1\n").unwrap_err();
+        assert!(
+            err.to_string().contains("model.provider_options.nnapi"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn provider_options_reach_onnx_runtime_as_strings() {
+        let c = Config::from_toml(
+            "[model.provider_options.openvino]\ndevice_type = \"GPU.0\"\nnum_of_threads = 4\nenable_qdq_optimizer = true\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.model.options_of("openvino"),
+            [
+                ("device_type".to_string(), "GPU.0".to_string()),
+                ("enable_qdq_optimizer".into(), "true".into()),
+                ("num_of_threads".into(), "4".into()),
+            ]
+        );
+        assert!(c.model.options_of("cuda").is_empty());
     }
 }

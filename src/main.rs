@@ -272,7 +272,7 @@ fn load_generator(config: &Config) -> Result<Generator> {
     let info = generator.engine_info();
     if let Some(reason) = &info.fallback_reason {
         log::warn!(
-            "serving with {} because ONNX Runtime could not start: {reason}",
+            "serving with {}, not the first choice: {reason}",
             info.label()
         );
     }

@@ -24,6 +24,8 @@ pub enum EngineError {
     Tract(String),
     #[error("execution provider {0:?} is unknown; known: tensorrt, cuda, openvino, qnn, acl, xnnpack, coreml, directml, rocm, migraphx, cann, nnapi, cpu")]
     UnknownProvider(String),
+    #[error("execution provider {provider} could not start: {reason}")]
+    Provider { provider: String, reason: String },
     #[error("no engine could start: {0}")]
     NoEngine(String),
     #[error("this emberd was built without the tract engine (cargo feature `tract`)")]
@@ -88,6 +90,10 @@ pub struct Placement {
     pub provider: String,
     pub nodes: usize,
     pub op_types: std::collections::BTreeMap<String, usize>,
+    /// What its subgraphs hold, by op type, where it took the whole graph (the profile sees
+    /// only the subgraph; the graph file says what is in it). Empty otherwise.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub subgraph_op_types: std::collections::BTreeMap<String, usize>,
 }
 
 impl EngineInfo {

@@ -8,13 +8,14 @@ use std::sync::{Mutex, OnceLock};
 
 use ort::environment::Environment;
 use ort::ep::{self, ExecutionProvider};
+use ort::logging::LogLevel;
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor};
 
 use super::kv::KvStore;
-use super::{ort_library_path, Engine, EngineError, EngineInfo, KvCache, Placement};
+use super::{ort_library_path, Backend, Engine, EngineError, EngineInfo, KvCache, Placement};
 use crate::config::ModelConfig;
 use crate::model::{IoNames, ModelPackage};
 
@@ -23,6 +24,40 @@ pub const KNOWN_PROVIDERS: &[&str] = &[
     "tensorrt", "cuda", "openvino", "qnn", "acl", "xnnpack", "coreml", "rocm", "migraphx", "cann",
     "nnapi", "cpu",
 ];
+
+/// ONNX Runtime's name for a provider of `KNOWN_PROVIDERS` (what GetAvailableProviders and
+/// the profile say).
+pub fn ort_name(name: &str) -> &'static str {
+    match name {
+        "tensorrt" => "TensorrtExecutionProvider",
+        "cuda" => "CUDAExecutionProvider",
+        "openvino" => "OpenVINOExecutionProvider",
+        "qnn" => "QNNExecutionProvider",
+        "acl" => "ACLExecutionProvider",
+        "xnnpack" => "XnnpackExecutionProvider",
+        "coreml" => "CoreMLExecutionProvider",
+        "rocm" => "ROCMExecutionProvider",
+        "migraphx" => "MIGraphXExecutionProvider",
+        "cann" => "CANNExecutionProvider",
+        "nnapi" => "NnapiExecutionProvider",
+        _ => "CPUExecutionProvider",
+    }
+}
+
+/// Whether emberd passes `provider_options` to this provider (ort registers the others with
+/// fixed fields only).
+pub fn takes_options(name: &str) -> bool {
+    matches!(
+        name,
+        "tensorrt" | "cuda" | "openvino" | "qnn" | "xnnpack" | "coreml" | "rocm" | "cann"
+    )
+}
+
+/// Providers that compute in this process's memory, on the CPU: they run ONNX Runtime's
+/// fused CPU graph and may keep the KV cache in place.
+fn on_host(name: &str) -> bool {
+    matches!(name, "cpu" | "xnnpack")
+}
 
 /// The process-wide ONNX Runtime environment and the library it came from.
 /// ONNX Runtime allows one environment per process; the library cannot be swapped once loaded.
@@ -70,9 +105,75 @@ pub fn environment(library: &Path) -> Result<&'static Environment, EngineError> 
         })?
         .with_name("emberd")
         .with_telemetry(false)
+        .with_logger(std::sync::Arc::new(log_from_ort))
         .build()
         .map_err(ort_error)?;
+    // ort opens the custom logger at verbose; ONNX Runtime formats only what passes this.
+    env.set_log_level(LogLevel::Warning);
     Ok(&ENVIRONMENT.get_or_init(|| (library.to_path_buf(), env)).1)
+}
+
+thread_local! {
+    /// The last error ONNX Runtime logged on this thread: a provider that fails to start
+    /// logs its reason and returns only "Failed to load provider".
+    static LAST_ORT_ERROR: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// ONNX Runtime's log, into emberd's. Errors go to debug and are kept for the error they come
+/// with (see `with_ort_reason`), which says them once, where they matter.
+fn log_from_ort(level: LogLevel, _category: &str, _id: &str, location: &str, message: &str) {
+    match level {
+        LogLevel::Error | LogLevel::Fatal => {
+            log::debug!("onnxruntime: {location}: {message}");
+            LAST_ORT_ERROR.with(|last| *last.borrow_mut() = Some(ort_reason(message).to_string()));
+        }
+        LogLevel::Warning => log::warn!("onnxruntime: {message}"),
+        LogLevel::Info | LogLevel::Verbose => log::trace!("onnxruntime: {message}"),
+    }
+}
+
+/// The reason in an ONNX Runtime exception message, without the source location and function
+/// signature in front ("/onnxruntime/.../factory.cc:141 std::string ns::F(args) [ERROR]
+/// [OpenVINO] Device NPU is not available" gives "[OpenVINO] Device NPU is not available").
+fn ort_reason(message: &str) -> &str {
+    let Some((location, rest)) = message.split_once(' ') else {
+        return message;
+    };
+    if !location.contains(".cc:") && !location.contains(".h:") {
+        return message;
+    }
+    // The signature ends at the first space outside brackets after its argument list.
+    let (mut depth, mut seen_args) = (0i32, false);
+    for (i, c) in rest.char_indices() {
+        match c {
+            '(' | '<' => depth += 1,
+            ')' | '>' => {
+                depth -= 1;
+                seen_args |= c == ')' && depth == 0;
+            }
+            ' ' if depth == 0 && seen_args => {
+                let reason = rest[i + 1..].trim();
+                return reason.strip_prefix("[ERROR] ").unwrap_or(reason);
+            }
+            _ => {}
+        }
+    }
+    rest
+}
+
+/// Runs `f`, and on failure adds the reason ONNX Runtime logged meanwhile, where its error
+/// does not already carry it.
+fn with_ort_reason<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
+    LAST_ORT_ERROR.with(|last| last.borrow_mut().take());
+    f().map_err(
+        |e| match LAST_ORT_ERROR.with(|last| last.borrow_mut().take()) {
+            Some(reason) if !e.to_string().contains(&reason) => EngineError::Ort(format!(
+                "{}: {reason}",
+                e.to_string().trim_start_matches("ONNX Runtime: ")
+            )),
+            _ => e,
+        },
+    )
 }
 
 /// The version string of the ONNX Runtime library at `path` ("1.32.0").
@@ -121,19 +222,32 @@ pub fn available_providers() -> Result<Vec<String>, EngineError> {
     }
 }
 
-/// Registers one provider; an Err carries ONNX Runtime's own reason.
-fn register(builder: &mut SessionBuilder, name: &str) -> Result<(), EngineError> {
+/// Registers one provider with its options; an Err carries ONNX Runtime's own reason.
+fn register(
+    builder: &mut SessionBuilder,
+    name: &str,
+    options: &[(String, String)],
+) -> Result<(), EngineError> {
+    fn with<E: ep::ArbitrarilyConfigurableExecutionProvider>(
+        mut provider: E,
+        options: &[(String, String)],
+    ) -> E {
+        for (key, value) in options {
+            provider = provider.with_arbitrary_config(key, value);
+        }
+        provider
+    }
     let result = match name {
-        "tensorrt" => ep::TensorRT::default().register(builder),
-        "cuda" => ep::CUDA::default().register(builder),
-        "openvino" => ep::OpenVINO::default().register(builder),
-        "qnn" => ep::QNN::default().register(builder),
+        "tensorrt" => with(ep::TensorRT::default(), options).register(builder),
+        "cuda" => with(ep::CUDA::default(), options).register(builder),
+        "openvino" => with(ep::OpenVINO::default(), options).register(builder),
+        "qnn" => with(ep::QNN::default(), options).register(builder),
         "acl" => ep::ACL::default().register(builder),
-        "xnnpack" => ep::XNNPACK::default().register(builder),
-        "coreml" => ep::CoreML::default().register(builder),
-        "rocm" => ep::ROCm::default().register(builder),
+        "xnnpack" => with(ep::XNNPACK::default(), options).register(builder),
+        "coreml" => with(ep::CoreML::default(), options).register(builder),
+        "rocm" => with(ep::ROCm::default(), options).register(builder),
         "migraphx" => ep::MIGraphX::default().register(builder),
-        "cann" => ep::CANN::default().register(builder),
+        "cann" => with(ep::CANN::default(), options).register(builder),
         "nnapi" => ep::NNAPI::default().register(builder),
         // The CPU provider is always there; registering it only sets the arena.
         "cpu" => ep::CPU::default()
@@ -142,6 +256,25 @@ fn register(builder: &mut SessionBuilder, name: &str) -> Result<(), EngineError>
         other => return Err(EngineError::UnknownProvider(other.to_string())),
     };
     result.map_err(ort_error)
+}
+
+/// The provider lists to try in turn. Under `auto` a provider that fails at session creation
+/// (a bad option, a device that is not there) gives way to the next, down to the CPU alone;
+/// `ort` tries the list once.
+fn attempts(providers: &[String], backend: Backend) -> Vec<Vec<String>> {
+    if backend != Backend::Auto {
+        return vec![providers.to_vec()];
+    }
+    let mut lists = Vec::new();
+    for i in 0..providers.len() {
+        lists.push(providers[i..].to_vec());
+        // What follows the CPU is never used: it takes every node.
+        if providers[i] == "cpu" {
+            return lists;
+        }
+    }
+    lists.push(vec!["cpu".to_string()]);
+    lists
 }
 
 pub struct OrtEngine {
@@ -177,6 +310,43 @@ impl OrtEngine {
         let library = ort_library_path(options.ort_library.as_ref());
         let env = environment(&library)?;
         let available = available_providers()?;
+        let version = library_version(&library);
+        let lists = attempts(&options.providers, options.backend);
+        let mut failures = Vec::new();
+        for (i, providers) in lists.iter().enumerate() {
+            match Self::start(env, package, options, providers, &available) {
+                Ok(mut engine) => {
+                    engine.info.version = version;
+                    engine.info.available_providers = available;
+                    if !failures.is_empty() {
+                        let mut reasons = failures;
+                        reasons.extend(engine.info.fallback_reason.take());
+                        engine.info.fallback_reason = Some(reasons.join("; "));
+                    }
+                    engine.log_start(&library);
+                    return Ok(engine);
+                }
+                Err(e) => match lists.get(i + 1) {
+                    Some(next) => {
+                        log::warn!("{e}; trying {}", next.join(", "));
+                        failures.push(e.to_string());
+                    }
+                    None => return Err(e),
+                },
+            }
+        }
+        unreachable!("attempts() returns at least one list")
+    }
+
+    /// A session with `providers` registered in order (those the library lacks are skipped),
+    /// its first step run and profiled.
+    fn start(
+        env: &'static Environment,
+        package: &ModelPackage,
+        options: &ModelConfig,
+        providers: &[String],
+        available: &[String],
+    ) -> Result<Self, EngineError> {
         let mut builder = Session::builder(env)
             .map_err(ort_error)?
             .with_optimization_level(GraphOptimizationLevel::All)
@@ -196,25 +366,43 @@ impl OrtEngine {
         let profile =
             std::env::temp_dir().join(format!("emberd-placement-{}-{load}", std::process::id()));
         builder = builder.with_profiling(&profile).map_err(ort_error)?;
-        let mut provider = None;
-        for name in &options.providers {
-            match register(&mut builder, name) {
-                Ok(()) if provider.is_none() => provider = Some(name.clone()),
-                Ok(()) => {}
-                Err(EngineError::UnknownProvider(n)) => {
-                    return Err(EngineError::UnknownProvider(n))
-                }
-                Err(e) => log::warn!("execution provider {name} skipped: {e}"),
+        let mut lead: Option<&str> = None;
+        for name in providers {
+            if name != "cpu" && !available.iter().any(|a| a == ort_name(name)) {
+                log::warn!(
+                    "execution provider {name} skipped: this ONNX Runtime library lacks {} (it has {})",
+                    ort_name(name),
+                    available.join(", ")
+                );
+                continue;
             }
+            // The library has it: failing here (a bad option, a device that is not there)
+            // is this attempt's failure, which `auto` answers with the next provider.
+            with_ort_reason(|| register(&mut builder, name, &options.options_of(name))).map_err(
+                |e| match e {
+                    EngineError::UnknownProvider(_) => e,
+                    e => EngineError::Provider {
+                        provider: name.clone(),
+                        reason: e.to_string(),
+                    },
+                },
+            )?;
+            lead.get_or_insert(name);
         }
-        let provider = provider.unwrap_or_else(|| "cpu".to_string());
-        let session = builder.commit_from_file(&package.ort_file).map_err(|e| {
-            EngineError::Ort(format!(
-                "cannot create a session for {}: {e}",
-                package.ort_file.display()
-            ))
-        })?;
-        let released = unmap_clean_weight_pages(&package.ort_file);
+        let lead = lead.unwrap_or("cpu");
+        // The fused graph's attention and layer norms are ONNX Runtime CPU kernels; a device
+        // provider gets the plain graph, which it can take whole.
+        let file = if on_host(lead) {
+            &package.ort_file
+        } else {
+            &package.plain_file
+        };
+        let session = with_ort_reason(|| builder.commit_from_file(file).map_err(ort_error))
+            .map_err(|e| EngineError::Provider {
+                provider: lead.to_string(),
+                reason: format!("no session for {}: {e}", file.display()),
+            })?;
+        let released = unmap_clean_weight_pages(file);
         if released > 0 {
             log::debug!(
                 "dropped {} KiB of weight-file pages after loading",
@@ -224,26 +412,7 @@ impl OrtEngine {
         // In place only where the cache lives in CPU memory: a device provider would copy the
         // bound buffers to and from the device each step, and past and present would no
         // longer be the same memory.
-        let kv_in_place = package.ort_kv_in_place && matches!(provider.as_str(), "cpu" | "xnnpack");
-        let info = EngineInfo {
-            engine: "ort",
-            provider,
-            threads,
-            model_file: package.ort_file.clone(),
-            version: library_version(&library),
-            fallback_reason: None,
-            available_providers: available,
-            kv_in_place,
-            placement: Vec::new(),
-        };
-        log::info!(
-            "ONNX Runtime {} from {} serving {} on {} with {} threads",
-            info.version,
-            library.display(),
-            package.ort_file.display(),
-            info.provider,
-            info.threads
-        );
+        let kv_in_place = package.ort_kv_in_place && on_host(lead) && *file == package.ort_file;
         let cpu_memory = MemoryInfo::new(
             AllocationDevice::CPU,
             0,
@@ -258,40 +427,100 @@ impl OrtEngine {
             head_dim: package.head_dim,
             vocab_size: package.vocab_size,
             cpu_memory,
-            info,
+            info: EngineInfo {
+                engine: "ort",
+                provider: lead.to_string(),
+                threads,
+                model_file: file.clone(),
+                version: String::new(),
+                fallback_reason: None,
+                available_providers: Vec::new(),
+                kv_in_place,
+                placement: Vec::new(),
+            },
         };
-        engine.info.placement = engine.profiled_step();
-        for p in &engine.info.placement {
+        engine.info.placement = engine.profiled_step().map_err(|e| EngineError::Provider {
+            provider: lead.to_string(),
+            reason: format!("the first step failed: {e}"),
+        })?;
+        if let [whole] = engine.info.placement.as_mut_slice() {
+            if whole.provider != ort_name("cpu") {
+                match crate::model::onnx_io::read_graph_io(file) {
+                    Ok(graph) => whole.subgraph_op_types = graph.op_types,
+                    Err(e) => log::debug!("{}: {e}", file.display()),
+                }
+            }
+        }
+        // The provider in use is the one that ran nodes: one that was given the graph and
+        // took none of it leaves the work to the CPU.
+        let ran = |name: &str| {
+            engine
+                .info
+                .placement
+                .iter()
+                .any(|p| p.provider == ort_name(name))
+        };
+        if !engine.info.placement.is_empty() && !ran(lead) {
+            engine.info.fallback_reason = Some(format!(
+                "execution provider {lead} took no node of the graph; the CPU runs them all"
+            ));
+            engine.info.provider = "cpu".to_string();
+        }
+        Ok(engine)
+    }
+
+    fn log_start(&self, library: &Path) {
+        let info = &self.info;
+        log::info!(
+            "ONNX Runtime {} from {} serving {} on {} with {} threads",
+            info.version,
+            library.display(),
+            info.model_file.display(),
+            info.provider,
+            info.threads
+        );
+        for p in &info.placement {
             let ops: Vec<String> = p
                 .op_types
                 .iter()
                 .map(|(op, n)| format!("{op} {n}"))
                 .collect();
             log::info!("{} ran {} nodes: {}", p.provider, p.nodes, ops.join(", "));
+            if !p.subgraph_op_types.is_empty() {
+                let inside: Vec<String> = p
+                    .subgraph_op_types
+                    .iter()
+                    .map(|(op, n)| format!("{op} {n}"))
+                    .collect();
+                log::info!(
+                    "{} took the whole graph: {} nodes ({})",
+                    p.provider,
+                    p.subgraph_op_types.values().sum::<usize>(),
+                    inside.join(", ")
+                );
+            }
         }
-        Ok(engine)
     }
 
     /// Runs one step (the profiler has been on since the session was made), ends profiling
-    /// and reads which provider ran each node; empty, with a warning, where that fails.
-    fn profiled_step(&mut self) -> Vec<Placement> {
+    /// and reads which provider ran each node: empty, with a warning, where the profile
+    /// cannot be read; an error where the step fails.
+    fn profiled_step(&mut self) -> Result<Vec<Placement>, EngineError> {
         let (mut cache, mut logits) = (KvCache::new(), Vec::new());
-        let step = self.forward(&[0], &mut cache, &mut logits);
-        let file = self.session.end_profiling();
-        let placement = match (step, file) {
-            (Ok(()), Ok(file)) => {
+        self.forward(&[0], &mut cache, &mut logits)?;
+        let placement = match self.session.end_profiling() {
+            Ok(file) => {
                 let read = std::fs::read_to_string(&file);
                 let _ = std::fs::remove_file(&file);
                 read.map_err(|e| format!("{file}: {e}"))
                     .and_then(|json| placement_from_profile(&json))
             }
-            (Err(e), _) => Err(format!("the first step failed: {e}")),
-            (_, Err(e)) => Err(format!("no profile: {e}")),
+            Err(e) => Err(format!("no profile: {e}")),
         };
-        placement.unwrap_or_else(|reason| {
+        Ok(placement.unwrap_or_else(|reason| {
             log::warn!("where ONNX Runtime runs the nodes is unknown: {reason}");
             Vec::new()
-        })
+        }))
     }
 
     /// Makes the in-place buffers of `cache` hold at least `positions`, keeping what they hold.
@@ -561,9 +790,13 @@ fn placement_from_profile(json: &str) -> Result<Vec<Placement>, String> {
                 provider: provider.to_string(),
                 nodes: 0,
                 op_types: Default::default(),
+                subgraph_op_types: Default::default(),
             });
         entry.nodes += 1;
-        *entry.op_types.entry(op.to_string()).or_default() += 1;
+        *entry
+            .op_types
+            .entry(subgraph_kind(op).to_string())
+            .or_default() += 1;
     }
     if by_provider.is_empty() {
         return Err("the profile has no node events".into());
@@ -572,6 +805,15 @@ fn placement_from_profile(json: &str) -> Result<Vec<Placement>, String> {
     let mut placement: Vec<Placement> = by_provider.into_values().collect();
     placement.sort_by_key(|p| std::cmp::Reverse(p.nodes));
     Ok(placement)
+}
+
+/// A compiling provider's fused node is named by its number ("OpenVINO-EP-subgraph_3"): the
+/// number is dropped, so the op types count subgraphs of a kind.
+fn subgraph_kind(op: &str) -> &str {
+    match op.rsplit_once('_') {
+        Some((kind, n)) if op.contains("subgraph") && n.bytes().all(|b| b.is_ascii_digit()) => kind,
+        _ => op,
+    }
 }
 
 /// After the session is built, the pages of the model files that ONNX Runtime mapped (external
@@ -648,7 +890,39 @@ mod tests {
         assert_eq!(placement[0].op_types["GroupQueryAttention"], 2);
         assert_eq!(placement[1].provider, "OpenVINOExecutionProvider");
         assert_eq!(placement[1].nodes, 1);
+        assert_eq!(placement[1].op_types["OpenVINO-EP-subgraph"], 1);
         assert!(placement_from_profile("[]").is_err());
         assert!(placement_from_profile("not json").is_err());
+    }
+
+    #[test]
+    fn the_reason_is_cut_out_of_onnx_runtimes_exception_text() {
+        let npu = "/onnxruntime/onnxruntime/core/providers/openvino/openvino_provider_factory.cc:141 std::string onnxruntime::openvino_ep::ParseDeviceType(std::shared_ptr<OVCore>, const onnxruntime::ProviderOptions&) [ERROR] [OpenVINO] Device NPU is not available";
+        assert_eq!(ort_reason(npu), "[OpenVINO] Device NPU is not available");
+        let option = "/onnxruntime/onnxruntime/core/providers/openvino/openvino_provider_factory.cc:232 onnxruntime::openvino_ep::ParseProviderInfo(const onnxruntime::ProviderOptions&, const onnxruntime::ConfigOptions*, ProviderInfo&)::<lambda()> Invalid provider_option key: bogus_option";
+        assert_eq!(
+            ort_reason(option),
+            "Invalid provider_option key: bogus_option"
+        );
+        assert_eq!(ort_reason("plain words"), "plain words");
+    }
+
+    #[test]
+    fn under_auto_each_provider_gives_way_to_the_next_down_to_the_cpu() {
+        let list = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let tried = attempts(&list(&["openvino", "cpu", "cuda"]), Backend::Auto);
+        assert_eq!(
+            tried,
+            [list(&["openvino", "cpu", "cuda"]), list(&["cpu", "cuda"])]
+        );
+        let tried = attempts(&list(&["tensorrt", "cuda"]), Backend::Auto);
+        assert_eq!(
+            tried,
+            [list(&["tensorrt", "cuda"]), list(&["cuda"]), list(&["cpu"])]
+        );
+        assert_eq!(
+            attempts(&list(&["openvino", "cpu"]), Backend::Ort),
+            [list(&["openvino", "cpu"])]
+        );
     }
 }

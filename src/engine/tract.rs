@@ -72,7 +72,7 @@ impl TractEngine {
         options: &ModelConfig,
         fallback_reason: Option<String>,
     ) -> Result<Self, EngineError> {
-        let path = &package.tract_file;
+        let path = &package.plain_file;
         let mut model = tract_onnx::onnx()
             // Files quantized by ONNX Runtime carry value_info shapes that contradict tract's inference.
             .with_ignore_value_info(true)

@@ -74,8 +74,11 @@ pub struct ModelPackage {
     pub layout: Layout,
     /// ONNX file for ONNX Runtime.
     pub ort_file: PathBuf,
-    /// ONNX file for tract; differs where tract cannot load ONNX Runtime's quantized form.
-    pub tract_file: PathBuf,
+    /// The graph in ONNX's standard operators (and MatMulNBits), without ONNX Runtime's fused
+    /// CPU attention: tract's, and what ONNX Runtime's device providers get (OpenVINO takes the
+    /// fused GroupQueryAttention only on a GPU; on its CPU device the fused graph split into 31
+    /// pieces and decoded 4x slower). The same file as `ort_file` where a package has one graph.
+    pub plain_file: PathBuf,
     /// The ONNX Runtime graph attends with com.microsoft.GroupQueryAttention, which writes
     /// the new keys and values into a buffer bound as both past and present: the engine can
     /// keep the cache in place instead of receiving a grown copy every step.
@@ -153,12 +156,12 @@ impl ModelPackage {
         let config = read_json_opt(&dir.join("config.json"))?;
         let generation = read_json_opt(&dir.join("generation_config.json"))?;
 
-        let (ort_file, tract_file) = model_files(dir, genai.as_ref(), manifest.as_ref())?;
+        let (ort_file, plain_file) = model_files(dir, genai.as_ref(), manifest.as_ref())?;
         let graph = onnx_io::read_graph_io(&ort_file)
             .map_err(|e| ModelError::bad(&ort_file, format!("cannot read the ONNX graph: {e}")))?;
         let genai_decoder = genai.as_ref().and_then(|g| g.pointer("/model/decoder"));
         let io = io_names(&ort_file, &graph, genai_decoder)?;
-        let ort_kv_in_place = graph.op_types.contains("GroupQueryAttention");
+        let ort_kv_in_place = graph.op_types.contains_key("GroupQueryAttention");
         let layout = if genai.is_some() {
             Layout::Genai
         } else if io.use_cache_branch.is_some() {
@@ -274,7 +277,7 @@ impl ModelPackage {
             family,
             layout,
             ort_file,
-            tract_file,
+            plain_file,
             ort_kv_in_place,
             layers: io.past_keys.len(),
             io,

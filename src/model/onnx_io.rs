@@ -4,7 +4,7 @@
 //! weights, most of the file) and the `input`/`output` value infos we need. We walk the
 //! protobuf fields and seek over everything else, so a 100 MB model costs a few reads.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
@@ -34,8 +34,8 @@ pub const ELEM_BOOL: i32 = 9;
 pub struct GraphIo {
     pub inputs: Vec<ValueInfo>,
     pub outputs: Vec<ValueInfo>,
-    /// The operator types of the main graph's nodes (not of subgraphs), each once.
-    pub op_types: BTreeSet<String>,
+    /// The operator types of the main graph's nodes (not of subgraphs), with their counts.
+    pub op_types: BTreeMap<String, usize>,
 }
 
 struct Reader<R> {
@@ -150,7 +150,7 @@ pub fn read_graph_io(path: &Path) -> std::io::Result<GraphIo> {
                     (12, 2) => io.outputs.push(value_info(&mut r)?),
                     (1, 2) => {
                         if let Some(op) = node_op_type(&mut r)? {
-                            io.op_types.insert(op);
+                            *io.op_types.entry(op).or_default() += 1;
                         }
                     }
                     _ => r.skip(wire)?,

@@ -42,14 +42,22 @@ pub struct Daemon {
 
 impl Daemon {
     pub async fn start(model: PathBuf, tweak: impl FnOnce(&mut Config)) -> Daemon {
+        let generator = tokio::task::spawn_blocking(move || generator(model, serving_backend()))
+            .await
+            .unwrap();
+        Daemon::serving(generator, tweak).await
+    }
+
+    /// A daemon serving with `generator`, however it was loaded.
+    pub async fn serving(
+        generator: emberd::generate::Generator,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::default();
         config.socket.path = dir.path().join("emberd.sock");
         config.mqtt.enabled = false;
         tweak(&mut config);
-        let generator = tokio::task::spawn_blocking(move || generator(model, serving_backend()))
-            .await
-            .unwrap();
         let (trigger, shutdown) = emberd::shutdown::channel();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Ready>();
         let done = tokio::spawn(async move {
