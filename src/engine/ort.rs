@@ -376,9 +376,15 @@ impl OrtEngine {
                 );
                 continue;
             }
+            let mut provider_options = options.options_of(name);
+            // OpenVINO runs its own thread pool, which takes every core unless told: it gets
+            // the same count as ONNX Runtime's, so `threads` leaves cores free either way.
+            if name == "openvino" && !provider_options.iter().any(|(k, _)| k == "num_of_threads") {
+                provider_options.push(("num_of_threads".into(), threads.to_string()));
+            }
             // The library has it: failing here (a bad option, a device that is not there)
             // is this attempt's failure, which `auto` answers with the next provider.
-            with_ort_reason(|| register(&mut builder, name, &options.options_of(name))).map_err(
+            with_ort_reason(|| register(&mut builder, name, &provider_options)).map_err(
                 |e| match e {
                     EngineError::UnknownProvider(_) => e,
                     e => EngineError::Provider {
