@@ -154,6 +154,21 @@ EOF
         rm -rf "$PKG" && mv "$PKG.tmp" "$PKG"
         say "default model ready in $(( $(date +%s) - start )) s: $(du -sh "$PKG" | cut -f1) in models/smollm2-135m-instruct"
     fi
+    # The same graph with f32 activations (MatMulNBits accuracy_level 0; the weights are the
+    # package's): the exact reference that tests hold batched decoding to (tests/batching.rs).
+    EXACT="$PKG/model.exact.onnx"
+    if [ ! -f "$EXACT" ] || [ "$EXACT" -ot "$PKG/model.ort.onnx" ]; then
+        "$VPY" - "$PKG/model.ort.onnx" "$EXACT.tmp" <<'EOF' || die "writing model.exact.onnx failed"
+import sys, onnx
+model = onnx.load(sys.argv[1], load_external_data=False)
+for node in model.graph.node:
+    for attribute in node.attribute:
+        if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
+            attribute.i = 0
+onnx.save(model, sys.argv[2])
+EOF
+        mv "$EXACT.tmp" "$EXACT"
+    fi
 fi
 
 # ---------------------------------------------------------------- 4. tiny test models

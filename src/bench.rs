@@ -21,6 +21,8 @@ pub struct BenchOptions {
     pub shared_prefix: bool,
     /// Also measure decoding held to this format.
     pub response_format: Option<ResponseFormat>,
+    /// Also measure this many requests at once, decoding together (continuous batching).
+    pub concurrency: usize,
 }
 
 /// min / median / max of one figure over the runs.
@@ -69,6 +71,8 @@ pub struct BenchReport {
     pub shared_prefix: Option<SharedPrefixFigure>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub constrained: Option<ConstrainedFigure>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrent: Option<ConcurrentFigure>,
     pub peak_rss_mb: f64,
     /// Resident set size after the runs: what a serving process holds, without the peak
     /// that loading passes through.
@@ -123,6 +127,29 @@ pub struct ConstrainedFigure {
     /// Whether every constrained output parsed as JSON (JSON formats only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outputs_parse: Option<bool>,
+}
+
+/// `concurrency` requests (prompt_tokens each, different prompts) arriving together and
+/// served as one batch, `gen_tokens` each; figures over every request of every run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConcurrentFigure {
+    pub concurrency: usize,
+    /// The slots the engine gave (1 where it cannot batch).
+    pub max_batch: usize,
+    /// Generated tokens after each request's first, over the time from the first request's
+    /// first token to the last request's end (median over the runs).
+    pub aggregate_decode_tokens_per_s: Spread,
+    /// The same for one request alone on this batching generator (a batch of one).
+    pub single_decode_tokens_per_s: Spread,
+    /// Aggregate over single (medians).
+    pub ratio: f64,
+    /// Each request's own decode rate and time to first token, under the load.
+    pub stream_decode_tokens_per_s_p50: f64,
+    pub stream_decode_tokens_per_s_p95_low: f64,
+    pub stream_ttft_ms_p50: f64,
+    pub stream_ttft_ms_p95: f64,
+    /// Peak RSS once the batched runs are done (the peak of the whole bench so far).
+    pub peak_rss_mb: f64,
 }
 
 /// Peak resident set size of this process (VmHWM), in MiB; 0 where /proc is absent.
@@ -276,6 +303,98 @@ fn constrained(
     })
 }
 
+/// Requests arriving together, served as one batch; see `ConcurrentFigure`.
+fn concurrent(
+    generator: &mut Generator,
+    options: &BenchOptions,
+) -> Result<ConcurrentFigure, GenerateError> {
+    use crate::generate::Admission;
+    let n = options.concurrency;
+    generator.set_batch(n, crate::generate::DEFAULT_KV_CACHE_MB);
+    let base = prompt_of(generator, options.prompt_tokens + n)?;
+    // Different prompts (each starts at its own offset), so no request reuses another's prefix.
+    let requests: Vec<ValidRequest> = (0..n)
+        .map(|i| {
+            let mut request = greedy(
+                &format!("bench-stream-{i}"),
+                PromptInput::Tokens(base[i..i + options.prompt_tokens].to_vec()),
+                options.gen_tokens,
+            );
+            request.prompt_ids = Some(base[i..i + options.prompt_tokens].to_vec());
+            request
+        })
+        .collect();
+    let (mut aggregate, mut single, mut stream_tps, mut stream_ttft) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // One warm-up run, as for the other figures.
+    for run in 0..=options.runs {
+        generator.clear_cache();
+        let solo = generator.run(&requests[0], &RunControl::new(), &mut |_| true);
+        generator.clear_cache();
+        let started = Instant::now();
+        let mut ended = Vec::new();
+        for (key, request) in requests.iter().enumerate() {
+            assert!(generator.can_admit(request), "the bench's batch has room");
+            if let Admission::Ended(_) = generator.admit(
+                key as u64,
+                request.clone(),
+                RunControl::new(),
+                &mut |_, _| true,
+            ) {
+                return Err(GenerateError::Tokenizer(
+                    "a bench prompt was refused".into(),
+                ));
+            }
+        }
+        while generator.running() > 0 {
+            for (_, stats) in generator.advance(&mut |_, _| true) {
+                ended.push((stats, started.elapsed().as_secs_f64()));
+            }
+        }
+        if run == 0 {
+            continue;
+        }
+        single.push(solo.decode_tokens_per_s());
+        // A request's first token came at ttft_ms from its admission, all admitted at start.
+        let first = ended
+            .iter()
+            .map(|(s, _)| s.ttft_ms / 1e3)
+            .fold(f64::INFINITY, f64::min);
+        let last = ended.iter().map(|(_, t)| *t).fold(0.0, f64::max);
+        let tokens: usize = ended
+            .iter()
+            .map(|(s, _)| s.generated_tokens.saturating_sub(1))
+            .sum();
+        aggregate.push(tokens as f64 / (last - first));
+        for (stats, _) in &ended {
+            stream_tps.push(stats.decode_tokens_per_s());
+            stream_ttft.push(stats.ttft_ms);
+        }
+    }
+    let max_batch = generator.max_batch();
+    generator.set_batch(1, crate::generate::DEFAULT_KV_CACHE_MB);
+    let quantile = |values: &mut Vec<f64>, q: f64| {
+        values.sort_by(f64::total_cmp);
+        values
+            .get(((values.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let (aggregate, single) = (Spread::of(aggregate), Spread::of(single));
+    Ok(ConcurrentFigure {
+        concurrency: n,
+        max_batch,
+        ratio: aggregate.median / single.median,
+        aggregate_decode_tokens_per_s: aggregate,
+        single_decode_tokens_per_s: single,
+        stream_decode_tokens_per_s_p50: quantile(&mut stream_tps, 0.5),
+        stream_decode_tokens_per_s_p95_low: quantile(&mut stream_tps, 0.05),
+        stream_ttft_ms_p50: quantile(&mut stream_ttft, 0.5),
+        stream_ttft_ms_p95: quantile(&mut stream_ttft, 0.95),
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
+
 /// An IoT-style system prompt sent with every request, then different questions.
 fn shared_prefix(
     generator: &mut Generator,
@@ -367,6 +486,11 @@ pub fn run(
         Some(format) => Some(constrained(&mut generator, format, options)?),
         None => None,
     };
+    let concurrent = if options.concurrency > 1 {
+        Some(concurrent(&mut generator, options)?)
+    } else {
+        None
+    };
     let info = generator.engine_info().clone();
     let spread = BenchSpread {
         prefill_ms: Spread::of(prefill),
@@ -390,6 +514,7 @@ pub fn run(
         decode_by_position,
         shared_prefix,
         constrained,
+        concurrent,
         peak_rss_mb: peak_rss_mb(),
         rss_mb: rss_after_runs,
         spread,

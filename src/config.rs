@@ -129,6 +129,11 @@ pub struct LimitsConfig {
     pub max_tokens: u32,
     pub request_timeout_s: f64,
     pub max_request_bytes: usize,
+    /// Requests decoding together (continuous batching); 1 serves one at a time.
+    pub max_batch: usize,
+    /// The KV cache of all running requests together, in MiB; a request that would exceed it
+    /// waits for a running one to end.
+    pub kv_cache_mb: usize,
 }
 
 impl Default for LimitsConfig {
@@ -139,6 +144,8 @@ impl Default for LimitsConfig {
             max_tokens: 1024,
             request_timeout_s: 300.0,
             max_request_bytes: 64 * 1024,
+            max_batch: crate::generate::DEFAULT_MAX_BATCH,
+            kv_cache_mb: crate::generate::DEFAULT_KV_CACHE_MB,
         }
     }
 }
@@ -297,6 +304,12 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        if self.limits.max_batch == 0 {
+            return bad("limits.max_batch must be at least 1".into());
+        }
+        if self.limits.kv_cache_mb == 0 {
+            return bad("limits.kv_cache_mb must be at least 1".into());
+        }
         if self.limits.max_queue == 0 {
             return bad("limits.max_queue must be at least 1".into());
         }

@@ -91,6 +91,10 @@ enum Command {
         /// Also measure TTFT of a request that repeats the previous one's system prompt.
         #[arg(long)]
         shared_prefix: bool,
+        /// Also measure N requests arriving together, decoding as one batch: aggregate and
+        /// per-stream decode tokens/s, time to first token, peak RSS.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
         /// Also measure decoding held to this format (greedy, a chat prompt asking for it):
         /// tokens/s against unconstrained, mask time per token, compile time.
         #[command(flatten)]
@@ -316,9 +320,17 @@ fn info(model: ModelArgs) -> Result<()> {
     let config = model.config()?;
     let package = load_package(&config)?;
     let engine = emberd::engine::load(&package, &config.model).context("cannot start an engine")?;
+    let max_batch = config.limits.max_batch.min(engine.max_batch()).max(1);
     let report = serde_json::json!({
         "model": package,
         "engine": engine.info(),
+        // What `serve` runs: requests decoding together, and their KV cache's budget.
+        "batch": {
+            "max_batch": max_batch,
+            "configured_max_batch": config.limits.max_batch,
+            "engine_batches": engine.max_batch() > 1,
+            "kv_cache_mb": config.limits.kv_cache_mb,
+        },
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
@@ -500,6 +512,7 @@ fn main() -> Result<()> {
             runs,
             decode_at,
             shared_prefix,
+            concurrency,
             format,
         } => {
             let config = model.config()?;
@@ -511,6 +524,7 @@ fn main() -> Result<()> {
                 decode_positions: decode_at,
                 shared_prefix,
                 response_format: format.response_format()?,
+                concurrency,
             };
             let report = emberd::bench::run(package, &config.model, &options)?;
             println!("{}", serde_json::to_string_pretty(&report)?);

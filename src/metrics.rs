@@ -42,6 +42,7 @@ pub struct Metrics {
     request_latency: Histogram,
     queued: Gauge,
     running: Gauge,
+    max_batch: Gauge,
     uptime: Gauge,
 }
 
@@ -75,6 +76,7 @@ impl Metrics {
             request_latency: latency_buckets(),
             queued: Gauge::default(),
             running: Gauge::default(),
+            max_batch: Gauge::default(),
             uptime: Gauge::default(),
             registry,
         };
@@ -130,6 +132,11 @@ impl Metrics {
             metrics.running.clone(),
         );
         r.register(
+            "max_batch",
+            "Requests the engine can run at once (the batch's slots)",
+            metrics.max_batch.clone(),
+        );
+        r.register(
             "uptime_seconds",
             "Seconds since the daemon started serving",
             metrics.uptime.clone(),
@@ -181,10 +188,12 @@ impl Metrics {
     /// The text exposition, with the gauges read from the scheduler now.
     pub fn encode(&self, scheduler: &Scheduler) -> String {
         let stats = scheduler.stats();
-        let running = i64::from(stats.working.load(Ordering::Acquire));
+        let running = i64::try_from(stats.running.load(Ordering::Acquire)).unwrap_or(0);
         let in_flight = i64::try_from(stats.in_flight.load(Ordering::Acquire)).unwrap_or(0);
         self.running.set(running);
         self.queued.set((in_flight - running).max(0));
+        self.max_batch
+            .set(i64::try_from(stats.max_batch.load(Ordering::Acquire)).unwrap_or(0));
         self.uptime
             .set(i64::try_from(scheduler.uptime().as_secs()).unwrap_or(i64::MAX));
         let mut text = String::new();

@@ -1,8 +1,9 @@
 //! The bounded queue in front of the one engine worker.
 //!
 //! Transports `submit` validated requests; each gets a stream of events and a cancel token.
-//! The model runs on one named OS thread (never on a tokio worker), one request at a time,
-//! in arrival order. A full queue answers `busy` at once instead of waiting.
+//! The model runs on one named OS thread (never on a tokio worker). Requests start in arrival
+//! order, as many at once as the generator's batch has slots (and its KV budget allows); the
+//! rest wait in the queue. A full queue answers `busy` at once instead of waiting.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::engine::EngineInfo;
-use crate::generate::{CancelToken, Generator, RunControl};
+use crate::generate::{Admission, CancelToken, Generator, RunControl, RunStats};
 use crate::model::ModelPackage;
 use crate::protocol::{ErrorCode, Event, FinishReason, PromptInput, ValidRequest};
 
@@ -46,6 +47,10 @@ pub struct Stats {
     pub heartbeat_ms: AtomicU64,
     /// Whether the worker is running a job (an idle worker waits on the queue and cannot hang).
     pub working: AtomicBool,
+    /// Requests in the batch's slots (prefilling or decoding); the rest of `in_flight` waits.
+    pub running: AtomicUsize,
+    /// The batch's slots: requests that can run at once.
+    pub max_batch: AtomicUsize,
 }
 
 #[derive(Clone)]
@@ -80,6 +85,9 @@ impl Scheduler {
         let (queue, jobs) = mpsc::sync_channel::<Job>(max_queue);
         let active: Arc<Mutex<HashMap<u64, CancelToken>>> = Arc::default();
         let stats = Arc::new(Stats::default());
+        stats
+            .max_batch
+            .store(generator.max_batch(), Ordering::Relaxed);
         let started = Instant::now();
         let scheduler = Scheduler {
             queue,
@@ -212,52 +220,99 @@ fn worker(
     let hang_marker = std::env::var("EMBERD_DEBUG_HANG_ON_PROMPT")
         .ok()
         .filter(|m| !m.is_empty());
-    // Idle, the worker sleeps on the queue: no wake-ups, so an idle daemon uses no CPU.
-    // Every Scheduler handle gone means no more work can arrive.
-    while let Ok(job) = jobs.recv() {
-        beat(&stats);
-        stats.working.store(true, Ordering::Release);
-        let Job {
-            request,
-            control,
-            events,
-            key,
-        } = job;
-        if hang_marker
-            .as_deref()
-            .is_some_and(|m| prompt_contains(&request.input, m))
-        {
-            log::warn!("EMBERD_DEBUG_HANG_ON_PROMPT matched: the engine worker hangs now");
-            loop {
-                std::thread::park();
-            }
-        }
-        let expired = control.deadline.is_some_and(|d| Instant::now() >= d);
-        if expired {
-            stats.timed_out.fetch_add(1, Ordering::Relaxed);
-            let _ = events.send(Event::error(
-                request.id.clone(),
-                ErrorCode::Timeout,
-                format!(
-                    "the request waited longer than its timeout of {:.1}s in the queue",
-                    request.timeout.as_secs_f64()
-                ),
-            ));
-        } else {
-            let run = generator.run(&request, &control, &mut |event| {
-                beat(&stats);
-                events.send(event).is_ok()
-            });
-            match run.finish_reason {
-                Some(FinishReason::Cancelled) => stats.cancelled.fetch_add(1, Ordering::Relaxed),
-                Some(FinishReason::Timeout) => stats.timed_out.fetch_add(1, Ordering::Relaxed),
-                _ => 0,
-            };
-        }
-        stats.working.store(false, Ordering::Release);
+    // Where each running request's events go, by job key.
+    let mut outboxes: HashMap<u64, UnboundedSender<Event>> = HashMap::new();
+    // The next request in arrival order, taken from the queue but waiting for room.
+    let mut waiting: Option<Job> = None;
+    let ended = |key: u64, run: Option<RunStats>, outboxes: &mut HashMap<u64, _>| {
+        outboxes.remove(&key);
+        match run.and_then(|r| r.finish_reason) {
+            Some(FinishReason::Cancelled) => stats.cancelled.fetch_add(1, Ordering::Relaxed),
+            Some(FinishReason::Timeout) => stats.timed_out.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
         active.lock().expect("active lock").remove(&key);
         stats.in_flight.fetch_sub(1, Ordering::AcqRel);
         stats.served.fetch_add(1, Ordering::Relaxed);
+    };
+    loop {
+        // Admit in arrival order while there is room. Idle, the worker sleeps on the queue:
+        // no wake-ups, so an idle daemon uses no CPU. Every Scheduler handle gone means no
+        // more work can arrive: the worker ends once the running requests have.
+        loop {
+            let job = match waiting.take() {
+                Some(job) => job,
+                None if generator.running() == 0 => match jobs.recv() {
+                    Ok(job) => job,
+                    Err(_) => return,
+                },
+                // A job stays in the queue (where it counts against `max_queue`) until a
+                // slot is free for it.
+                None if !generator.has_free_slot() => break,
+                None => match jobs.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                },
+            };
+            beat(&stats);
+            stats.working.store(true, Ordering::Release);
+            if hang_marker
+                .as_deref()
+                .is_some_and(|m| prompt_contains(&job.request.input, m))
+            {
+                log::warn!("EMBERD_DEBUG_HANG_ON_PROMPT matched: the engine worker hangs now");
+                loop {
+                    std::thread::park();
+                }
+            }
+            if job.control.deadline.is_some_and(|d| Instant::now() >= d) {
+                stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                let _ = job.events.send(Event::error(
+                    job.request.id.clone(),
+                    ErrorCode::Timeout,
+                    format!(
+                        "the request waited longer than its timeout of {:.1}s in the queue",
+                        job.request.timeout.as_secs_f64()
+                    ),
+                ));
+                ended(job.key, None, &mut outboxes);
+                continue;
+            }
+            if !generator.can_admit(&job.request) {
+                waiting = Some(job);
+                break;
+            }
+            let Job {
+                request,
+                control,
+                events,
+                key,
+            } = job;
+            outboxes.insert(key, events);
+            let admission = generator.admit(key, request, control, &mut |key, event| {
+                outboxes.get(&key).is_some_and(|tx| tx.send(event).is_ok())
+            });
+            if let Admission::Ended(run) = admission {
+                ended(key, Some(run), &mut outboxes);
+            }
+        }
+        stats.running.store(generator.running(), Ordering::Relaxed);
+        if generator.running() == 0 {
+            stats.working.store(false, Ordering::Release);
+            continue;
+        }
+        let finished = generator.advance(&mut |key, event| {
+            beat(&stats);
+            outboxes.get(&key).is_some_and(|tx| tx.send(event).is_ok())
+        });
+        beat(&stats);
+        for (key, run) in finished {
+            ended(key, Some(run), &mut outboxes);
+        }
+        stats.running.store(generator.running(), Ordering::Relaxed);
+        if generator.running() == 0 {
+            stats.working.store(false, Ordering::Release);
+        }
     }
 }
 

@@ -68,6 +68,7 @@ pub async fn serve(
         return Err(ServeError::NoTransport);
     }
     generator.set_max_prompt_tokens(config.limits.max_prompt_tokens);
+    generator.set_batch(config.limits.max_batch, config.limits.kv_cache_mb);
     let prompter = generator.prompter();
     let (scheduler, worker) = Scheduler::start(generator, config.limits.max_queue);
     // The one request path every transport hands its messages to.

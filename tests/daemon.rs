@@ -113,6 +113,8 @@ async fn a_full_queue_answers_busy_at_once_and_requests_run_in_order() {
     let daemon = Daemon::start(default_model_dir(), |c| {
         c.limits.max_queue = 1;
         c.limits.max_prompt_tokens = 64;
+        // One at a time: the second request waits in the queue, the third finds it full.
+        c.limits.max_batch = 1;
     })
     .await;
     let mut client = daemon.connect().await;

@@ -6,6 +6,9 @@
 
 pub struct KvCache {
     tokens: Vec<u32>,
+    /// The row of the engine's batch buffers that holds this sequence's keys and values
+    /// (continuous batching, see `Engine::decode_batch`); None: its tensors are in `store`.
+    slot: Option<usize>,
     /// Per-layer keys and values, in the representation of the engine that made them.
     pub(crate) store: KvStore,
 }
@@ -37,8 +40,21 @@ impl KvCache {
     pub fn new() -> Self {
         KvCache {
             tokens: Vec::new(),
+            slot: None,
             store: KvStore::Empty,
         }
+    }
+
+    /// The cache of batch slot `slot`: its keys and values live in the engine's row `slot`.
+    pub fn for_slot(slot: usize) -> Self {
+        KvCache {
+            slot: Some(slot),
+            ..KvCache::new()
+        }
+    }
+
+    pub fn slot(&self) -> Option<usize> {
+        self.slot
     }
 
     /// Moves the tensors out, leaving the cache's store empty (its tokens stay).

@@ -14,7 +14,7 @@ pub use kv::KvCache;
 use crate::config::ModelConfig;
 use crate::model::ModelPackage;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
     #[error("ONNX Runtime library could not be loaded from {path}: {reason}")]
     OrtLibrary { path: PathBuf, reason: String },
@@ -37,6 +37,10 @@ pub enum EngineError {
     #[error("the KV cache holds {len} positions, the context is {context}")]
     ContextFull { len: usize, context: usize },
 }
+
+/// The smallest in-place KV buffer, in positions; buffers double from there as a sequence
+/// grows, so memory follows the positions in use rather than the context length.
+pub const MIN_KV_CAPACITY: usize = 256;
 
 /// Which engine to use.
 #[derive(
@@ -117,6 +121,45 @@ pub trait Engine: Send {
     /// Keeps only the first `len` positions of `cache`, so a new prompt that shares a prefix
     /// with what is cached (the same system prompt, say) runs only its new part.
     fn truncate(&self, cache: &mut KvCache, len: usize) -> Result<(), EngineError>;
+
+    /// How many sequences one `decode_batch` step carries at most; 1 where this engine or
+    /// graph cannot batch (its caches are then its own, not slot rows).
+    fn max_batch(&self) -> usize {
+        1
+    }
+
+    /// Positions each slot row holds room for now (0 where the engine does not batch).
+    fn slot_capacity(&self) -> usize {
+        0
+    }
+
+    /// One decode step for several sequences together: `ids[i]` after `caches[i]` (slot
+    /// caches, `KvCache::for_slot`), row `i`'s logits into `logits[i * vocab..]`. An engine
+    /// that cannot batch runs them one after the other.
+    fn decode_batch(
+        &mut self,
+        ids: &[u32],
+        caches: &mut [&mut KvCache],
+        logits: &mut Vec<f32>,
+    ) -> Result<(), EngineError> {
+        decode_each(self, ids, caches, logits)
+    }
+}
+
+/// `decode_batch` one sequence at a time.
+fn decode_each<E: Engine + ?Sized>(
+    engine: &mut E,
+    ids: &[u32],
+    caches: &mut [&mut KvCache],
+    logits: &mut Vec<f32>,
+) -> Result<(), EngineError> {
+    let mut row = Vec::new();
+    logits.clear();
+    for (&id, cache) in ids.iter().zip(caches.iter_mut()) {
+        engine.forward(&[id], cache, &mut row)?;
+        logits.extend_from_slice(&row);
+    }
+    Ok(())
 }
 
 /// Copies the last `vocab` values of `all`, the logits of an output's last position, into

@@ -285,7 +285,23 @@ pub struct OrtEngine {
     vocab_size: usize,
     /// Where ONNX Runtime puts the logits of an in-place step (see `InPlaceKv`).
     cpu_memory: MemoryInfo<'static>,
+    /// The batch's keys and values, a row per slot (continuous batching).
+    rows: SlotRows,
     info: EngineInfo,
+}
+
+/// Per-layer keys then values of every batch slot, in buffers `[rows, heads, capacity, dim]`:
+/// a slot is a row. A prefill binds its slot's row alone (GroupQueryAttention takes several
+/// new positions after a past only at batch 1); a decode step binds the first rows together,
+/// each with its own length in the attention mask. Both in place, as `InPlaceKv`.
+#[derive(Default)]
+struct SlotRows {
+    buffers: Vec<Tensor<f32>>,
+    rows: usize,
+    capacity: usize,
+    /// Positions each row holds, as of its last step: a row inside a decode step's range
+    /// whose slot is idle writes a throwaway position just past them.
+    lens: Vec<usize>,
 }
 
 /// Per-layer keys then values, as ONNX Runtime produced them: each step's present outputs
@@ -300,10 +316,6 @@ pub(crate) struct InPlaceKv {
     buffers: Vec<Tensor<f32>>,
     capacity: usize,
 }
-
-/// The smallest in-place buffer, in positions; buffers double from there as a sequence grows,
-/// so memory follows the positions in use rather than the context length.
-const MIN_IN_PLACE_CAPACITY: usize = 256;
 
 impl OrtEngine {
     pub fn load(package: &ModelPackage, options: &ModelConfig) -> Result<Self, EngineError> {
@@ -433,6 +445,7 @@ impl OrtEngine {
             head_dim: package.head_dim,
             vocab_size: package.vocab_size,
             cpu_memory,
+            rows: SlotRows::default(),
             info: EngineInfo {
                 engine: "ort",
                 provider: lead.to_string(),
@@ -545,7 +558,7 @@ impl OrtEngine {
                 return Err(EngineError::ForeignCache(owner));
             }
         };
-        let capacity = positions.next_power_of_two().max(MIN_IN_PLACE_CAPACITY);
+        let capacity = positions.next_power_of_two().max(super::MIN_KV_CAPACITY);
         let (heads, dim) = (self.kv_heads, self.head_dim);
         let allocator = Allocator::default();
         let mut buffers = Vec::with_capacity(self.io.past_keys.len() * 2);
@@ -606,6 +619,201 @@ impl OrtEngine {
         Ok(())
     }
 
+    /// Whether slot caches share batch buffers: the in-place graph, which takes each row's
+    /// length from the attention mask.
+    fn batches(&self) -> bool {
+        self.info.kv_in_place && self.io.attention_mask.is_some()
+    }
+
+    /// Makes the slot buffers hold at least `rows` rows of `positions`, keeping what every
+    /// row holds (idle slots keep their prefix for reuse).
+    fn reserve_rows(&mut self, rows: usize, positions: usize) -> Result<(), EngineError> {
+        let old = &self.rows;
+        if old.rows >= rows && old.capacity >= positions {
+            return Ok(());
+        }
+        let rows = rows.max(old.rows);
+        let capacity = positions
+            .max(old.capacity)
+            .next_power_of_two()
+            .max(super::MIN_KV_CAPACITY);
+        let (heads, dim) = (self.kv_heads, self.head_dim);
+        let allocator = Allocator::default();
+        let mut buffers = Vec::with_capacity(self.io.past_keys.len() * 2);
+        for i in 0..self.io.past_keys.len() * 2 {
+            let mut buffer =
+                Tensor::<f32>::new(&allocator, [rows, heads, capacity, dim]).map_err(ort_error)?;
+            if let Some(from) = old.buffers.get(i) {
+                let (_, from) = from.extract_tensor();
+                let (_, to) = buffer.extract_tensor_mut();
+                for (row, &filled) in old.lens.iter().enumerate() {
+                    let filled = filled.min(old.capacity);
+                    for h in 0..heads {
+                        let src = (row * heads + h) * old.capacity * dim;
+                        let dst = (row * heads + h) * capacity * dim;
+                        to[dst..dst + filled * dim].copy_from_slice(&from[src..src + filled * dim]);
+                    }
+                }
+            }
+            buffers.push(buffer);
+        }
+        let mut lens = std::mem::take(&mut self.rows.lens);
+        lens.resize(rows, 0);
+        self.rows = SlotRows {
+            buffers,
+            rows,
+            capacity,
+            lens,
+        };
+        Ok(())
+    }
+
+    /// Binds rows `first..first + count` of every slot buffer as both past and present.
+    fn bind_rows(
+        &mut self,
+        binding: &mut ort::session::IoBinding,
+        first: usize,
+        count: usize,
+    ) -> Result<(), EngineError> {
+        let (heads, capacity, dim) = (self.kv_heads, self.rows.capacity, self.head_dim);
+        let shape = ort::value::Shape::new([count, heads, capacity, dim].map(|d| d as i64));
+        let io = &self.io;
+        for (i, buffer) in self.rows.buffers.iter_mut().enumerate() {
+            // Buffers hold each layer's keys, then its values, as GrownKv does.
+            let layer = i / 2;
+            let (past, present) = if i % 2 == 0 {
+                (&io.past_keys[layer], &io.present_keys[layer])
+            } else {
+                (&io.past_values[layer], &io.present_values[layer])
+            };
+            let (_, data) = buffer.extract_tensor_mut();
+            let start = first * heads * capacity * dim;
+            assert!(start + count * heads * capacity * dim <= data.len());
+            // SAFETY: the range lies inside the buffer (checked above), which this engine
+            // owns and neither touches nor reallocates until the binding (which holds the
+            // view) is dropped after the run.
+            let view = unsafe {
+                ort::value::TensorRefMut::<f32>::from_raw(
+                    self.cpu_memory.clone(),
+                    data.as_mut_ptr().add(start).cast(),
+                    shape.clone(),
+                )
+            }
+            .map_err(ort_error)?;
+            bind_input_in_place(binding, past, &view)?;
+            binding
+                .bind_output(present.as_str(), view)
+                .map_err(ort_error)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `ids` after what slot `row` holds (a prefill chunk, or one step of a lone
+    /// sequence), in that row of the slot buffers.
+    fn forward_row(
+        &mut self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        row: usize,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), EngineError> {
+        let past_len = cache.len();
+        self.reserve_rows(row + 1, past_len + ids.len())?;
+        let mut binding = self.session.create_binding().map_err(ort_error)?;
+        for (name, value) in token_inputs(&self.io, ids, past_len)? {
+            binding.bind_input(name, &value).map_err(ort_error)?;
+        }
+        self.bind_rows(&mut binding, row, 1)?;
+        binding
+            .bind_output_to_device(self.io.logits.as_str(), &self.cpu_memory)
+            .map_err(ort_error)?;
+        let outputs = self.session.run_binding(&binding).map_err(ort_error)?;
+        last_logits(&outputs[self.io.logits.as_str()], self.vocab_size, logits)?;
+        drop(outputs);
+        drop(binding);
+        self.rows.lens[row] = past_len + ids.len();
+        cache.extend(ids);
+        Ok(())
+    }
+
+    /// One token for each slot cache in `caches`, in one run over rows `0..=max slot`. A row in
+    /// that range whose slot is idle runs a throwaway token just past what it holds, which
+    /// leaves its cached prefix as it was.
+    fn decode_rows(
+        &mut self,
+        ids: &[u32],
+        caches: &mut [&mut KvCache],
+        slots: &[usize],
+        logits: &mut Vec<f32>,
+    ) -> Result<(), EngineError> {
+        let rows = slots.iter().max().map_or(0, |&s| s + 1);
+        let mut positions: Vec<usize> = (0..rows)
+            .map(|r| self.rows.lens.get(r).copied().unwrap_or(0))
+            .collect();
+        let mut tokens = vec![0i64; rows];
+        for ((&slot, cache), &id) in slots.iter().zip(caches.iter()).zip(ids) {
+            positions[slot] = cache.len();
+            tokens[slot] = i64::from(id);
+        }
+        let total = positions.iter().max().map_or(0, |&p| p + 1);
+        self.reserve_rows(rows, total)?;
+        let mut binding = self.session.create_binding().map_err(ort_error)?;
+        let input_ids = Tensor::from_array(([rows, 1usize], tokens)).map_err(ort_error)?;
+        binding
+            .bind_input(self.io.input_ids.as_str(), &input_ids)
+            .map_err(ort_error)?;
+        // Each row attends to its own positions: ones up to its length, zeros after.
+        let mut mask = vec![0i64; rows * total];
+        for (r, &p) in positions.iter().enumerate() {
+            mask[r * total..r * total + p + 1].fill(1);
+        }
+        let mask = Tensor::from_array(([rows, total], mask)).map_err(ort_error)?;
+        if let Some(name) = &self.io.attention_mask {
+            binding
+                .bind_input(name.as_str(), &mask)
+                .map_err(ort_error)?;
+        }
+        let position_ids = Tensor::from_array((
+            [rows, 1usize],
+            positions.iter().map(|&p| p as i64).collect::<Vec<_>>(),
+        ))
+        .map_err(ort_error)?;
+        if let Some(name) = &self.io.position_ids {
+            binding
+                .bind_input(name.as_str(), &position_ids)
+                .map_err(ort_error)?;
+        }
+        self.bind_rows(&mut binding, 0, rows)?;
+        binding
+            .bind_output_to_device(self.io.logits.as_str(), &self.cpu_memory)
+            .map_err(ort_error)?;
+        let outputs = self.session.run_binding(&binding).map_err(ort_error)?;
+        let (shape, all) = outputs[self.io.logits.as_str()]
+            .try_extract_tensor::<f32>()
+            .map_err(ort_error)?;
+        let vocab = shape.last().copied().unwrap_or(0) as usize;
+        // [rows, positions, vocab]: each row's last position.
+        let per_row = all.len() / rows.max(1);
+        if vocab != self.vocab_size || per_row < vocab || all.len() != per_row * rows {
+            return Err(EngineError::BadLogits {
+                got: all.len(),
+                vocab: self.vocab_size,
+            });
+        }
+        logits.clear();
+        for &slot in slots {
+            let end = (slot + 1) * per_row;
+            logits.extend_from_slice(&all[end - vocab..end]);
+        }
+        drop(outputs);
+        drop(binding);
+        for ((&slot, cache), &id) in slots.iter().zip(caches.iter_mut()).zip(ids) {
+            self.rows.lens[slot] = cache.len() + 1;
+            cache.extend(&[id]);
+        }
+        Ok(())
+    }
+
     fn empty_past(&self) -> Result<Vec<DynValue>, EngineError> {
         let shape = [1usize, self.kv_heads, 0, self.head_dim];
         (0..self.io.past_keys.len() * 2)
@@ -616,6 +824,28 @@ impl OrtEngine {
             })
             .collect()
     }
+}
+
+/// Binds `value` as input `name` as it is. ort's own `bind_input` copies a tensor made over
+/// borrowed memory, lest the run write what it reads; here that is the point (the same row is
+/// bound as present, and GroupQueryAttention writes only past the positions it reads).
+fn bind_input_in_place(
+    binding: &mut ort::session::IoBinding,
+    name: &str,
+    value: &ort::value::Value<ort::value::TensorValueType<f32>>,
+) -> Result<(), EngineError> {
+    use ort::AsPointer;
+    let name = std::ffi::CString::new(name).map_err(ort_error)?;
+    // SAFETY: the binding and the value are live ONNX Runtime objects; the value outlives
+    // the run (the caller keeps the views until after it), and BindInput copies the name.
+    unsafe {
+        ort::Error::result_from_status((ort::api().BindInput)(
+            binding.ptr_mut(),
+            name.as_ptr(),
+            value.ptr(),
+        ))
+    }
+    .map_err(ort_error)
 }
 
 fn i64_tensor(values: Vec<i64>) -> Result<DynValue, EngineError> {
@@ -669,6 +899,33 @@ impl Engine for OrtEngine {
         &self.info
     }
 
+    fn max_batch(&self) -> usize {
+        if self.batches() {
+            usize::MAX
+        } else {
+            1
+        }
+    }
+
+    fn slot_capacity(&self) -> usize {
+        self.rows.capacity
+    }
+
+    fn decode_batch(
+        &mut self,
+        ids: &[u32],
+        caches: &mut [&mut KvCache],
+        logits: &mut Vec<f32>,
+    ) -> Result<(), EngineError> {
+        let slots: Option<Vec<usize>> = caches.iter().map(|c| c.slot()).collect();
+        match slots {
+            Some(slots) if self.batches() && !slots.is_empty() => {
+                self.decode_rows(ids, caches, &slots, logits)
+            }
+            _ => super::decode_each(self, ids, caches, logits),
+        }
+    }
+
     fn truncate(&self, cache: &mut KvCache, len: usize) -> Result<(), EngineError> {
         if len >= cache.len() {
             return Ok(());
@@ -679,7 +936,7 @@ impl Engine for OrtEngine {
         }
         if self.info.kv_in_place {
             // Positions past `len` are beyond the attention mask from now on and are
-            // overwritten by the next forward.
+            // overwritten by the next forward (a slot row's length is set by its next step).
             cache.truncate_tokens(len);
             return Ok(());
         }
@@ -716,6 +973,9 @@ impl Engine for OrtEngine {
         cache: &mut KvCache,
         logits: &mut Vec<f32>,
     ) -> Result<(), EngineError> {
+        if let Some(row) = cache.slot().filter(|_| self.batches()) {
+            return self.forward_row(ids, cache, row, logits);
+        }
         if self.info.kv_in_place {
             return self.forward_in_place(ids, cache, logits);
         }

@@ -141,6 +141,8 @@ pub struct RunStats {
     pub grammar_compile_ms: Option<f64>,
     /// With a `response_format`: the time to compute each step's token mask, in µs.
     pub mask_us: Vec<f64>,
+    /// The generated ids (for comparisons: a request in a batch against its run alone).
+    pub output_ids: Vec<u32>,
 }
 
 impl RunStats {
@@ -154,16 +156,58 @@ impl RunStats {
     }
 }
 
-/// One loaded model: engine, prompter (template, tokenizer, limits), and the scratch state
-/// of the loop.
+/// The default for `limits.max_batch`: sequences decoding together.
+pub const DEFAULT_MAX_BATCH: usize = 4;
+/// The default for `limits.kv_cache_mb`: the batch's keys and values together.
+pub const DEFAULT_KV_CACHE_MB: usize = 256;
+
+/// One loaded model: engine, prompter (template, tokenizer, limits), and the requests in
+/// flight, each in a slot of the batch (continuous batching: new ones are prefilled one chunk
+/// at a time between the decode steps of the others, which decode together).
 pub struct Generator {
     engine: Box<dyn Engine>,
     /// Shared with the ingress once serving starts; its limits are set before that.
     prompter: Arc<Prompter>,
     package: ModelPackage,
-    cache: KvCache,
+    /// One KV cache per slot; a cache outlives its request, so the next request in the slot
+    /// reuses the prefix they share.
+    slots: Vec<KvCache>,
+    /// In admission order.
+    running: Vec<Running>,
+    /// The prefill's logits.
     logits: Vec<f32>,
+    /// A decode step's logits, a row per sequence.
+    batch_logits: Vec<f32>,
     prefill_chunk: usize,
+    /// The budget for every slot's keys and values together, in bytes.
+    kv_budget: usize,
+}
+
+/// A request in a slot.
+struct Running {
+    /// The caller's handle for its events (the scheduler's job key).
+    key: u64,
+    slot: usize,
+    control: RunControl,
+    sequence: Sequence,
+    phase: Phase,
+    stats: RunStats,
+    started: Instant,
+}
+
+enum Phase {
+    /// Prompt positions up to `done` are in the cache.
+    Prefill { done: usize },
+    /// `next` is to be run through the model.
+    Decode { next: u32 },
+}
+
+/// What `Generator::admit` did with a request.
+pub enum Admission {
+    /// In a slot; `advance` serves it.
+    Started,
+    /// It ended at once (its terminal event is sent): a prompt the generator refused.
+    Ended(RunStats),
 }
 
 impl Generator {
@@ -183,15 +227,58 @@ impl Generator {
         engine: Box<dyn Engine>,
     ) -> Result<Self, GenerateError> {
         let prompter = Arc::new(Prompter::load(&package)?);
-        let cache = KvCache::new();
         Ok(Generator {
             engine,
             prompter,
             package,
-            cache,
+            slots: vec![KvCache::new()],
+            running: Vec::new(),
             logits: Vec::new(),
+            batch_logits: Vec::new(),
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            kv_budget: DEFAULT_KV_CACHE_MB << 20,
         })
+    }
+
+    /// Serves up to `max_batch` requests at once where the engine can batch (one otherwise),
+    /// their keys and values within `kv_cache_mb`. Set before serving starts.
+    pub fn set_batch(&mut self, max_batch: usize, kv_cache_mb: usize) {
+        assert!(self.running.is_empty(), "the batch is set before serving");
+        let engine_max = self.engine.max_batch();
+        let slots = max_batch.clamp(1, engine_max.max(1));
+        if max_batch > 1 && engine_max <= 1 {
+            log::info!(
+                "{} with {} cannot batch: one request at a time (max_batch 1)",
+                self.engine.info().label(),
+                self.engine.info().model_file.display()
+            );
+        }
+        self.slots = if slots > 1 {
+            (0..slots).map(KvCache::for_slot).collect()
+        } else {
+            vec![KvCache::new()]
+        };
+        self.kv_budget = kv_cache_mb.saturating_mul(1 << 20);
+    }
+
+    /// How many requests run at once.
+    pub fn max_batch(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The budget for all slots' keys and values, in bytes.
+    pub fn kv_budget(&self) -> usize {
+        self.kv_budget
+    }
+
+    /// Requests in slots (prefilling or decoding).
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Whether a slot is free (the KV budget may still make a request wait: `can_admit`).
+    pub fn has_free_slot(&self) -> bool {
+        self.running.len() < self.slots.len()
     }
 
     /// Caps the context below the model's (a smaller KV cache, less memory).
@@ -220,7 +307,9 @@ impl Generator {
 
     /// Forgets the cached keys and values, so the next prompt is run in full.
     pub fn clear_cache(&mut self) {
-        self.cache.clear();
+        for cache in &mut self.slots {
+            cache.clear();
+        }
     }
 
     pub fn engine_info(&self) -> &EngineInfo {
@@ -240,169 +329,381 @@ impl Generator {
         self.prompter.ids(input)
     }
 
-    /// Runs `ids` through the model in chunks; the logits of the last one end in `self.logits`.
-    /// The part of `ids` that the cache already holds (a shared system prompt, the previous
-    /// turns of a conversation) is not run again; at least one token is, for its logits.
-    /// Returns how many prompt tokens came from the cache, and why it stopped early if it did.
-    fn prefill(
-        &mut self,
-        ids: &[u32],
-        control: &RunControl,
-    ) -> Result<(usize, Option<FinishReason>), EngineError> {
-        let reuse = crate::engine::kv::common_prefix(self.cache.tokens(), ids).min(ids.len() - 1);
-        if let Err(e) = self.engine.truncate(&mut self.cache, reuse) {
-            log::warn!("dropping the KV cache: {e}");
-            self.cache.clear();
-        }
-        let start = self.cache.len();
-        for chunk in ids[start..].chunks(self.prefill_chunk) {
-            if let Some(reason) = control.interrupted() {
-                return Ok((start, Some(reason)));
-            }
-            if let Err(e) = self
-                .engine
-                .forward(chunk, &mut self.cache, &mut self.logits)
-            {
-                // A failed step leaves the cache in an unknown state.
-                self.cache.clear();
-                return Err(e);
-            }
-        }
-        Ok((start, None))
+    /// Bytes of keys and values per position of one sequence.
+    fn kv_bytes_per_position(&self) -> usize {
+        let p = &self.package;
+        p.layers * 2 * p.kv_heads * p.head_dim * std::mem::size_of::<f32>()
     }
 
-    /// Serves one request: calls `emit` with each event, ending with exactly one `Done` or
-    /// `Error`. `emit` returns false when the client is gone, which cancels the run.
+    /// The free slot for `prompt`: the one whose cache shares the longest prefix with it,
+    /// the lowest of equals (a decode step runs the rows up to the highest slot in use).
+    fn free_slot(&self, prompt: &[u32]) -> Option<(usize, usize)> {
+        (0..self.slots.len())
+            .filter(|slot| self.running.iter().all(|r| r.slot != *slot))
+            .map(|slot| {
+                let shared = crate::engine::kv::common_prefix(self.slots[slot].tokens(), prompt);
+                (slot, shared)
+            })
+            .max_by_key(|&(slot, shared)| (shared, std::cmp::Reverse(slot)))
+    }
+
+    /// Whether `request` can start now: a slot is free and, with it, the batch's keys and
+    /// values fit the budget (a lone request always may: the context bounds it). Batch rows
+    /// share one length, so the budget counts every row in use at the longest need.
+    pub fn can_admit(&self, request: &ValidRequest) -> bool {
+        let prompt = request.prompt_ids.as_deref().unwrap_or(&[]);
+        let Some((slot, _)) = self.free_slot(prompt) else {
+            return false;
+        };
+        if self.running.is_empty() || self.slots.len() == 1 {
+            return true;
+        }
+        let context = self.prompter.context_len();
+        let need = |prompt: usize, max_tokens: u32| (prompt + max_tokens as usize + 1).min(context);
+        let longest = self
+            .running
+            .iter()
+            .map(|r| need(r.stats.prompt_tokens, r.sequence.request.max_tokens))
+            .chain([need(prompt.len(), request.max_tokens)])
+            .max()
+            .unwrap_or(0);
+        let rows = self
+            .running
+            .iter()
+            .map(|r| r.slot)
+            .chain([slot])
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let positions = longest
+            .max(self.engine.slot_capacity())
+            .max(crate::engine::MIN_KV_CAPACITY)
+            .next_power_of_two();
+        rows * positions * self.kv_bytes_per_position() <= self.kv_budget
+    }
+
+    /// Starts serving `request` in a free slot (`can_admit` said there is one); `emit` gets
+    /// its events under `key`. Its prompt is prefilled by the next calls of `advance`.
+    pub fn admit(
+        &mut self,
+        key: u64,
+        request: ValidRequest,
+        control: RunControl,
+        emit: &mut dyn FnMut(u64, Event) -> bool,
+    ) -> Admission {
+        let started = Instant::now();
+        let mut stats = RunStats::default();
+        // The ingress tokenized, checked and compiled a served request before queueing it.
+        let checked = match &request.prompt_ids {
+            Some(ids) => Ok(ids.clone()),
+            None => self.prompter.checked_ids(&request.input),
+        }
+        .and_then(|prompt| {
+            let constraint = match &request.constraint {
+                Some(c) => Some(c.clone()),
+                None => self.prompter.constraint(&request.response_format)?,
+            };
+            Ok((prompt, constraint))
+        });
+        let checked = checked.and_then(|(prompt, constraint)| {
+            if prompt.is_empty() {
+                Err(GenerateError::EmptyPrompt)
+            } else {
+                Ok((prompt, constraint))
+            }
+        });
+        let (prompt, constraint) = match checked {
+            Ok(checked) => checked,
+            Err(e) => {
+                log::warn!(request_id = request.id.as_str(); "request {} failed: {e}", request.id);
+                emit(
+                    key,
+                    Event::error(request.id.clone(), e.code(), e.to_string()),
+                );
+                return Admission::Ended(stats);
+            }
+        };
+        let (slot, shared) = self
+            .free_slot(&prompt)
+            .expect("admit is called when a slot is free");
+        // At least one prompt token is run, for its logits.
+        let reuse = shared.min(prompt.len() - 1);
+        let cache = &mut self.slots[slot];
+        if let Err(e) = self.engine.truncate(cache, reuse) {
+            log::warn!("dropping the KV cache: {e}");
+            cache.clear();
+        }
+        stats.prompt_tokens = prompt.len();
+        stats.cached_prompt_tokens = cache.len();
+        stats.grammar_compile_ms = constraint.as_ref().map(|c| c.compile_ms);
+        let done = cache.len();
+        self.running.push(Running {
+            key,
+            slot,
+            control,
+            sequence: Sequence::new(request, prompt, constraint),
+            phase: Phase::Prefill { done },
+            stats,
+            started,
+        });
+        Admission::Started
+    }
+
+    /// One round of work: requests cancelled or past their deadline end, the first request
+    /// still prefilling runs one chunk, then every decoding request gets one token, in one
+    /// engine step. Returns the requests that ended (their terminal events are sent).
+    pub fn advance(&mut self, emit: &mut dyn FnMut(u64, Event) -> bool) -> Vec<(u64, RunStats)> {
+        let mut ended = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() {
+            match self.running[i].control.interrupted() {
+                Some(reason) => ended.push(self.finish(i, Ok(reason), emit)),
+                None => i += 1,
+            }
+        }
+        if let Some(i) = self
+            .running
+            .iter()
+            .position(|r| matches!(r.phase, Phase::Prefill { .. }))
+        {
+            if let Some(end) = self.prefill_chunk_of(i, emit) {
+                ended.push(self.finish(i, end, emit));
+            }
+        }
+        let decoding: Vec<usize> = (0..self.running.len())
+            .filter(|&i| matches!(self.running[i].phase, Phase::Decode { .. }))
+            .collect();
+        if decoding.is_empty() {
+            return ended;
+        }
+        let mut ids = Vec::with_capacity(decoding.len());
+        let mut caches = Vec::with_capacity(decoding.len());
+        for &i in &decoding {
+            let Phase::Decode { next } = self.running[i].phase else {
+                unreachable!("filtered above")
+            };
+            ids.push(next);
+            caches.push(std::mem::take(&mut self.slots[self.running[i].slot]));
+        }
+        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+        let step = self
+            .engine
+            .decode_batch(&ids, &mut refs, &mut self.batch_logits);
+        for (&i, cache) in decoding.iter().zip(caches) {
+            self.slots[self.running[i].slot] = cache;
+        }
+        let vocab = self.batch_logits.len() / decoding.len().max(1);
+        // Outcomes first, then removals from the back, so the indexes stay valid.
+        let mut outcomes = Vec::new();
+        for (row, &i) in decoding.iter().enumerate() {
+            let outcome = match &step {
+                Err(e) => {
+                    // A failed step leaves the caches in an unknown state.
+                    self.slots[self.running[i].slot].clear();
+                    Some(Err(GenerateError::from(e.clone())))
+                }
+                Ok(()) => {
+                    let mut logits = std::mem::take(&mut self.batch_logits);
+                    let outcome = self.sample(i, &mut logits[row * vocab..(row + 1) * vocab], emit);
+                    self.batch_logits = logits;
+                    outcome
+                }
+            };
+            outcomes.push((i, outcome));
+        }
+        for (i, outcome) in outcomes.into_iter().rev() {
+            if let Some(end) = outcome {
+                ended.push(self.finish(i, end, emit));
+            }
+        }
+        ended
+    }
+
+    /// Runs the next prefill chunk of request `i`; at the prompt's end, samples its first
+    /// token. Returns how it ended, if it did.
+    fn prefill_chunk_of(
+        &mut self,
+        i: usize,
+        emit: &mut dyn FnMut(u64, Event) -> bool,
+    ) -> Option<Result<FinishReason, GenerateError>> {
+        let Phase::Prefill { done } = self.running[i].phase else {
+            return None;
+        };
+        let r = &mut self.running[i];
+        let prompt = &r.sequence.history[..r.stats.prompt_tokens];
+        let end = (done + self.prefill_chunk).min(prompt.len());
+        let cache = &mut self.slots[r.slot];
+        if let Err(e) = self
+            .engine
+            .forward(&prompt[done..end], cache, &mut self.logits)
+        {
+            // A failed step leaves the cache in an unknown state.
+            cache.clear();
+            return Some(Err(e.into()));
+        }
+        if end < prompt.len() {
+            r.phase = Phase::Prefill { done: end };
+            return None;
+        }
+        r.stats.prefill_ms = ms(Instant::now() - r.started);
+        let mut logits = std::mem::take(&mut self.logits);
+        let outcome = self.sample(i, &mut logits, emit);
+        self.logits = logits;
+        outcome
+    }
+
+    /// Picks request `i`'s next token from `logits` and streams it; the token is run by the
+    /// next decode step unless the request ends here.
+    fn sample(
+        &mut self,
+        i: usize,
+        logits: &mut [f32],
+        emit: &mut dyn FnMut(u64, Event) -> bool,
+    ) -> Option<Result<FinishReason, GenerateError>> {
+        let r = &mut self.running[i];
+        let key = r.key;
+        let step = r.sequence.step(
+            logits,
+            self.prompter.tokenizer(),
+            &self.package.eos_ids,
+            &r.control,
+            &mut |event| emit(key, event),
+        );
+        let token = match step {
+            Ok(Step::Next(token)) => token,
+            Ok(Step::Finished(reason)) => return Some(Ok(reason)),
+            Err(e) => return Some(Err(e)),
+        };
+        if r.sequence.generated >= r.sequence.request.max_tokens as usize
+            || self.slots[r.slot].len() + 1 >= self.prompter.context_len()
+        {
+            return Some(Ok(FinishReason::Length));
+        }
+        if let Some(reason) = r.control.interrupted() {
+            return Some(Ok(reason));
+        }
+        r.phase = Phase::Decode { next: token };
+        None
+    }
+
+    /// Ends request `i`: the held-back text and `done`, or `error`; frees its slot.
+    fn finish(
+        &mut self,
+        i: usize,
+        end: Result<FinishReason, GenerateError>,
+        emit: &mut dyn FnMut(u64, Event) -> bool,
+    ) -> (u64, RunStats) {
+        let Running {
+            key,
+            control,
+            mut sequence,
+            mut stats,
+            started,
+            phase,
+            ..
+        } = self.running.remove(i);
+        let request_id = sequence.request.id.clone();
+        let flushed = end.and_then(|finish| {
+            sequence.flush(finish, self.prompter.tokenizer(), &mut |event| {
+                emit(key, event)
+            })?;
+            Ok(finish)
+        });
+        let finish = match flushed {
+            Ok(finish) => finish,
+            Err(e) => {
+                log::warn!(request_id = request_id.as_str(); "request {request_id} failed: {e}");
+                emit(key, Event::error(request_id, e.code(), e.to_string()));
+                return (key, stats);
+            }
+        };
+        let end = Instant::now();
+        if matches!(phase, Phase::Prefill { .. }) {
+            // Interrupted before its prompt was in.
+            stats.prefill_ms = ms(end - started);
+        }
+        let accepted = control.accepted_at.min(started);
+        let first = sequence.first_token_at.unwrap_or(end);
+        stats.generated_tokens = sequence.generated;
+        stats.ttft_ms = ms(first - started);
+        stats.decode_ms = ms(end - first);
+        stats.finish_reason = Some(finish);
+        stats.mask_us = std::mem::take(&mut sequence.mask_us);
+        stats.output_ids = sequence
+            .history
+            .split_off(stats.prompt_tokens.min(sequence.history.len()));
+        let timings = Timings {
+            queue_ms: ms(started - accepted),
+            prefill_ms: stats.prefill_ms,
+            ttft_ms: ms(first - accepted),
+            decode_tokens_per_s: stats.decode_tokens_per_s(),
+            total_ms: ms(end - accepted),
+            engine: self.engine.info().label(),
+        };
+        log::info!(
+            request_id = request_id.as_str(),
+            transport = control.transport,
+            engine = timings.engine.as_str(),
+            prompt_tokens = stats.prompt_tokens,
+            cached_prompt_tokens = stats.cached_prompt_tokens,
+            completion_tokens = stats.generated_tokens,
+            queue_ms = timings.queue_ms,
+            prefill_ms = timings.prefill_ms,
+            ttft_ms = timings.ttft_ms,
+            total_ms = timings.total_ms,
+            tokens_per_s = timings.decode_tokens_per_s;
+            "request {request_id} finished: {finish:?}"
+        );
+        emit(
+            key,
+            Event::Done {
+                id: request_id,
+                seq: sequence.seq,
+                finish_reason: finish,
+                text: (!sequence.request.stream).then_some(sequence.text),
+                usage: Usage {
+                    prompt_tokens: stats.prompt_tokens as u32,
+                    completion_tokens: stats.generated_tokens as u32,
+                    cached_prompt_tokens: stats.cached_prompt_tokens as u32,
+                },
+                timings,
+            },
+        );
+        (key, stats)
+    }
+
+    /// Serves one request alone, as a batch of one: calls `emit` with each event, ending with
+    /// exactly one `Done` or `Error`. `emit` returns false when the client is gone, which
+    /// cancels the run. (`emberd generate`, `bench` and tests; the daemon's scheduler admits
+    /// and advances requests itself.)
     pub fn run(
         &mut self,
         request: &ValidRequest,
         control: &RunControl,
         emit: &mut dyn FnMut(Event) -> bool,
     ) -> RunStats {
-        let mut stats = RunStats::default();
-        match self.run_inner(request, control, emit, &mut stats) {
-            Ok(()) => {}
-            Err(e) => {
-                log::warn!(request_id = request.id.as_str(); "request {} failed: {e}", request.id);
-                emit(Event::error(request.id.clone(), e.code(), e.to_string()));
+        assert!(self.running.is_empty(), "run serves one request alone");
+        let mut emit = |_key: u64, event: Event| emit(event);
+        if let Admission::Ended(stats) = self.admit(0, request.clone(), control.clone(), &mut emit)
+        {
+            return stats;
+        }
+        loop {
+            if let Some((_, stats)) = self.advance(&mut emit).pop() {
+                return stats;
             }
         }
-        stats
-    }
-
-    fn run_inner(
-        &mut self,
-        request: &ValidRequest,
-        control: &RunControl,
-        emit: &mut dyn FnMut(Event) -> bool,
-        stats: &mut RunStats,
-    ) -> Result<(), GenerateError> {
-        let started = Instant::now();
-        let queue_ms = ms(started - control.accepted_at.min(started));
-        // The ingress tokenized, checked and compiled a served request before queueing it.
-        let prompt = match &request.prompt_ids {
-            Some(ids) => ids.clone(),
-            None => self.prompter.checked_ids(&request.input)?,
-        };
-        let constraint = match &request.constraint {
-            Some(c) => Some(c.clone()),
-            None => self.prompter.constraint(&request.response_format)?,
-        };
-        stats.prompt_tokens = prompt.len();
-        stats.grammar_compile_ms = constraint.as_ref().map(|c| c.compile_ms);
-        let mut sequence = Sequence::new(request, prompt, constraint);
-
-        let (reused, interrupted_in_prefill) = self.prefill(&sequence.history, control)?;
-        stats.cached_prompt_tokens = reused;
-        stats.prefill_ms = ms(Instant::now() - started);
-
-        let finish = match interrupted_in_prefill {
-            Some(reason) => reason,
-            None => loop {
-                let token = match sequence.step(
-                    &mut self.logits,
-                    self.prompter.tokenizer(),
-                    &self.package.eos_ids,
-                    control,
-                    emit,
-                )? {
-                    Step::Next(token) => token,
-                    Step::Finished(reason) => break reason,
-                };
-                if sequence.generated >= request.max_tokens as usize
-                    || self.cache.len() + 1 >= self.prompter.context_len()
-                {
-                    break FinishReason::Length;
-                }
-                if let Some(reason) = control.interrupted() {
-                    break reason;
-                }
-                if let Err(e) = self
-                    .engine
-                    .forward(&[token], &mut self.cache, &mut self.logits)
-                {
-                    self.cache.clear();
-                    return Err(e.into());
-                }
-            },
-        };
-        sequence.flush(finish, self.prompter.tokenizer(), emit)?;
-
-        let end = Instant::now();
-        let first = sequence.first_token_at.unwrap_or(end);
-        let decode_s = (end - first).as_secs_f64();
-        let generated = sequence.generated;
-        let prompt_tokens = stats.prompt_tokens;
-        stats.generated_tokens = generated;
-        stats.ttft_ms = ms(first - started);
-        stats.decode_ms = decode_s * 1e3;
-        stats.finish_reason = Some(finish);
-        stats.mask_us = std::mem::take(&mut sequence.mask_us);
-        let timings = Timings {
-            queue_ms,
-            prefill_ms: stats.prefill_ms,
-            ttft_ms: ms(first - control.accepted_at.min(started)),
-            decode_tokens_per_s: stats.decode_tokens_per_s(),
-            total_ms: ms(end - control.accepted_at.min(started)),
-            engine: self.engine.info().label(),
-        };
-        log::info!(
-            request_id = request.id.as_str(),
-            transport = control.transport,
-            engine = timings.engine.as_str(),
-            prompt_tokens = prompt_tokens,
-            cached_prompt_tokens = reused,
-            completion_tokens = generated,
-            queue_ms = timings.queue_ms,
-            prefill_ms = timings.prefill_ms,
-            ttft_ms = timings.ttft_ms,
-            total_ms = timings.total_ms,
-            tokens_per_s = timings.decode_tokens_per_s;
-            "request {} finished: {:?}", request.id, finish
-        );
-        emit(Event::Done {
-            id: request.id.clone(),
-            seq: sequence.seq,
-            finish_reason: finish,
-            text: (!request.stream).then_some(sequence.text),
-            usage: Usage {
-                prompt_tokens: prompt_tokens as u32,
-                completion_tokens: generated as u32,
-                cached_prompt_tokens: reused as u32,
-            },
-            timings,
-        });
-        Ok(())
     }
 
     /// Runs `ids` after what the cache holds (everything, when `fresh`) and returns the
     /// logits of the last position: the raw model, for evaluation and reference checks.
     pub fn forward(&mut self, ids: &[u32], fresh: bool) -> Result<&[f32], GenerateError> {
+        let cache = &mut self.slots[0];
         if fresh {
-            self.cache.clear();
+            cache.clear();
         }
-        if let Err(e) = self.engine.forward(ids, &mut self.cache, &mut self.logits) {
-            self.cache.clear();
+        if let Err(e) = self.engine.forward(ids, cache, &mut self.logits) {
+            cache.clear();
             return Err(e.into());
         }
         Ok(&self.logits)
@@ -418,8 +719,8 @@ enum Step {
 
 /// One request in flight: everything the decode loop keeps between steps, so that the loop
 /// itself is prefill → steps → flush.
-struct Sequence<'r> {
-    request: &'r ValidRequest,
+struct Sequence {
+    request: ValidRequest,
     sampler: Sampler,
     constraint: Option<Constraint>,
     decoder: IncrementalDecoder,
@@ -435,14 +736,14 @@ struct Sequence<'r> {
     mask_us: Vec<f64>,
 }
 
-impl<'r> Sequence<'r> {
-    fn new(request: &'r ValidRequest, prompt: Vec<u32>, constraint: Option<Constraint>) -> Self {
+impl Sequence {
+    fn new(request: ValidRequest, prompt: Vec<u32>, constraint: Option<Constraint>) -> Self {
         Sequence {
-            request,
             sampler: Sampler::new(request.sampling.clone()),
             constraint,
             decoder: IncrementalDecoder::new(),
             stops: StopMatcher::new(request.stop.clone()),
+            request,
             history: prompt,
             text: String::new(),
             seq: 0,

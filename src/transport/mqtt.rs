@@ -234,6 +234,8 @@ pub fn status_json(scheduler: &Scheduler, online: bool) -> Vec<u8> {
         "provider": engine.provider,
         "fallback_reason": engine.fallback_reason,
         "queue_depth": scheduler.queue_depth(),
+        "running": scheduler.stats().running.load(Ordering::Relaxed),
+        "max_batch": scheduler.stats().max_batch.load(Ordering::Relaxed),
         "served": scheduler.stats().served.load(Ordering::Relaxed),
     })
     .to_string()

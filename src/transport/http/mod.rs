@@ -392,6 +392,8 @@ async fn status(State(api): State<Arc<Api>>) -> Json<Value> {
         "fallback_reason": engine.fallback_reason,
         "context_length": api.ingress.prompter().context_len(),
         "queue_depth": scheduler.queue_depth(),
+        "running": stats.running.load(std::sync::atomic::Ordering::Relaxed),
+        "max_batch": stats.max_batch.load(std::sync::atomic::Ordering::Relaxed),
         "served": load(&stats.served),
         "cancelled": load(&stats.cancelled),
         "rejected_busy": load(&stats.rejected_busy),
