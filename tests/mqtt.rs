@@ -831,3 +831,35 @@ async fn ready_is_notified_only_once_the_broker_holds_emberds_subscriptions() {
     unsafe { libc_kill(daemon.id() as i32, 15) };
     assert!(daemon.wait().unwrap().success());
 }
+
+/// The retained status follows the queue: once requests have run, it says how many were
+/// served (and that none runs), without a reconnect; an idle daemon publishes nothing new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retained_status_follows_the_queue_figures() {
+    let broker = Broker::start();
+    let port = broker.port;
+    let daemon = Daemon::start(tiny_dir("q4"), |c| on_broker(c, port, "stat1")).await;
+    let (_watcher, mut rx) = mqtt_client(port, "stat1-watcher", &["emberd/stat1/status"]).await;
+    let online = wait_on(&mut rx, "emberd/stat1/status", |v| v["state"] == "online").await;
+    assert_eq!(online["served"], 0);
+    assert_eq!(online["running"], 0);
+    assert!(online["max_batch"].as_u64().unwrap() >= 1, "{online}");
+    let mut client = daemon.connect().await;
+    for i in 0..3 {
+        client
+            .send(json!({"id": format!("s{i}"), "prompt": "hello", "max_tokens": 4}))
+            .await;
+    }
+    // They end in any order (they run as one batch).
+    let mut open = 3;
+    while open > 0 {
+        if client.event().await["type"] != "token" {
+            open -= 1;
+        }
+    }
+    let after = wait_on(&mut rx, "emberd/stat1/status", |v| v["served"] == 3).await;
+    assert_eq!(after["state"], "online");
+    assert_eq!(after["running"], 0);
+    assert_eq!(after["queue_depth"], 0);
+    daemon.stop().await;
+}

@@ -171,7 +171,11 @@ async fn wires(daemon: &Daemon, broker: &Broker) -> Vec<Wire> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_transport_refuses_bad_input_too_long_and_busy_alike_and_keeps_serving() {
     // One request runs and one waits: the queue is full.
-    let (daemon, broker) = all_transports(|c| c.limits.max_queue = 1).await;
+    let (daemon, broker) = all_transports(|c| {
+        c.limits.max_queue = 1;
+        c.limits.max_batch = 1;
+    })
+    .await;
     let mut filler = daemon.connect().await;
     for mut wire in wires(&daemon, &broker).await {
         let name = wire.name();

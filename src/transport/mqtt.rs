@@ -108,7 +108,15 @@ pub struct Transport {
     subscribed: Option<tokio::sync::oneshot::Sender<()>>,
     /// Subscriptions of the current connection not yet acknowledged.
     pending_subacks: usize,
+    /// Whether the broker has accepted the current connection (for the status refresher).
+    connected: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// What a status refresh compares: queue depth, running, served.
+type StatusFigures = (usize, u64, u64);
+
+/// How often the retained status is brought up to date while its figures change.
+const STATUS_REFRESH: Duration = Duration::from_secs(2);
 
 pub fn options(
     config: &MqttConfig,
@@ -224,6 +232,49 @@ fn pem_error<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(pem::Error) 
     }
 }
 
+/// Republishes the retained status while connected, every `STATUS_REFRESH`, when its queue
+/// figures changed since the last time (an idle daemon publishes nothing).
+async fn refresh_status(
+    client: AsyncClient,
+    topic: String,
+    scheduler: Scheduler,
+    connected: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut tick = tokio::time::interval(STATUS_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut said = None;
+    loop {
+        tick.tick().await;
+        if !connected.load(Ordering::Acquire) {
+            // A new connection publishes the status itself.
+            said = None;
+            continue;
+        }
+        let now = status_figures(&scheduler);
+        if said == Some(now) {
+            continue;
+        }
+        // Never waits: a full request channel means a connection in trouble, and the next
+        // tick tries again.
+        let status = status_json(&scheduler, true);
+        if client
+            .try_publish(topic.clone(), QoS::AtMostOnce, true, status)
+            .is_ok()
+        {
+            said = Some(now);
+        }
+    }
+}
+
+fn status_figures(scheduler: &Scheduler) -> StatusFigures {
+    let stats = scheduler.stats();
+    (
+        scheduler.queue_depth(),
+        stats.running.load(Ordering::Relaxed) as u64,
+        stats.served.load(Ordering::Relaxed),
+    )
+}
+
 /// The retained status message.
 pub fn status_json(scheduler: &Scheduler, online: bool) -> Vec<u8> {
     let engine = scheduler.engine();
@@ -282,6 +333,7 @@ impl Transport {
             running: Scope::default(),
             subscribed: None,
             pending_subacks: 0,
+            connected: Arc::default(),
         })
     }
 
@@ -311,6 +363,13 @@ impl Transport {
     pub async fn run(mut self) {
         let mut backoff = Duration::from_millis(100);
         let mut shutdown = self.shutdown.clone();
+        // Its own task: a timer in the select below would cancel the event loop's poll.
+        let refresher = tokio::spawn(refresh_status(
+            self.client.clone(),
+            self.topics.status.clone(),
+            self.ingress.scheduler().clone(),
+            self.connected.clone(),
+        ));
         loop {
             tokio::select! {
                 _ = shutdown.wait() => break,
@@ -334,6 +393,7 @@ impl Transport {
                     Ok(MqttEvent::Incoming(Packet::Publish(publish))) => self.on_publish(publish),
                     Ok(_) => {}
                     Err(e) => {
+                        self.connected.store(false, Ordering::Release);
                         // rumqttc reconnects on the next poll; without a pause it would spin.
                         match e {
                             ConnectionError::ConnectionRefused(code) => log::error!(
@@ -351,12 +411,14 @@ impl Transport {
                 },
             }
         }
+        refresher.abort();
         self.finish().await;
     }
 
     fn on_connect(&self, session_present: bool) {
         let client = self.client.clone();
         let topics = self.topics.clone();
+        self.connected.store(true, Ordering::Release);
         let status = status_json(self.ingress.scheduler(), true);
         let subscriptions = if session_present {
             Vec::new()
