@@ -608,15 +608,22 @@ impl OrtEngine {
                     .map_err(ort_error)?;
             }
         }
+        self.run_for_logits(binding, logits)?;
+        cache.extend(ids);
+        Ok(())
+    }
+
+    /// Binds the logits to CPU memory, runs `binding` and copies the last position's row.
+    fn run_for_logits(
+        &mut self,
+        mut binding: ort::session::IoBinding,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), EngineError> {
         binding
             .bind_output_to_device(self.io.logits.as_str(), &self.cpu_memory)
             .map_err(ort_error)?;
         let outputs = self.session.run_binding(&binding).map_err(ort_error)?;
-        last_logits(&outputs[self.io.logits.as_str()], self.vocab_size, logits)?;
-        drop(outputs);
-        drop(binding);
-        cache.extend(ids);
-        Ok(())
+        last_logits(&outputs[self.io.logits.as_str()], self.vocab_size, logits)
     }
 
     /// Whether slot caches share batch buffers: the in-place graph, which takes each row's
@@ -724,13 +731,7 @@ impl OrtEngine {
             binding.bind_input(name, &value).map_err(ort_error)?;
         }
         self.bind_rows(&mut binding, row, 1)?;
-        binding
-            .bind_output_to_device(self.io.logits.as_str(), &self.cpu_memory)
-            .map_err(ort_error)?;
-        let outputs = self.session.run_binding(&binding).map_err(ort_error)?;
-        last_logits(&outputs[self.io.logits.as_str()], self.vocab_size, logits)?;
-        drop(outputs);
-        drop(binding);
+        self.run_for_logits(binding, logits)?;
         self.rows.lens[row] = past_len + ids.len();
         cache.extend(ids);
         Ok(())
