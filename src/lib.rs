@@ -16,6 +16,7 @@
 //! | [`client`] | the client side of both APIs, for `emberd ask` |
 //! | [`bench`] | load/prefill/decode figures of one model on this machine |
 //! | [`paths`] | where the setup's files are found when nothing names them |
+//! | [`secret`] | reading a password or key file, refusing one every user may read |
 
 pub mod bench;
 pub mod client;
@@ -28,6 +29,7 @@ pub mod model;
 pub mod paths;
 pub mod protocol;
 pub mod scheduler;
+pub mod secret;
 pub mod serve;
 pub mod service;
 pub mod shutdown;

@@ -378,8 +378,21 @@ impl Event {
 pub fn parse_request(bytes: &[u8]) -> Result<Request, RequestError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| RequestError::BadRequest(format!("request is not valid UTF-8: {e}")))?;
-    serde_json::from_str(text)
-        .map_err(|e| RequestError::BadRequest(format!("invalid request JSON: {e}")))
+    let bad =
+        |e: &dyn std::fmt::Display| RequestError::BadRequest(format!("invalid request JSON: {e}"));
+    let mut de = serde_json::Deserializer::from_str(text);
+    // serde's own message names the type it wanted, not the field: the path does.
+    let request: Request = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        match path.as_str() {
+            "" | "." => bad(e.inner()),
+            path => {
+                RequestError::BadRequest(format!("invalid request JSON: {path}: {}", e.inner()))
+            }
+        }
+    })?;
+    de.end().map_err(|e| bad(&e))?;
+    Ok(request)
 }
 
 /// The `id` of a message that failed to parse, if it has one, so its error can carry it.
@@ -600,6 +613,25 @@ mod tests {
             .validate(&crate::config::Config::default().request_policy(), || {
                 "gen".into()
             })
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_refused_naming_its_field() {
+        for (json, field) in [
+            (r#"{"prompt":"hi","max_tokens":"ten"}"#, "max_tokens"),
+            (r#"{"prompt":"hi","temperature":[1]}"#, "temperature"),
+            (
+                r#"{"messages":[{"role":"user","content":7}]}"#,
+                "messages[0].content",
+            ),
+            (r#"{"prompt":"hi","stop":[1,2]}"#, "stop"),
+        ] {
+            let e = parse_request(json.as_bytes()).unwrap_err();
+            assert_eq!(e.code(), ErrorCode::BadRequest);
+            assert!(e.to_string().contains(field), "{json}: {e}");
+        }
+        let e = parse_request(br#"{"prompt":"hi"} trailing"#).unwrap_err();
+        assert!(e.to_string().contains("trailing"), "{e}");
     }
 
     #[test]

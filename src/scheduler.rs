@@ -242,10 +242,15 @@ fn worker(
         loop {
             let job = match waiting.take() {
                 Some(job) => job,
-                None if generator.running() == 0 => match jobs.recv() {
-                    Ok(job) => job,
-                    Err(_) => return,
-                },
+                None if generator.running() == 0 => {
+                    // Idle: a worker waiting on the queue cannot hang (see since_heartbeat).
+                    stats.running.store(0, Ordering::Relaxed);
+                    stats.working.store(false, Ordering::Release);
+                    match jobs.recv() {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    }
+                }
                 // A job stays in the queue (where it counts against `max_queue`) until a
                 // slot is free for it.
                 None if !generator.has_free_slot() => break,
@@ -298,7 +303,6 @@ fn worker(
         }
         stats.running.store(generator.running(), Ordering::Relaxed);
         if generator.running() == 0 {
-            stats.working.store(false, Ordering::Release);
             continue;
         }
         let finished = generator.advance(&mut |key, event| {
@@ -310,9 +314,6 @@ fn worker(
             ended(key, Some(run), &mut outboxes);
         }
         stats.running.store(generator.running(), Ordering::Relaxed);
-        if generator.running() == 0 {
-            stats.working.store(false, Ordering::Release);
-        }
     }
 }
 

@@ -286,8 +286,9 @@ fn the_binary_exits_zero_on_sigterm_and_removes_its_socket() {
 #[test]
 fn emberd_ask_streams_a_reply_from_the_running_daemon() {
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = spawn_ready(&write_serve_config(dir.path(), ""));
-    let out = emberd_command()
+    let (mut daemon, mut lines) = spawn_serve(&write_serve_config(dir.path(), ""));
+    next_log_with(&mut lines, "ready: model");
+    let ask = emberd_command()
         .args([
             "ask",
             "--json",
@@ -299,8 +300,21 @@ fn emberd_ask_streams_a_reply_from_the_running_daemon() {
         ])
         .arg(dir.path().join("emberd.sock"))
         .arg("hello")
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // The daemon logs who connected: this process's user, the client's pid.
+    let pid = ask.id();
+    let out = ask.wait_with_output().unwrap();
+    let connected = next_log_with(&mut lines, "socket: connection from");
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc_getuid() };
+    assert!(
+        connected.contains(&format!("uid {uid} ")) && connected.contains(&format!("pid {pid}")),
+        "{connected}"
+    );
+    std::thread::spawn(move || for _ in lines {});
     assert!(
         out.status.success(),
         "{}",

@@ -108,7 +108,7 @@ async fn the_openai_client_gets_the_same_text_streamed_and_whole() {
 async fn curl_streams_sse_and_gets_openai_errors_with_their_status() {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("key");
-    std::fs::write(&key_file, "s3cret\n").unwrap();
+    write_secret(&key_file, "s3cret\n");
     let (daemon, base) = http_daemon(|c| c.http.api_key_file = Some(key_file)).await;
     let run = |args: Vec<String>| async move {
         tokio::task::spawn_blocking(move || {
@@ -466,4 +466,34 @@ async fn a_client_that_hangs_up_cancels_its_request_on_both_apis_streaming_or_no
         daemon.wait_for_cancels(n as u64 + 1).await;
     }
     daemon.stop().await;
+}
+
+/// A key file every user may read is no secret: `serve` refuses to start and says how to fix
+/// it, rather than serving behind a key anyone on the device can read.
+#[test]
+fn a_world_readable_api_key_file_is_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("api-key");
+    std::fs::write(&key, "s3cret\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = write_serve_config(
+        dir.path(),
+        &format!(
+            "[http]\nenabled = true\nlisten = \"127.0.0.1:{}\"\napi_key_file = {key:?}\n",
+            free_port()
+        ),
+    );
+    let out = emberd_command()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("http.api_key_file") && stderr.contains("readable by every user"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("chmod o-rwx"), "{stderr}");
 }

@@ -522,7 +522,7 @@ fn make_credentials(dir: &Path) {
         &["-b", "passwords", "tester", "tested"],
         dir,
     );
-    std::fs::write(dir.join("emberd-password"), "secret\n").unwrap();
+    write_secret(&dir.join("emberd-password"), "secret\n");
 }
 
 /// A broker that takes only TLS clients with a certificate from the test CA and a password.
@@ -632,7 +632,7 @@ fn a_wrong_password_is_logged_clearly_and_retried_with_backoff() {
     let broker = tls_broker();
     let dir = tempfile::tempdir().unwrap();
     let bdir = broker.dir.path();
-    std::fs::write(dir.path().join("wrong"), "not-the-password\n").unwrap();
+    write_secret(&dir.path().join("wrong"), "not-the-password\n");
     let config = write_serve_config(
         dir.path(),
         &format!(

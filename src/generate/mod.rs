@@ -382,6 +382,26 @@ impl Generator {
         rows * positions * self.kv_bytes_per_position() <= self.kv_budget
     }
 
+    /// The prompt ids and the compiled format of `request`: the ingress's, or made here.
+    fn prepare(
+        &self,
+        request: &ValidRequest,
+    ) -> Result<(Vec<u32>, Option<Constraint>), GenerateError> {
+        // The ingress tokenized, checked and compiled a served request before queueing it.
+        let prompt = match &request.prompt_ids {
+            Some(ids) => ids.clone(),
+            None => self.prompter.checked_ids(&request.input)?,
+        };
+        if prompt.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        let constraint = match &request.constraint {
+            Some(c) => Some(c.clone()),
+            None => self.prompter.constraint(&request.response_format)?,
+        };
+        Ok((prompt, constraint))
+    }
+
     /// Starts serving `request` in a free slot (`can_admit` said there is one); `emit` gets
     /// its events under `key`. Its prompt is prefilled by the next calls of `advance`.
     pub fn admit(
@@ -393,27 +413,8 @@ impl Generator {
     ) -> Admission {
         let started = Instant::now();
         let mut stats = RunStats::default();
-        // The ingress tokenized, checked and compiled a served request before queueing it.
-        let checked = match &request.prompt_ids {
-            Some(ids) => Ok(ids.clone()),
-            None => self.prompter.checked_ids(&request.input),
-        }
-        .and_then(|prompt| {
-            let constraint = match &request.constraint {
-                Some(c) => Some(c.clone()),
-                None => self.prompter.constraint(&request.response_format)?,
-            };
-            Ok((prompt, constraint))
-        });
-        let checked = checked.and_then(|(prompt, constraint)| {
-            if prompt.is_empty() {
-                Err(GenerateError::EmptyPrompt)
-            } else {
-                Ok((prompt, constraint))
-            }
-        });
-        let (prompt, constraint) = match checked {
-            Ok(checked) => checked,
+        let (prompt, constraint) = match self.prepare(&request) {
+            Ok(prepared) => prepared,
             Err(e) => {
                 log::warn!(request_id = request.id.as_str(); "request {} failed: {e}", request.id);
                 emit(

@@ -39,11 +39,8 @@ const SESSION_EXPIRY_S: u32 = 24 * 3600;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
-    #[error("mqtt: cannot read password file {path}: {source}")]
-    Password {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    #[error("mqtt.password_file: {0}")]
+    Password(#[from] crate::secret::SecretError),
     #[error("mqtt: cannot read TLS {what} {path}: {source}")]
     TlsFile {
         what: &'static str,
@@ -140,11 +137,7 @@ pub fn options(
         ));
     if let Some(user) = &config.username {
         let password = match &config.password_file {
-            Some(path) => std::fs::read_to_string(path)
-                .map_err(|source| MqttError::Password {
-                    path: path.clone(),
-                    source,
-                })?
+            Some(path) => crate::secret::read_secret(path)?
                 .trim_end_matches(['\n', '\r'])
                 .to_string(),
             None => String::new(),

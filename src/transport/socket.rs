@@ -61,6 +61,17 @@ impl Listener {
                 _ = self.shutdown.wait() => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => {
+                        // Who connected, as the kernel says (SO_PEERCRED); the socket's mode
+                        // and group decide who may.
+                        match stream.peer_cred() {
+                            Ok(peer) => log::info!(
+                                "socket: connection from uid {} gid {} pid {}",
+                                peer.uid(),
+                                peer.gid(),
+                                peer.pid().map_or_else(|| "unknown".into(), |p| p.to_string())
+                            ),
+                            Err(e) => log::debug!("socket: the peer's credentials are unknown: {e}"),
+                        }
                         let handler = Handler {
                             ingress: self.ingress.clone(),
                             shutdown: self.shutdown.clone(),

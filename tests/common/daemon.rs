@@ -462,4 +462,6 @@ pub fn spawn_ready(config: &Path) -> std::process::Child {
 extern "C" {
     #[link_name = "kill"]
     pub fn libc_kill(pid: i32, sig: i32) -> i32;
+    #[link_name = "getuid"]
+    pub fn libc_getuid() -> u32;
 }

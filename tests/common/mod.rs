@@ -149,3 +149,10 @@ pub fn emberd_command() -> std::process::Command {
     command.args(&argv[1..]);
     command
 }
+
+/// Writes a secret file as emberd wants one: readable by its owner only.
+pub fn write_secret(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}

@@ -37,11 +37,8 @@ pub enum HttpError {
         listen: String,
         source: std::io::Error,
     },
-    #[error("http: cannot read api_key_file {path}: {source}")]
-    ApiKey {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    #[error("http.api_key_file: {0}")]
+    ApiKey(#[from] crate::secret::SecretError),
     #[error("http: api_key_file {0} is empty")]
     EmptyApiKey(std::path::PathBuf),
 }
@@ -71,13 +68,7 @@ impl Server {
         let api_key = match &config.api_key_file {
             None => None,
             Some(path) => {
-                let key = std::fs::read_to_string(path)
-                    .map_err(|source| HttpError::ApiKey {
-                        path: path.clone(),
-                        source,
-                    })?
-                    .trim()
-                    .to_string();
+                let key = crate::secret::read_secret(path)?.trim().to_string();
                 if key.is_empty() {
                     return Err(HttpError::EmptyApiKey(path.clone()));
                 }
