@@ -157,6 +157,8 @@ pub struct SocketConfig {
     pub path: PathBuf,
     /// The socket file's mode, written in octal as a string: "0660".
     pub mode: SocketMode,
+    /// Connections served at once; one more gets a `busy` error event and is closed.
+    pub max_connections: usize,
 }
 
 /// A file mode, parsed once from its octal string when the config is read.
@@ -184,6 +186,7 @@ impl Default for SocketConfig {
             enabled: true,
             path: PathBuf::from("/run/emberd/emberd.sock"),
             mode: SocketMode(0o660),
+            max_connections: 64,
         }
     }
 }
@@ -363,6 +366,9 @@ impl Config {
                 "http.listen must be an address and port like \"127.0.0.1:8080\", got {:?}",
                 self.http.listen
             ));
+        }
+        if self.socket.max_connections == 0 {
+            return bad("socket.max_connections must be at least 1".into());
         }
         if self.http.max_connections == 0 {
             return bad("http.max_connections must be at least 1".into());

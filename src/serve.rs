@@ -117,6 +117,7 @@ pub async fn serve(
             socket::Listener {
                 listener,
                 path,
+                max_connections: config.socket.max_connections,
                 ingress: ingress.clone(),
                 shutdown: shutdown.clone(),
             }

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use common::daemon::*;
 use common::*;
 use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_streams_tokens_for_several_requests_on_one_connection() {
@@ -353,4 +354,55 @@ fn sighup_rereads_the_log_level_and_keeps_serving() {
     assert!(ask.status.success());
     unsafe { libc_kill(daemon.id() as i32, 15) };
     assert!(daemon.wait().unwrap().success());
+}
+
+/// One connection over `socket.max_connections` gets a `busy` error event naming the limit
+/// and is closed; once a connection ends, a new one is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_over_the_cap_is_told_busy_and_closed() {
+    let daemon = Daemon::start(tiny_dir("q4"), |c| c.socket.max_connections = 2).await;
+    let first = daemon.connect().await;
+    let mut second = daemon.connect().await;
+    let mut third = daemon.connect().await;
+    let refused = third.event().await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["code"], "busy", "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("socket.max_connections"),
+        "{refused}"
+    );
+    let closed = tokio::time::timeout(patience(), third.lines.next_line()).await;
+    assert!(matches!(closed, Ok(Ok(None))), "closed after: {closed:?}");
+    // The two within the cap are served.
+    second
+        .send(json!({"id": "in", "prompt": "hi", "max_tokens": 2}))
+        .await;
+    assert_eq!(second.until_end("in").await.last().unwrap()["type"], "done");
+    drop(first);
+    // The freed place is taken again (the server notices the close asynchronously).
+    let deadline = tokio::time::Instant::now() + patience();
+    loop {
+        let mut next = daemon.connect().await;
+        // A refused connection may be closed before the request is written: that write fails
+        // and the busy event is still there to read.
+        let line = format!(
+            "{}\n",
+            json!({"id": "again", "prompt": "hi", "max_tokens": 2})
+        );
+        let sent = next.writer.write_all(line.as_bytes()).await.is_ok();
+        let e = next.event().await;
+        if sent && e["id"] == "again" {
+            break;
+        }
+        assert_eq!(e["code"], "busy", "{e}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place never freed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    daemon.stop().await;
 }

@@ -48,6 +48,8 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, SocketError> {
 pub struct Listener {
     pub listener: UnixListener,
     pub path: Option<PathBuf>,
+    /// Connections served at once (`socket.max_connections`).
+    pub max_connections: usize,
     pub ingress: Ingress,
     pub shutdown: Shutdown,
 }
@@ -56,6 +58,7 @@ impl Listener {
     /// Accepts connections until shutdown, then waits for every connection to finish.
     pub async fn run(mut self) {
         let mut connections = tokio::task::JoinSet::new();
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(self.max_connections));
         loop {
             tokio::select! {
                 _ = self.shutdown.wait() => break,
@@ -72,11 +75,22 @@ impl Listener {
                             ),
                             Err(e) => log::debug!("socket: the peer's credentials are unknown: {e}"),
                         }
+                        let Ok(permit) = slots.clone().try_acquire_owned() else {
+                            log::warn!(
+                                "socket: refusing a connection: {} are open (socket.max_connections)",
+                                self.max_connections
+                            );
+                            connections.spawn(refuse(stream, self.max_connections));
+                            continue;
+                        };
                         let handler = Handler {
                             ingress: self.ingress.clone(),
                             shutdown: self.shutdown.clone(),
                         };
-                        connections.spawn(handler.run(stream));
+                        connections.spawn(async move {
+                            handler.run(stream).await;
+                            drop(permit);
+                        });
                     }
                     Err(e) => {
                         log::warn!("socket accept failed: {e}");
@@ -91,6 +105,19 @@ impl Listener {
         }
         while connections.join_next().await.is_some() {}
     }
+}
+
+/// Tells a connection over the cap why it is closed: one `busy` error event.
+async fn refuse(mut stream: UnixStream, max_connections: usize) {
+    let event = Event::error(
+        String::new(),
+        ErrorCode::Busy,
+        format!("too many connections: {max_connections} are open (socket.max_connections); try again later"),
+    );
+    let mut line = event.to_json();
+    line.push('\n');
+    let _ = stream.write_all(line.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 struct Handler {
