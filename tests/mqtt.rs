@@ -469,6 +469,11 @@ fn run(program: &str, args: &[&str], dir: &Path) {
 /// A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, made with
 /// openssl; and a mosquitto password file with `emberd:secret` and `tester:tested`.
 fn make_credentials(dir: &Path) {
+    make_credentials_for(dir, "IP:127.0.0.1");
+}
+
+/// A CA, a server certificate for `server_name` (a subjectAltName) and a client certificate.
+fn make_credentials_for(dir: &Path, server_name: &str) {
     let ec = [
         "-newkey",
         "ec",
@@ -480,7 +485,11 @@ fn make_credentials(dir: &Path) {
     ca.extend(ec);
     ca.extend(["-keyout", "ca.key", "-out", "ca.crt"]);
     run("openssl", &ca, dir);
-    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    std::fs::write(
+        dir.join("server.ext"),
+        format!("subjectAltName={server_name}\n"),
+    )
+    .unwrap();
     std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
     for (name, cn) in [("server", "127.0.0.1"), ("client", "emberd")] {
         let subject = format!("/CN={cn}");
@@ -527,8 +536,12 @@ fn make_credentials(dir: &Path) {
 
 /// A broker that takes only TLS clients with a certificate from the test CA and a password.
 fn tls_broker() -> Broker {
-    Broker::with_config(|port, dir| {
-        make_credentials(dir);
+    tls_broker_for("IP:127.0.0.1")
+}
+
+fn tls_broker_for(server_name: &'static str) -> Broker {
+    Broker::with_config(move |port, dir| {
+        make_credentials_for(dir, server_name);
         let d = dir.display();
         format!(
             "listener {port} 127.0.0.1\ncafile {d}/ca.crt\ncertfile {d}/server.crt\n\
@@ -862,4 +875,64 @@ async fn the_retained_status_follows_the_queue_figures() {
     assert_eq!(after["running"], 0);
     assert_eq!(after["queue_depth"], 0);
     daemon.stop().await;
+}
+
+/// emberd's side of a TLS connection the broker should not get: the first connection error it
+/// logs, once it has logged one (and never "connected").
+fn first_tls_refusal(broker: &Broker, ca: &Path) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let bdir = broker.dir.path();
+    write_secret(&dir.path().join("password"), "secret\n");
+    let config = write_serve_config(
+        dir.path(),
+        &format!(
+            "[mqtt]\nenabled = true\nport = {}\ndevice_id = \"wary\"\nusername = \"emberd\"\n\
+             password_file = {:?}\n[mqtt.tls]\nca = {ca:?}\ncert = {:?}\nkey = {:?}\n",
+            broker.port,
+            dir.path().join("password"),
+            bdir.join("client.crt"),
+            bdir.join("client.key"),
+        ),
+    );
+    let (mut daemon, mut lines) = spawn_serve(&config);
+    let refusal = loop {
+        let line = lines
+            .next()
+            .expect("emberd exited before it tried the broker")
+            .unwrap();
+        assert!(
+            !line.contains("mqtt: connected"),
+            "emberd connected over TLS it should refuse: {line}"
+        );
+        if line.contains("mqtt: connection error") {
+            break line;
+        }
+    };
+    unsafe { libc_kill(daemon.id() as i32, 15) };
+    let _ = daemon.wait();
+    refusal
+}
+
+/// Verification is on: a broker whose certificate no trusted CA signed is refused, and so
+/// is one whose certificate names another host (switching verification off fails both).
+#[test]
+fn tls_refuses_an_untrusted_ca_and_a_certificate_for_another_host() {
+    let broker = tls_broker();
+    let other = tempfile::tempdir().unwrap();
+    make_credentials(other.path());
+    let untrusted = first_tls_refusal(&broker, &other.path().join("ca.crt"));
+    // The other CA bears the same name, so rustls finds it and the signature fails.
+    assert!(
+        untrusted.contains("invalid peer certificate")
+            && (untrusted.contains("BadSignature") || untrusted.contains("UnknownIssuer")),
+        "{untrusted}"
+    );
+
+    let misnamed = tls_broker_for("DNS:other.example");
+    let refusal = first_tls_refusal(&misnamed, &misnamed.dir.path().join("ca.crt"));
+    assert!(
+        refusal.contains("invalid peer certificate")
+            && refusal.contains("not valid for name \"127.0.0.1\""),
+        "{refusal}"
+    );
 }
