@@ -936,3 +936,103 @@ fn tls_refuses_an_untrusted_ca_and_a_certificate_for_another_host() {
         "{refusal}"
     );
 }
+
+/// The example ACL (systemd/mosquitto-acl.example) on a real mosquitto with password users:
+/// device dev-a's emberd serves its requester; another device's user can neither ask dev-a
+/// nor read dev-a's answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_keeps_each_device_to_its_own_topics() {
+    let example = std::fs::read_to_string(repo().join("systemd/mosquitto-acl.example")).unwrap();
+    let broker = Broker::with_config(|port, dir| {
+        let acl = example.clone()
+            + "user panel\ntopic write emberd/dev-a/request\ntopic read emberd/dev-a/response/#\n\
+               topic read emberd/dev-a/status\n";
+        std::fs::write(dir.join("acl"), acl).unwrap();
+        run(
+            "mosquitto_passwd",
+            &["-c", "-b", "passwords", "dev-a", "pa"],
+            dir,
+        );
+        run("mosquitto_passwd", &["-b", "passwords", "dev-b", "pb"], dir);
+        run("mosquitto_passwd", &["-b", "passwords", "panel", "pp"], dir);
+        let d = dir.display();
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {d}/passwords\n\
+             acl_file {d}/acl\npersistence false\n"
+        )
+    });
+    let port = broker.port;
+    let secrets = tempfile::tempdir().unwrap();
+    write_secret(&secrets.path().join("pa"), "pa\n");
+    let daemon = Daemon::start(tiny_dir("q4"), |c| {
+        c.socket.enabled = false;
+        on_broker(c, port, "dev-a");
+        c.mqtt.username = Some("dev-a".into());
+        c.mqtt.password_file = Some(secrets.path().join("pa"));
+    })
+    .await;
+    let as_user = |name: &str, user: &str, password: &str| {
+        let mut options = MqttOptions::new(name, "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(10));
+        options.set_credentials(user, password);
+        options
+    };
+    // Another device's user tries to read dev-a's answers (the broker refuses the
+    // subscription) and to ask dev-a (the broker drops the message).
+    let (intruder, mut intruder_rx) = mqtt_client_with(
+        as_user("intruder", "dev-b", "pb"),
+        &["emberd/dev-a/response/#"],
+    )
+    .await;
+    let (panel, mut panel_rx) = mqtt_client_with(
+        as_user("panel", "panel", "pp"),
+        &["emberd/dev-a/status", "emberd/dev-a/response/#"],
+    )
+    .await;
+    wait_on(&mut panel_rx, "emberd/dev-a/status", |v| {
+        v["state"] == "online"
+    })
+    .await;
+    let ask = |id: &str| {
+        json!({"id": id, "prompt": "hi", "max_tokens": 3})
+            .to_string()
+            .into_bytes()
+    };
+    intruder
+        .publish(
+            "emberd/dev-a/request",
+            QoS::AtLeastOnce,
+            false,
+            ask("sneaky"),
+        )
+        .await
+        .unwrap();
+    // The panel's own request is answered on dev-a's response topic, after the intruder's
+    // attempt: had that reached emberd, its answer would have come first.
+    panel
+        .publish(
+            "emberd/dev-a/request",
+            QoS::AtLeastOnce,
+            false,
+            ask("allowed"),
+        )
+        .await
+        .unwrap();
+    let done = end_on(&mut panel_rx, "emberd/dev-a/response/allowed").await;
+    assert_eq!(done["type"], "done", "{done}");
+    // Had the intruder's request got through, it would be running or done by now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    daemon.wait_until_idle().await;
+    assert_eq!(
+        daemon.stats.served.load(Ordering::Relaxed),
+        1,
+        "only the panel's request reached emberd"
+    );
+    // Nothing reached the intruder: neither answer.
+    let leaked = tokio::time::timeout(Duration::from_millis(300), intruder_rx.recv()).await;
+    assert!(
+        !matches!(leaked, Ok(Some(_))),
+        "dev-b read dev-a's topics: {leaked:?}"
+    );
+    daemon.stop().await;
+}
