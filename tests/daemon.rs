@@ -406,3 +406,60 @@ async fn a_connection_over_the_cap_is_told_busy_and_closed() {
     }
     daemon.stop().await;
 }
+
+/// The error contract's `timeout` while queued: a request whose deadline passes while it
+/// waits for the engine gets an `error` with code `timeout` (it never started), not a `done`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_that_passes_in_the_queue_is_a_timeout_error() {
+    let daemon = Daemon::start(default_model_dir(), |c| c.limits.max_batch = 1).await;
+    let mut client = daemon.connect().await;
+    client.send(long_request("running")).await;
+    assert_eq!(client.event().await["id"], "running");
+    client
+        .send(json!({"id": "late", "prompt": "hi", "max_tokens": 2, "timeout_s": 0.2}))
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    client
+        .send(json!({"type": "cancel", "id": "running"}))
+        .await;
+    let late = client.until_end("late").await;
+    assert_eq!(late.len(), 1, "{late:?}");
+    assert_eq!(late[0]["type"], "error", "{late:?}");
+    assert_eq!(late[0]["code"], "timeout", "{late:?}");
+    assert!(
+        late[0]["message"].as_str().unwrap().contains("queue"),
+        "{late:?}"
+    );
+    daemon.stop().await;
+}
+
+/// The error contract's `length` at the context limit: with the context capped, a request
+/// that would run past it ends `done` with `length`, its prompt and output filling the
+/// context, not an error or a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_that_reaches_the_context_ends_with_length() {
+    let mut generator =
+        tokio::task::spawn_blocking(|| generator(tiny_dir("q4"), serving_backend()))
+            .await
+            .unwrap();
+    generator.set_context_len(48);
+    let daemon = Daemon::serving(generator, |_| {}).await;
+    let mut client = daemon.connect().await;
+    client
+        .send(
+            json!({"id": "full", "prompt": "sensor ".repeat(4), "raw": true,
+                     "max_tokens": 200, "ignore_eos": true}),
+        )
+        .await;
+    let events = client.until_end("full").await;
+    let done = events.last().unwrap();
+    assert_eq!(done["type"], "done", "{done}");
+    assert_eq!(done["finish_reason"], "length", "{done}");
+    let used = done["usage"]["prompt_tokens"].as_u64().unwrap()
+        + done["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(
+        (46..=48).contains(&used),
+        "prompt and output fill the 48-position context: {done}"
+    );
+    daemon.stop().await;
+}
