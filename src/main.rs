@@ -320,7 +320,7 @@ fn info(model: ModelArgs) -> Result<()> {
     let config = model.config()?;
     let package = load_package(&config)?;
     let engine = emberd::engine::load(&package, &config.model).context("cannot start an engine")?;
-    let max_batch = config.limits.max_batch.min(engine.max_batch()).max(1);
+    let max_batch = emberd::generate::batch_size(config.limits.max_batch, engine.as_ref());
     let report = serde_json::json!({
         "model": package,
         "engine": engine.info(),

@@ -11,24 +11,15 @@ use common::*;
 use emberd::engine::Backend;
 use emberd::generate::{Admission, Generator, RunControl};
 use emberd::model::ModelPackage;
-use emberd::protocol::{Event, PromptInput, SamplingParams, ValidRequest};
+use emberd::protocol::{Event, PromptInput, ValidRequest};
 
+/// A greedy request for exactly `prompt` that runs its full length, whatever the model says.
 fn greedy(prompt: Vec<u32>, max_tokens: u32) -> ValidRequest {
-    ValidRequest {
-        id: format!("p{}", prompt.len()),
-        input: PromptInput::Tokens(prompt.clone()),
-        max_tokens,
-        sampling: SamplingParams::greedy(),
-        stop: Vec::new(),
-        stream: true,
-        timeout: std::time::Duration::from_secs(600),
-        reply_to: None,
-        // Every request runs its full length, whatever the model says.
-        ignore_eos: true,
-        prompt_ids: Some(prompt),
-        response_format: Default::default(),
-        constraint: None,
-    }
+    let mut request = greedy_request(PromptInput::Tokens(prompt.clone()), max_tokens);
+    request.id = format!("p{}", prompt.len());
+    request.ignore_eos = true;
+    request.prompt_ids = Some(prompt);
+    request
 }
 
 /// A prompt of `len` ids from the vocabulary's ordinary range, different for every length.

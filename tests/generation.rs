@@ -13,23 +13,6 @@ use emberd::protocol::{
     ValidRequest,
 };
 
-fn request(input: PromptInput, max_tokens: u32) -> ValidRequest {
-    ValidRequest {
-        id: "t".into(),
-        input,
-        max_tokens,
-        sampling: SamplingParams::greedy(),
-        stop: Vec::new(),
-        stream: true,
-        timeout: std::time::Duration::from_secs(600),
-        reply_to: None,
-        ignore_eos: false,
-        prompt_ids: None,
-        response_format: Default::default(),
-        constraint: None,
-    }
-}
-
 fn collect(generator: &mut emberd::generate::Generator, req: &ValidRequest) -> Vec<Event> {
     let mut events = Vec::new();
     generator.run(req, &RunControl::new(), &mut |e| {
@@ -224,7 +207,7 @@ fn streaming_pieces_add_up_to_the_done_text_and_stop_at_eos_or_length() {
         role: "user".into(),
         content: "Name three colors.".into(),
     }]);
-    let events = collect(&mut generator, &request(chat.clone(), 48));
+    let events = collect(&mut generator, &greedy_request(chat.clone(), 48));
     let streamed: String = events
         .iter()
         .filter_map(|e| match e {
@@ -258,7 +241,7 @@ fn streaming_pieces_add_up_to_the_done_text_and_stop_at_eos_or_length() {
     // cache: a reused prefix runs the last prompt token alone, and ONNX Runtime's int8 4-bit
     // kernels round a one-row matmul differently from a many-row one.)
     generator.clear_cache();
-    let mut whole = request(chat, 48);
+    let mut whole = greedy_request(chat, 48);
     whole.stream = false;
     let events = collect(&mut generator, &whole);
     assert_eq!(events.len(), 1);
@@ -276,7 +259,7 @@ fn a_stop_sequence_ends_generation_and_is_not_emitted() {
         content: "Tell me about Paris, the capital of France.".into(),
     }]);
     // The greedy reply starts "Bonjour, I'm delighted..."; stop on a string inside it.
-    let mut req = request(chat, 64);
+    let mut req = greedy_request(chat, 64);
     req.stop = vec!["delighted".into()];
     req.stream = false;
     let events = collect(&mut generator, &req);
@@ -295,7 +278,7 @@ fn a_stop_sequence_ends_generation_and_is_not_emitted() {
 #[test]
 fn same_seed_gives_the_same_text_and_max_tokens_is_respected() {
     let mut generator = generator(tiny_dir("optimum"), serving_backend());
-    let mut req = request(PromptInput::Raw("hello world".into()), 20);
+    let mut req = greedy_request(PromptInput::Raw("hello world".into()), 20);
     req.sampling = SamplingParams {
         temperature: 1.0,
         top_k: 50,
@@ -320,7 +303,7 @@ fn same_seed_gives_the_same_text_and_max_tokens_is_respected() {
 fn a_prompt_longer_than_the_context_is_too_long_not_a_panic() {
     let mut generator = generator(tiny_dir("optimum"), serving_backend());
     let long = "lorem ipsum dolor sit amet ".repeat(200);
-    let events = collect(&mut generator, &request(PromptInput::Raw(long), 4));
+    let events = collect(&mut generator, &greedy_request(PromptInput::Raw(long), 4));
     match &events[..] {
         [Event::Error {
             code: ErrorCode::TooLong,
@@ -330,14 +313,17 @@ fn a_prompt_longer_than_the_context_is_too_long_not_a_panic() {
         other => panic!("{other:?}"),
     }
     // The generator still serves afterwards.
-    let events = collect(&mut generator, &request(PromptInput::Raw("hi".into()), 2));
+    let events = collect(
+        &mut generator,
+        &greedy_request(PromptInput::Raw("hi".into()), 2),
+    );
     assert!(matches!(events.last(), Some(Event::Done { .. })));
 }
 
 #[test]
 fn cancellation_between_steps_ends_with_done_cancelled() {
     let mut generator = generator(tiny_dir("optimum"), serving_backend());
-    let mut req = request(PromptInput::Raw("hi".into()), 400);
+    let mut req = greedy_request(PromptInput::Raw("hi".into()), 400);
     req.ignore_eos = true;
     let control = RunControl::new();
     let mut events = Vec::new();
@@ -426,7 +412,7 @@ fn a_shared_prompt_prefix_is_served_from_the_cache_with_the_same_result() {
         content: "You are a sensor gateway assistant. Answer briefly.".into(),
     };
     let ask = |q: &str| {
-        let mut r = request(
+        let mut r = greedy_request(
             PromptInput::Chat(vec![
                 system.clone(),
                 Message {
@@ -537,7 +523,7 @@ fn a_token_the_mask_forbids_is_never_drawn_and_eos_waits_for_the_grammar() {
 #[test]
 fn constrained_generation_on_a_tiny_model_follows_the_grammar_and_ends_by_it() {
     let mut generator = generator(tiny_dir("optimum"), serving_backend());
-    let mut free = request(PromptInput::Raw("hello world".into()), 8);
+    let mut free = greedy_request(PromptInput::Raw("hello world".into()), 8);
     free.stream = false;
     let mut held = free.clone();
     held.response_format = ResponseFormat::Regex {

@@ -297,10 +297,9 @@ pub struct OrtEngine {
 #[derive(Default)]
 struct SlotRows {
     buffers: Vec<Tensor<f32>>,
-    rows: usize,
     capacity: usize,
-    /// Positions each row holds, as of its last step: a row inside a decode step's range
-    /// whose slot is idle writes a throwaway position just past them.
+    /// Positions each row holds, as of its last step (one entry per row): a row inside a
+    /// decode step's range whose slot is idle writes a throwaway position just past them.
     lens: Vec<usize>,
 }
 
@@ -498,24 +497,23 @@ impl OrtEngine {
             info.provider,
             info.threads
         );
+        let counts = |ops: &std::collections::BTreeMap<String, usize>| {
+            let ops: Vec<String> = ops.iter().map(|(op, n)| format!("{op} {n}")).collect();
+            ops.join(", ")
+        };
         for p in &info.placement {
-            let ops: Vec<String> = p
-                .op_types
-                .iter()
-                .map(|(op, n)| format!("{op} {n}"))
-                .collect();
-            log::info!("{} ran {} nodes: {}", p.provider, p.nodes, ops.join(", "));
+            log::info!(
+                "{} ran {} nodes: {}",
+                p.provider,
+                p.nodes,
+                counts(&p.op_types)
+            );
             if !p.subgraph_op_types.is_empty() {
-                let inside: Vec<String> = p
-                    .subgraph_op_types
-                    .iter()
-                    .map(|(op, n)| format!("{op} {n}"))
-                    .collect();
                 log::info!(
                     "{} took the whole graph: {} nodes ({})",
                     p.provider,
                     p.subgraph_op_types.values().sum::<usize>(),
-                    inside.join(", ")
+                    counts(&p.subgraph_op_types)
                 );
             }
         }
@@ -559,24 +557,42 @@ impl OrtEngine {
             }
         };
         let capacity = positions.next_power_of_two().max(super::MIN_KV_CAPACITY);
+        let kept = old.as_ref().map(|kv| (kv.buffers.as_slice(), kv.capacity));
+        let buffers = self.kv_buffers(capacity, &[filled], kept)?;
+        cache.store = KvStore::OrtInPlace(InPlaceKv { buffers, capacity });
+        Ok(())
+    }
+
+    /// Per-layer key and value buffers `[lens.len(), heads, capacity, dim]`; with `old`
+    /// (buffers of `old_capacity` positions), row `r` keeps its first `lens[r]` positions.
+    fn kv_buffers(
+        &self,
+        capacity: usize,
+        lens: &[usize],
+        old: Option<(&[Tensor<f32>], usize)>,
+    ) -> Result<Vec<Tensor<f32>>, EngineError> {
         let (heads, dim) = (self.kv_heads, self.head_dim);
         let allocator = Allocator::default();
         let mut buffers = Vec::with_capacity(self.io.past_keys.len() * 2);
         for i in 0..self.io.past_keys.len() * 2 {
-            let mut buffer =
-                Tensor::<f32>::new(&allocator, [1, heads, capacity, dim]).map_err(ort_error)?;
-            if let Some(old) = &old {
-                let (_, from) = old.buffers[i].extract_tensor();
+            let mut buffer = Tensor::<f32>::new(&allocator, [lens.len(), heads, capacity, dim])
+                .map_err(ort_error)?;
+            if let Some((from, old_capacity)) = old.and_then(|(b, c)| Some((b.get(i)?, c))) {
+                let (_, from) = from.extract_tensor();
                 let (_, to) = buffer.extract_tensor_mut();
-                for h in 0..heads {
-                    let (src, dst) = (h * old.capacity * dim, h * capacity * dim);
-                    to[dst..dst + filled * dim].copy_from_slice(&from[src..src + filled * dim]);
+                let old_rows = from.len() / (heads * old_capacity * dim).max(1);
+                for (row, &filled) in lens.iter().enumerate().take(old_rows) {
+                    let filled = filled.min(old_capacity);
+                    for h in 0..heads {
+                        let src = (row * heads + h) * old_capacity * dim;
+                        let dst = (row * heads + h) * capacity * dim;
+                        to[dst..dst + filled * dim].copy_from_slice(&from[src..src + filled * dim]);
+                    }
                 }
             }
             buffers.push(buffer);
         }
-        cache.store = KvStore::OrtInPlace(InPlaceKv { buffers, capacity });
-        Ok(())
+        Ok(buffers)
     }
 
     fn forward_in_place(
@@ -636,39 +652,18 @@ impl OrtEngine {
     /// row holds (idle slots keep their prefix for reuse).
     fn reserve_rows(&mut self, rows: usize, positions: usize) -> Result<(), EngineError> {
         let old = &self.rows;
-        if old.rows >= rows && old.capacity >= positions {
+        if old.lens.len() >= rows && old.capacity >= positions {
             return Ok(());
         }
-        let rows = rows.max(old.rows);
         let capacity = positions
             .max(old.capacity)
             .next_power_of_two()
             .max(super::MIN_KV_CAPACITY);
-        let (heads, dim) = (self.kv_heads, self.head_dim);
-        let allocator = Allocator::default();
-        let mut buffers = Vec::with_capacity(self.io.past_keys.len() * 2);
-        for i in 0..self.io.past_keys.len() * 2 {
-            let mut buffer =
-                Tensor::<f32>::new(&allocator, [rows, heads, capacity, dim]).map_err(ort_error)?;
-            if let Some(from) = old.buffers.get(i) {
-                let (_, from) = from.extract_tensor();
-                let (_, to) = buffer.extract_tensor_mut();
-                for (row, &filled) in old.lens.iter().enumerate() {
-                    let filled = filled.min(old.capacity);
-                    for h in 0..heads {
-                        let src = (row * heads + h) * old.capacity * dim;
-                        let dst = (row * heads + h) * capacity * dim;
-                        to[dst..dst + filled * dim].copy_from_slice(&from[src..src + filled * dim]);
-                    }
-                }
-            }
-            buffers.push(buffer);
-        }
-        let mut lens = std::mem::take(&mut self.rows.lens);
-        lens.resize(rows, 0);
+        let mut lens = old.lens.clone();
+        lens.resize(rows.max(lens.len()), 0);
+        let buffers = self.kv_buffers(capacity, &lens, Some((&old.buffers, old.capacity)))?;
         self.rows = SlotRows {
             buffers,
-            rows,
             capacity,
             lens,
         };

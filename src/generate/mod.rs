@@ -183,6 +183,12 @@ pub struct Generator {
     kv_budget: usize,
 }
 
+/// How many requests run at once with `configured` (`limits.max_batch`) on `engine`: at least
+/// one, at most what the engine can batch.
+pub fn batch_size(configured: usize, engine: &dyn Engine) -> usize {
+    configured.clamp(1, engine.max_batch().max(1))
+}
+
 /// A request in a slot.
 struct Running {
     /// The caller's handle for its events (the scheduler's job key).
@@ -245,7 +251,7 @@ impl Generator {
     pub fn set_batch(&mut self, max_batch: usize, kv_cache_mb: usize) {
         assert!(self.running.is_empty(), "the batch is set before serving");
         let engine_max = self.engine.max_batch();
-        let slots = max_batch.clamp(1, engine_max.max(1));
+        let slots = batch_size(max_batch, self.engine.as_ref());
         if max_batch > 1 && engine_max <= 1 {
             log::info!(
                 "{} with {} cannot batch: one request at a time (max_batch 1)",
@@ -493,7 +499,8 @@ impl Generator {
         for (&i, cache) in decoding.iter().zip(caches) {
             self.slots[self.running[i].slot] = cache;
         }
-        let vocab = self.batch_logits.len() / decoding.len().max(1);
+        let mut logits = std::mem::take(&mut self.batch_logits);
+        let vocab = logits.len() / decoding.len().max(1);
         // Outcomes first, then removals from the back, so the indexes stay valid.
         let mut outcomes = Vec::new();
         for (row, &i) in decoding.iter().enumerate() {
@@ -503,15 +510,11 @@ impl Generator {
                     self.slots[self.running[i].slot].clear();
                     Some(Err(GenerateError::from(e.clone())))
                 }
-                Ok(()) => {
-                    let mut logits = std::mem::take(&mut self.batch_logits);
-                    let outcome = self.sample(i, &mut logits[row * vocab..(row + 1) * vocab], emit);
-                    self.batch_logits = logits;
-                    outcome
-                }
+                Ok(()) => self.sample(i, &mut logits[row * vocab..(row + 1) * vocab], emit),
             };
             outcomes.push((i, outcome));
         }
+        self.batch_logits = logits;
         for (i, outcome) in outcomes.into_iter().rev() {
             if let Some(end) = outcome {
                 ended.push(self.finish(i, end, emit));

@@ -156,3 +156,25 @@ pub fn write_secret(path: &std::path::Path, text: &str) {
     std::fs::write(path, text).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
+
+/// A greedy, streamed request for `input` of up to `max_tokens` tokens, id "t", with the
+/// ingress's work (ids, format) left to the generator.
+pub fn greedy_request(
+    input: emberd::protocol::PromptInput,
+    max_tokens: u32,
+) -> emberd::protocol::ValidRequest {
+    emberd::protocol::ValidRequest {
+        id: "t".into(),
+        input,
+        max_tokens,
+        sampling: emberd::protocol::SamplingParams::greedy(),
+        stop: Vec::new(),
+        stream: true,
+        timeout: std::time::Duration::from_secs(600),
+        reply_to: None,
+        ignore_eos: false,
+        prompt_ids: None,
+        response_format: Default::default(),
+        constraint: None,
+    }
+}
