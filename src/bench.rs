@@ -152,6 +152,14 @@ pub struct ConcurrentFigure {
     pub peak_rss_mb: f64,
 }
 
+/// The `q` quantile (nearest rank) of `sorted`; 0 when it is empty.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
+        .copied()
+        .unwrap_or(0.0)
+}
+
 /// Peak resident set size of this process (VmHWM), in MiB; 0 where /proc is absent.
 pub fn peak_rss_mb() -> f64 {
     status_mb("VmHWM:")
@@ -280,12 +288,6 @@ fn constrained(
         }
     }
     mask_us.sort_by(f64::total_cmp);
-    let quantile = |q: f64| {
-        mask_us
-            .get(((mask_us.len() as f64 - 1.0) * q).round() as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
     let (free_tps, held_tps) = (Spread::of(free_tps), Spread::of(held_tps));
     Ok(ConstrainedFigure {
         format: serde_json::to_string(format).unwrap_or_default(),
@@ -296,9 +298,9 @@ fn constrained(
         ratio: held_tps.median / free_tps.median,
         free_decode_tokens_per_s: free_tps,
         constrained_decode_tokens_per_s: held_tps,
-        mask_us_p50: quantile(0.5),
-        mask_us_p99: quantile(0.99),
-        mask_us_max: quantile(1.0),
+        mask_us_p50: quantile(&mask_us, 0.5),
+        mask_us_p99: quantile(&mask_us, 0.99),
+        mask_us_max: quantile(&mask_us, 1.0),
         outputs_parse: json.then_some(parse),
     })
 }
@@ -373,13 +375,8 @@ fn concurrent(
     }
     let max_batch = generator.max_batch();
     generator.set_batch(1, crate::generate::DEFAULT_KV_CACHE_MB);
-    let quantile = |values: &mut Vec<f64>, q: f64| {
-        values.sort_by(f64::total_cmp);
-        values
-            .get(((values.len() as f64 - 1.0) * q).round() as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
+    stream_tps.sort_by(f64::total_cmp);
+    stream_ttft.sort_by(f64::total_cmp);
     let (aggregate, single) = (Spread::of(aggregate), Spread::of(single));
     Ok(ConcurrentFigure {
         concurrency: n,
@@ -387,10 +384,10 @@ fn concurrent(
         ratio: aggregate.median / single.median,
         aggregate_decode_tokens_per_s: aggregate,
         single_decode_tokens_per_s: single,
-        stream_decode_tokens_per_s_p50: quantile(&mut stream_tps, 0.5),
-        stream_decode_tokens_per_s_p95_low: quantile(&mut stream_tps, 0.05),
-        stream_ttft_ms_p50: quantile(&mut stream_ttft, 0.5),
-        stream_ttft_ms_p95: quantile(&mut stream_ttft, 0.95),
+        stream_decode_tokens_per_s_p50: quantile(&stream_tps, 0.5),
+        stream_decode_tokens_per_s_p95_low: quantile(&stream_tps, 0.05),
+        stream_ttft_ms_p50: quantile(&stream_ttft, 0.5),
+        stream_ttft_ms_p95: quantile(&stream_ttft, 0.95),
         peak_rss_mb: peak_rss_mb(),
     })
 }

@@ -340,21 +340,18 @@ impl Config {
         if self.model.providers.is_empty() {
             return bad("model.providers must name at least one provider (e.g. [\"cpu\"])".into());
         }
-        for p in &self.model.providers {
-            if !crate::engine::ort::KNOWN_PROVIDERS.contains(&p.as_str()) {
+        // Provider names, in both places they are given.
+        let named = self.model.providers.iter().map(|p| ("model.providers", p));
+        let optioned = self.model.provider_options.keys();
+        for (field, name) in named.chain(optioned.map(|p| ("model.provider_options", p))) {
+            if !crate::engine::ort::KNOWN_PROVIDERS.contains(&name.as_str()) {
                 return bad(format!(
-                    "model.providers: unknown provider {p:?}; known: {}",
+                    "{field}: unknown provider {name:?}; known: {}",
                     crate::engine::ort::KNOWN_PROVIDERS.join(", ")
                 ));
             }
         }
         for (name, options) in &self.model.provider_options {
-            if !crate::engine::ort::KNOWN_PROVIDERS.contains(&name.as_str()) {
-                return bad(format!(
-                    "model.provider_options: unknown provider {name:?}; known: {}",
-                    crate::engine::ort::KNOWN_PROVIDERS.join(", ")
-                ));
-            }
             if !options.is_empty() && !crate::engine::ort::takes_options(name) {
                 return bad(format!(
                     "model.provider_options.{name}: emberd passes no options to {name}"
