@@ -159,6 +159,10 @@ pub struct SocketConfig {
     pub mode: SocketMode,
     /// Connections served at once; one more gets a `busy` error event and is closed.
     pub max_connections: usize,
+    /// Bytes of events a connection may leave unread; past it the client is cut off (its
+    /// requests cancelled, the connection closed), so a client that stops reading cannot
+    /// grow the daemon's memory.
+    pub max_unread_bytes: usize,
 }
 
 /// A file mode, parsed once from its octal string when the config is read.
@@ -187,6 +191,7 @@ impl Default for SocketConfig {
             path: PathBuf::from("/run/emberd/emberd.sock"),
             mode: SocketMode(0o660),
             max_connections: 64,
+            max_unread_bytes: 1 << 20,
         }
     }
 }
@@ -281,6 +286,8 @@ impl Default for LogConfig {
     }
 }
 
+const MAX_REQUEST_TIMEOUT_S: f64 = 365.0 * 86_400.0;
+
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -319,9 +326,11 @@ impl Config {
         if self.limits.max_tokens == 0 {
             return bad("limits.max_tokens must be at least 1".into());
         }
-        if !(self.limits.request_timeout_s.is_finite() && self.limits.request_timeout_s > 0.0) {
+        // A year at most: a deadline must stay a time the clock can hold.
+        let timeout = self.limits.request_timeout_s;
+        if !(timeout.is_finite() && timeout > 0.0 && timeout <= MAX_REQUEST_TIMEOUT_S) {
             return bad(format!(
-                "limits.request_timeout_s must be positive, got {}",
+                "limits.request_timeout_s must be positive and at most {MAX_REQUEST_TIMEOUT_S} (a year), got {}",
                 self.limits.request_timeout_s
             ));
         }
@@ -367,6 +376,12 @@ impl Config {
         if self.socket.max_connections == 0 {
             return bad("socket.max_connections must be at least 1".into());
         }
+        if self.socket.max_unread_bytes < 4096 {
+            return bad(format!(
+                "socket.max_unread_bytes must be at least 4096, got {}",
+                self.socket.max_unread_bytes
+            ));
+        }
         if self.http.max_connections == 0 {
             return bad("http.max_connections must be at least 1".into());
         }
@@ -395,6 +410,16 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_timeout_past_a_year_is_refused() {
+        for t in ["1e300", "1e10", "0.0", "-1.0", "nan"] {
+            let e = Config::from_toml(&format!("[limits]\nrequest_timeout_s = {t}\n")).unwrap_err();
+            assert!(e.to_string().contains("request_timeout_s"), "{t}: {e}");
+        }
+        let c = Config::from_toml("[limits]\nrequest_timeout_s = 31536000.0\n").unwrap();
+        assert_eq!(c.request_policy().request_timeout.as_secs(), 31_536_000);
+    }
 
     #[test]
     fn an_empty_config_is_all_defaults() {

@@ -212,6 +212,17 @@ pub enum PromptInput {
     Tokens(Vec<u32>),
 }
 
+impl PromptInput {
+    /// Whether the text the model is asked to continue contains `text` (token ids never do).
+    pub fn contains(&self, text: &str) -> bool {
+        match self {
+            PromptInput::Chat(messages) => messages.iter().any(|m| m.content.contains(text)),
+            PromptInput::Raw(prompt) => prompt.contains(text),
+            PromptInput::Tokens(_) => false,
+        }
+    }
+}
+
 /// A request that passed `validate`: the only type the generator and scheduler accept.
 #[derive(Debug, Clone)]
 pub struct ValidRequest {
@@ -582,9 +593,9 @@ impl Request {
                     "timeout_s must be a positive number of seconds, got {t}"
                 )))
             }
-            Some(t) => policy
-                .request_timeout
-                .min(std::time::Duration::from_secs_f64(t)),
+            // Past what a Duration holds (1e300) is simply longer than the configured one.
+            Some(t) => std::time::Duration::try_from_secs_f64(t)
+                .map_or(policy.request_timeout, |t| policy.request_timeout.min(t)),
             None => policy.request_timeout,
         };
         Ok(ValidRequest {
@@ -613,6 +624,17 @@ mod tests {
             .validate(&crate::config::Config::default().request_policy(), || {
                 "gen".into()
             })
+    }
+
+    #[test]
+    fn a_timeout_too_large_for_a_duration_keeps_the_configured_one() {
+        let policy = crate::config::Config::default().request_policy();
+        for t in ["1e300", "1.8e19", "1e10"] {
+            let r = valid(&format!(r#"{{"prompt":"hi","timeout_s":{t}}}"#)).unwrap();
+            assert_eq!(r.timeout, policy.request_timeout, "{t}");
+        }
+        let r = valid(r#"{"prompt":"hi","timeout_s":0.5}"#).unwrap();
+        assert_eq!(r.timeout, std::time::Duration::from_millis(500));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use crate::engine::EngineInfo;
 use crate::generate::{Admission, CancelToken, Generator, RunControl, RunStats};
 use crate::model::ModelPackage;
-use crate::protocol::{ErrorCode, Event, FinishReason, PromptInput, ValidRequest};
+use crate::protocol::{ErrorCode, Event, FinishReason, ValidRequest};
 
 struct Job {
     request: ValidRequest,
@@ -123,7 +123,7 @@ impl Scheduler {
         let id = request.id.clone();
         let control = RunControl {
             cancel: cancel.clone(),
-            deadline: Some(accepted_at + request.timeout),
+            deadline: accepted_at.checked_add(request.timeout),
             accepted_at,
             transport,
         };
@@ -263,7 +263,7 @@ fn worker(
             stats.working.store(true, Ordering::Release);
             if hang_marker
                 .as_deref()
-                .is_some_and(|m| prompt_contains(&job.request.input, m))
+                .is_some_and(|m| job.request.input.contains(m))
             {
                 log::warn!("EMBERD_DEBUG_HANG_ON_PROMPT matched: the engine worker hangs now");
                 loop {
@@ -314,13 +314,5 @@ fn worker(
             ended(key, Some(run), &mut outboxes);
         }
         stats.running.store(generator.running(), Ordering::Relaxed);
-    }
-}
-
-fn prompt_contains(input: &PromptInput, marker: &str) -> bool {
-    match input {
-        PromptInput::Chat(messages) => messages.iter().any(|m| m.content.contains(marker)),
-        PromptInput::Raw(text) => text.contains(marker),
-        PromptInput::Tokens(_) => false,
     }
 }

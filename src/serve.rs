@@ -118,6 +118,7 @@ pub async fn serve(
                 listener,
                 path,
                 max_connections: config.socket.max_connections,
+                max_unread_bytes: config.socket.max_unread_bytes,
                 ingress: ingress.clone(),
                 shutdown: shutdown.clone(),
             }

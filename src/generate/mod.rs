@@ -181,6 +181,10 @@ pub struct Generator {
     prefill_chunk: usize,
     /// The budget for every slot's keys and values together, in bytes.
     kv_budget: usize,
+    /// Test-only fault injection (`EMBERD_DEBUG_FAIL_STEP_ON_PROMPT`): the decode step of a
+    /// request whose prompt holds this marker fails after its second token, as an engine
+    /// failure would, so the fault tests can see what every request in that step gets.
+    fail_marker: Option<String>,
 }
 
 /// How many requests run at once with `configured` (`limits.max_batch`) on `engine`: at least
@@ -199,6 +203,8 @@ struct Running {
     phase: Phase,
     stats: RunStats,
     started: Instant,
+    /// Its decode steps fail (`fail_marker`).
+    faulty: bool,
 }
 
 enum Phase {
@@ -243,6 +249,9 @@ impl Generator {
             batch_logits: Vec::new(),
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             kv_budget: DEFAULT_KV_CACHE_MB << 20,
+            fail_marker: std::env::var("EMBERD_DEBUG_FAIL_STEP_ON_PROMPT")
+                .ok()
+                .filter(|m| !m.is_empty()),
         })
     }
 
@@ -444,6 +453,10 @@ impl Generator {
         stats.cached_prompt_tokens = cache.len();
         stats.grammar_compile_ms = constraint.as_ref().map(|c| c.compile_ms);
         let done = cache.len();
+        let faulty = self
+            .fail_marker
+            .as_deref()
+            .is_some_and(|m| request.input.contains(m));
         self.running.push(Running {
             key,
             slot,
@@ -452,6 +465,7 @@ impl Generator {
             phase: Phase::Prefill { done },
             stats,
             started,
+            faulty,
         });
         Admission::Started
     }
@@ -493,9 +507,19 @@ impl Generator {
             caches.push(std::mem::take(&mut self.slots[self.running[i].slot]));
         }
         let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-        let step = self
-            .engine
-            .decode_batch(&ids, &mut refs, &mut self.batch_logits);
+        let injected = decoding.iter().any(|&i| {
+            let r = &self.running[i];
+            r.faulty && r.sequence.generated >= 2
+        });
+        let step = if injected {
+            log::warn!("EMBERD_DEBUG_FAIL_STEP_ON_PROMPT matched: this decode step fails");
+            Err(EngineError::Ort(
+                "an injected failure (EMBERD_DEBUG_FAIL_STEP_ON_PROMPT)".into(),
+            ))
+        } else {
+            self.engine
+                .decode_batch(&ids, &mut refs, &mut self.batch_logits)
+        };
         for (&i, cache) in decoding.iter().zip(caches) {
             self.slots[self.running[i].slot] = cache;
         }

@@ -16,6 +16,8 @@ pub struct Tokenizer {
     env: Result<TokEnv, String>,
     /// The `decoder.type` of tokenizer.json ("ByteLevel", "Sequence", ...).
     decoder_type: String,
+    /// Counted once: the tokenizers crate builds its whole vocabulary map to count it.
+    vocab_size: usize,
 }
 
 impl Tokenizer {
@@ -56,10 +58,12 @@ impl Tokenizer {
             log::warn!("{reason}; constrained output (response_format) is unavailable");
             reason
         });
+        let known = hf.get_vocab_size(true);
         Ok(Tokenizer {
             hf,
             env,
             decoder_type,
+            vocab_size: known,
         })
     }
 
@@ -90,6 +94,11 @@ impl Tokenizer {
         let env = self.env.as_ref().ok()?;
         let trie = env.tok_trie();
         (id < trie.vocab_size() as u32).then(|| trie.token(id).to_vec())
+    }
+
+    /// How many ids the tokenizer knows, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
     }
 
     pub fn decoder_type(&self) -> &str {

@@ -2,14 +2,17 @@
 //! out. A connection may carry several requests at once (events carry their `id`);
 //! closing it cancels its requests.
 
+use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
-use crate::ingress::{Ingress, Intent, Origin, Scope};
+use crate::ingress::{Ingress, Intent, Origin, Reply, Scope};
 use crate::protocol::{ErrorCode, Event};
 use crate::shutdown::Shutdown;
 
@@ -50,6 +53,9 @@ pub struct Listener {
     pub path: Option<PathBuf>,
     /// Connections served at once (`socket.max_connections`).
     pub max_connections: usize,
+    /// Bytes of events a connection may leave unread before it is cut off
+    /// (`socket.max_unread_bytes`).
+    pub max_unread_bytes: usize,
     pub ingress: Ingress,
     pub shutdown: Shutdown,
 }
@@ -86,6 +92,7 @@ impl Listener {
                         let handler = Handler {
                             ingress: self.ingress.clone(),
                             shutdown: self.shutdown.clone(),
+                            max_unread_bytes: self.max_unread_bytes,
                         };
                         connections.spawn(async move {
                             handler.run(stream).await;
@@ -120,29 +127,82 @@ async fn refuse(mut stream: UnixStream, max_connections: usize) {
     let _ = stream.shutdown().await;
 }
 
+/// A connection's outgoing events, serialized as they are delivered, with the bytes not yet
+/// written counted. A client that stops reading must not grow the daemon's memory: past the
+/// limit the connection is cut off (its requests cancelled, the connection closed).
+#[derive(Clone)]
+struct Outbox {
+    lines: mpsc::UnboundedSender<String>,
+    unread: Arc<AtomicUsize>,
+    limit: usize,
+    cut_off: Arc<AtomicBool>,
+    /// Wakes the connection's reader to close it.
+    cut: Arc<Notify>,
+}
+
+impl Outbox {
+    fn push(&self, event: Event) -> bool {
+        if self.cut_off.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut line = event.to_json();
+        line.push('\n');
+        let unread = self.unread.fetch_add(line.len(), Ordering::Relaxed) + line.len();
+        if unread > self.limit {
+            if !self.cut_off.swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "socket: cutting off a client that left {unread} bytes of events unread \
+                     (socket.max_unread_bytes = {}); its requests are cancelled",
+                    self.limit
+                );
+                self.cut.notify_one();
+            }
+            return false;
+        }
+        self.lines.send(line).is_ok()
+    }
+}
+
+impl Reply for Outbox {
+    fn deliver(&self, event: Event) -> impl Future<Output = bool> + Send + 'static {
+        std::future::ready(self.push(event))
+    }
+
+    fn closed(&self) -> impl Future<Output = ()> + Send + '_ {
+        self.lines.closed()
+    }
+}
+
 struct Handler {
     ingress: Ingress,
     shutdown: Shutdown,
+    max_unread_bytes: usize,
 }
 
 impl Handler {
     async fn run(self, stream: UnixStream) {
         let (mut reader, mut writer) = stream.into_split();
-        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Event>();
+        let (lines_tx, mut lines_rx) = mpsc::unbounded_channel::<String>();
+        let out = Outbox {
+            lines: lines_tx,
+            unread: Arc::new(AtomicUsize::new(0)),
+            limit: self.max_unread_bytes,
+            cut_off: Arc::new(AtomicBool::new(false)),
+            cut: Arc::new(Notify::new()),
+        };
         // The connection's requests that have not ended, for cancels and the disconnect.
         let scope = Scope::default();
         let max_request_bytes = self.ingress.max_request_bytes();
 
         // The writer ends when every sender is gone: the reader and each request's forwarder.
+        let unread = out.unread.clone();
         let writer_task = tokio::spawn(async move {
-            while let Some(event) = out_rx.recv().await {
-                let mut line = event.to_json();
-                line.push('\n');
+            while let Some(line) = lines_rx.recv().await {
                 if writer.write_all(line.as_bytes()).await.is_err() {
-                    return false;
+                    return;
                 }
+                unread.fetch_sub(line.len(), Ordering::Relaxed);
             }
-            true
         });
 
         let mut buf = Vec::with_capacity(4096);
@@ -159,6 +219,7 @@ impl Handler {
                 // A connection stays open during shutdown so its requests can end, but takes
                 // no new ones; the reader stops here.
                 _ = shutdown.wait() => break,
+                _ = out.cut.notified() => break,
             };
             let mut rest = &chunk[..n];
             while !rest.is_empty() {
@@ -167,7 +228,7 @@ impl Handler {
                         if !discarding {
                             buf.extend_from_slice(&rest[..at]);
                             let line = std::mem::take(&mut buf);
-                            self.handle_line(&line, &out_tx, &scope);
+                            self.handle_line(&line, &out, &scope);
                         }
                         discarding = false;
                         rest = &rest[at + 1..];
@@ -183,7 +244,7 @@ impl Handler {
                 if !discarding && buf.len() > max_request_bytes {
                     buf.clear();
                     discarding = true;
-                    let _ = out_tx.send(Event::error(
+                    out.push(Event::error(
                         "",
                         ErrorCode::TooLong,
                         format!("request line exceeds max_request_bytes = {max_request_bytes}"),
@@ -193,14 +254,19 @@ impl Handler {
         }
         // A closed connection, or shutdown: cancel what is still running for this client
         // (on shutdown the scheduler's drain does that after the grace period instead).
-        if !self.shutdown.is_triggered() {
+        let cut_off = out.cut_off.load(Ordering::Relaxed);
+        if cut_off || !self.shutdown.is_triggered() {
             scope.cancel_all();
         }
-        drop(out_tx);
+        drop(out);
+        // A client cut off is not read from again: its writer would wait on it for ever.
+        if cut_off {
+            writer_task.abort();
+        }
         let _ = writer_task.await;
     }
 
-    fn handle_line(&self, line: &[u8], out: &mpsc::UnboundedSender<Event>, scope: &Scope) {
+    fn handle_line(&self, line: &[u8], out: &Outbox, scope: &Scope) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.iter().all(|b| b.is_ascii_whitespace()) {
             return;

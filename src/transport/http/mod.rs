@@ -406,13 +406,27 @@ async fn metrics(State(api): State<Arc<Api>>) -> Response {
         .into_response()
 }
 
-impl Api {
-    /// Whether `name` is the model served: the package's name, with Ollama's `:latest` tag
-    /// or without it.
-    fn serves(&self, name: &str) -> bool {
-        name == self.model || name.strip_suffix(":latest") == Some(self.model.as_str())
-    }
+/// Whether `name` is the model served: the package's name, with Ollama's `:latest` tag or
+/// without it.
+fn serves(model: &str, name: &str) -> bool {
+    name == model || name.strip_suffix(":latest") == Some(model)
+}
 
+/// Decodes a body as the route at `path` does before it reaches the ingress (None: the
+/// route has nothing to generate, or `path` takes no body). What the fuzz target drives.
+pub fn decode_body(path: &str, body: &[u8], model: &str) -> Result<Option<Request>, String> {
+    let refused = |e: ApiError| format!("{} {}: {}", e.status, e.code, e.message);
+    match path {
+        "/v1/chat/completions" => openai::decode(body, openai::Kind::Chat, model).map(Some),
+        "/v1/completions" => openai::decode(body, openai::Kind::Completion, model).map(Some),
+        "/api/chat" => ollama::decode(body, ollama::Kind::Chat, model),
+        "/api/generate" => ollama::decode(body, ollama::Kind::Generate, model),
+        _ => return Ok(None),
+    }
+    .map_err(refused)
+}
+
+impl Api {
     /// Hands a decoded request to the ingress and waits for its first event: an error there
     /// (invalid, too long, busy...) becomes this API's error; else the events follow.
     async fn start(

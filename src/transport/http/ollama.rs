@@ -15,7 +15,7 @@ use axum::Json;
 use futures_util::{Stream, StreamExt};
 use serde_json::{json, Map, Value};
 
-use super::{events, stop_or_length, whole, Api, ApiError, Dialect};
+use super::{events, serves, stop_or_length, whole, Api, ApiError, Dialect};
 use crate::protocol::{Event, FinishReason, Message, Request, ResponseFormat, Timings, Usage};
 
 pub(super) async fn version() -> Json<Value> {
@@ -81,7 +81,7 @@ fn named_model(api: &Api, body: &[u8]) -> Result<(), ApiError> {
         .or_else(|| body.get("name"))
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::bad_request("model is required"))?;
-    if !api.serves(name) {
+    if !serves(&api.model, name) {
         return Err(not_found(name));
     }
     Ok(())
@@ -133,7 +133,7 @@ pub(super) async fn pull(State(api): State<Arc<Api>>, body: axum::body::Bytes) -
 
 /// Which generation route a request came in on: their objects differ.
 #[derive(Clone, Copy, PartialEq)]
-enum Kind {
+pub(super) enum Kind {
     Chat,
     Generate,
 }
@@ -155,7 +155,7 @@ async fn serve(api: Arc<Api>, body: axum::body::Bytes, kind: Kind) -> Response {
     let started = async {
         let asked = api
             .check_size(&body)
-            .and_then(|()| ollama_request(&body, kind, &api))
+            .and_then(|()| ollama_request(&body, kind, &api.model))
             .map_err(|e| api.refused(e))?;
         match asked {
             None => Ok(None),
@@ -265,7 +265,11 @@ async fn whole_response(frame: Frame, events: impl Stream<Item = Event>) -> Resp
 
 /// Maps an Ollama body to emberd's `Request` and whether to stream, refusing what would be
 /// silently ignored. None: nothing to generate from (Ollama's way to load a model).
-fn ollama_request(body: &[u8], kind: Kind, api: &Api) -> Result<Option<(Request, bool)>, ApiError> {
+fn ollama_request(
+    body: &[u8],
+    kind: Kind,
+    served: &str,
+) -> Result<Option<(Request, bool)>, ApiError> {
     let body: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
     let Value::Object(fields) = body else {
@@ -305,8 +309,7 @@ fn ollama_request(body: &[u8], kind: Kind, api: &Api) -> Result<Option<(Request,
             ("top_logprobs", v) if v.is_null() || v.as_u64() == Some(0) => {}
             ("think", _) => {
                 return Err(ApiError::bad_request(format!(
-                    "{:?} does not support thinking",
-                    api.model
+                    "{served:?} does not support thinking"
                 )))
             }
             ("format" | "tools" | "images" | "suffix" | "template" | "context", _) if empty => {}
@@ -326,7 +329,7 @@ fn ollama_request(body: &[u8], kind: Kind, api: &Api) -> Result<Option<(Request,
         }
     }
     let model = model.ok_or_else(|| ApiError::bad_request("model is required"))?;
-    if !api.serves(&model) {
+    if !serves(served, &model) {
         return Err(not_found(&model));
     }
     // Nothing to generate from: Ollama answers that the model is loaded.
@@ -344,6 +347,11 @@ fn ollama_request(body: &[u8], kind: Kind, api: &Api) -> Result<Option<(Request,
     }
     request.stream = Some(stream);
     Ok(Some((request, stream)))
+}
+
+/// `ollama_request` without the stream flag, for `super::decode_body`.
+pub(super) fn decode(body: &[u8], kind: Kind, model: &str) -> Result<Option<Request>, ApiError> {
+    ollama_request(body, kind, model).map(|asked| asked.map(|(request, _)| request))
 }
 
 /// Ollama's `options`: the sampling ones map onto the request; the ones about how the model

@@ -11,7 +11,7 @@ use axum::Json;
 use futures_util::{Stream, StreamExt};
 use serde_json::{json, Map, Value};
 
-use super::{events, stop_or_length, unix_now, whole, Api, ApiError, Dialect};
+use super::{events, serves, stop_or_length, unix_now, whole, Api, ApiError, Dialect};
 use crate::protocol::{Event, Message, Request, Usage};
 
 pub(super) async fn models(State(api): State<Arc<Api>>) -> Json<Value> {
@@ -23,7 +23,7 @@ pub(super) async fn models(State(api): State<Arc<Api>>) -> Json<Value> {
 
 /// Which OpenAI route a request came in on: the shapes of their answers differ.
 #[derive(Clone, Copy, PartialEq)]
-enum Kind {
+pub(super) enum Kind {
     Chat,
     Completion,
 }
@@ -50,7 +50,7 @@ async fn serve(api: Arc<Api>, body: axum::body::Bytes, kind: Kind) -> Response {
     let started = async {
         let (request, wanted) = api
             .check_size(&body)
-            .and_then(|()| openai_request(&body, kind, &api))
+            .and_then(|()| openai_request(&body, kind, &api.model))
             .map_err(|e| api.refused(e))?;
         let (first, rx) = api.start(request, accepted_at).await?;
         Ok::<_, ApiError>((wanted, first, rx))
@@ -187,7 +187,7 @@ async fn whole_response(frame: Frame, events: impl Stream<Item = Event>) -> Resp
 }
 
 /// Maps an OpenAI body to emberd's `Request`, refusing what would be silently ignored.
-fn openai_request(body: &[u8], kind: Kind, api: &Api) -> Result<(Request, Wanted), ApiError> {
+fn openai_request(body: &[u8], kind: Kind, model: &str) -> Result<(Request, Wanted), ApiError> {
     let body: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
     let Value::Object(fields) = body else {
@@ -203,12 +203,12 @@ fn openai_request(body: &[u8], kind: Kind, api: &Api) -> Result<(Request, Wanted
             |what: &str| ApiError::bad_request(format!("{name} must be {what}, got {value}"));
         match (name.as_str(), value) {
             ("model", Value::String(m)) => {
-                if !api.serves(m) {
+                if !serves(model, m) {
                     return Err(ApiError::not_found(
                         "model_not_found",
                         format!(
                             "the model {m:?} does not exist; this server has {:?}",
-                            api.model
+                            model
                         ),
                     ));
                 }
@@ -304,6 +304,11 @@ fn openai_request(body: &[u8], kind: Kind, api: &Api) -> Result<(Request, Wanted
     // emberd streams by itself; a whole answer is collected here from the one done event.
     request.stream = Some(wanted.stream);
     Ok((request, wanted))
+}
+
+/// `openai_request` without what it asks of the answer, for `super::decode_body`.
+pub(super) fn decode(body: &[u8], kind: Kind, model: &str) -> Result<Request, ApiError> {
+    openai_request(body, kind, model).map(|(request, _)| request)
 }
 
 /// OpenAI's messages: `content` is a string or a list of text parts.
