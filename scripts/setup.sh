@@ -18,7 +18,9 @@ mkdir -p "$STATE"
 MQTT_PORT="${EMBERD_MQTT_PORT:-1883}"
 if ! (exec 3<>"/dev/tcp/127.0.0.1/$MQTT_PORT") 2>/dev/null; then
     say "starting mosquitto on 127.0.0.1:$MQTT_PORT"
-    printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location %s/\n' \
+    # set_tcp_nodelay: each token event is a small publish; Nagle's algorithm would hold it
+    # for the subscriber's delayed ACK (tens of ms a token).
+    printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location %s/\nset_tcp_nodelay true\n' \
         "$MQTT_PORT" "$STATE" > "$STATE/mosquitto.conf"
     mosquitto -c "$STATE/mosquitto.conf" -d || die "mosquitto did not start"
 fi

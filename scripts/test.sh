@@ -13,6 +13,7 @@ install_test_clients
 
 say "cargo fmt --check"
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 say "cargo clippy"
 cargo clippy --release --locked --all-targets -- -D warnings
 # The build without the tract engine (smaller binary, ONNX Runtime only) stays clean too.
@@ -21,8 +22,15 @@ say "model package checks (pytest)"
 .venv/bin/python -m pytest models/tests -q
 say "Rust tests"
 cargo test --release --locked
+# Each fuzz target for a short run (instrumented build in fuzz/target); fuzz/run.sh says how
+# to run them longer.
+say "fuzzing (cargo fuzz, ${EMBERD_FUZZ_SECONDS:-20} s per target)"
+bash fuzz/run.sh "${EMBERD_FUZZ_SECONDS:-20}" || die "a fuzz target failed (its input and the command to reproduce it are above)"
+
 # Both exit 3 when this machine cannot do what they need (boot a container; install the
-# Rust target or cross toolchain): reported loudly, not counted as a failure.
+# Rust target or cross toolchain): on a developer's machine that is reported loudly and not
+# counted as a failure. With EMBERD_STRICT=1 (.ci/run sets it: CI runs as root on a machine
+# that can do both) a skip fails the run, so a suite cannot quietly stop running.
 run_or_report() {
     local what="$1"; shift
     say "$what"
@@ -30,7 +38,10 @@ run_or_report() {
     "$@" || rc=$?
     case "$rc" in
         0) ;;
-        3) say "SKIPPED: $what cannot run on this machine (see the message above)" ;;
+        3) if [ "${EMBERD_STRICT:-0}" = 1 ]; then
+               die "$what was skipped (see the message above), and EMBERD_STRICT=1 counts a skip as a failure"
+           fi
+           say "SKIPPED: $what cannot run on this machine (see the message above)" ;;
         *) die "$what failed (exit $rc)" ;;
     esac
 }

@@ -311,34 +311,6 @@ impl Dice {
     }
 }
 
-/// The daemon's `/status`, over a plain HTTP/1.0 GET.
-async fn status(http: u16) -> serde_json::Value {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", http))
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET /status HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .await
-        .unwrap();
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).await.unwrap();
-    let body = reply.split_once("\r\n\r\n").expect("an HTTP reply").1;
-    serde_json::from_str(body).unwrap()
-}
-
-/// Resident memory of process `pid`, in MiB.
-fn rss_of(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|n| n.parse().ok())
-        .unwrap();
-    kb / 1024.0
-}
-
 /// 200 requests from 20 clients at once, random prompt and output lengths; some cancelled
 /// after their first token, some abandoned by a client that hangs up. Every request a client
 /// waits for ends with exactly one terminal event, every accepted one is served, and
@@ -365,12 +337,12 @@ async fn a_stress_of_many_clients_leaves_no_slot_or_memory_behind() {
         .await
         .unwrap();
     let socket = dir.path().join("emberd.sock");
-    assert_eq!(status(http).await["max_batch"], 4);
+    assert_eq!(http_status(http).await["max_batch"], 4);
     let idle = |s: &serde_json::Value| s["queue_depth"] == 0 && s["running"] == 0;
     let wait_idle = || async {
         let deadline = tokio::time::Instant::now() + patience();
         loop {
-            let s = status(http).await;
+            let s = http_status(http).await;
             if idle(&s) {
                 return s;
             }
@@ -395,7 +367,7 @@ async fn a_stress_of_many_clients_leaves_no_slot_or_memory_behind() {
         }
     }
     wait_idle().await;
-    let idle_rss = rss_of(daemon.id());
+    let idle_rss = rss_mib(daemon.id());
 
     let mut clients = Vec::new();
     for c in 0..20u64 {
@@ -468,7 +440,7 @@ async fn a_stress_of_many_clients_leaves_no_slot_or_memory_behind() {
         8 + 200 - busy,
         "every accepted request was served: {after}"
     );
-    let rss = rss_of(daemon.id());
+    let rss = rss_mib(daemon.id());
     eprintln!(
         "{abandoned} abandoned, {busy} busy; daemon RSS after warm-up {idle_rss:.1} MiB, after the stress {rss:.1} MiB"
     );

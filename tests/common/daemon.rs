@@ -204,13 +204,17 @@ impl Broker {
     /// An open broker: anonymous clients, no persistence.
     pub fn start() -> Broker {
         Broker::with_config(|port, _| {
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n")
         })
     }
 
     /// A broker whose mosquitto.conf is `conf(port, dir)` (dir: for its files).
     pub fn with_config(conf: impl FnOnce(u16, &Path) -> String) -> Broker {
-        let port = free_port();
+        Broker::with_config_on(free_port(), conf)
+    }
+
+    /// Like `with_config`, listening on `port`.
+    pub fn with_config_on(port: u16, conf: impl FnOnce(u16, &Path) -> String) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         // As root, mosquitto would switch to the `mosquitto` user and lose access to dir.
         let text = conf(port, dir.path()) + "user root\n";
@@ -252,6 +256,20 @@ impl Broker {
             unsafe { libc_kill(child.id() as i32, 15) };
             child.wait().unwrap();
         }
+    }
+
+    /// Kills the broker (SIGKILL): what it had not written to disk is lost.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Starts it again after `stop` or `kill`, on the same port with the same files.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the broker is still running");
+        self.run();
     }
 
     /// Starts it again on the same port with the same configuration and files.
@@ -301,9 +319,13 @@ pub async fn mqtt_client(
 /// keeps polling (rumqttc reconnects and, with a persistent session, resends what was
 /// pending).
 pub async fn mqtt_client_with(
-    options: MqttOptions,
+    mut options: MqttOptions,
     topics: &[&str],
 ) -> (AsyncClient, tokio::sync::mpsc::UnboundedReceiver<Received>) {
+    // As emberd does: a small publish goes out at once, not after the broker's delayed ACK.
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    options.set_network_options(network);
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
@@ -424,9 +446,15 @@ pub type LogLines = std::io::Lines<std::io::BufReader<std::process::ChildStderr>
 
 /// Starts `emberd serve --config CONFIG` with its log (stderr) piped to the caller.
 pub fn spawn_serve(config: &Path) -> (std::process::Child, LogLines) {
+    spawn_serve_with(config, &[])
+}
+
+/// `spawn_serve` with these environment variables set (the test-only fault hooks).
+pub fn spawn_serve_with(config: &Path, env: &[(&str, &str)]) -> (std::process::Child, LogLines) {
     let mut child = emberd_command()
         .args(["serve", "--config"])
         .arg(config)
+        .envs(env.iter().copied())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -450,13 +478,114 @@ pub fn next_log_with(lines: &mut LogLines, text: &str) -> String {
     }
 }
 
-/// Starts the built binary and returns once it says it is ready.
-pub fn spawn_ready(config: &Path) -> std::process::Child {
-    let (child, mut lines) = spawn_serve(config);
-    next_log_with(&mut lines, "ready: model");
-    // Keep draining stderr so the daemon never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+/// A daemon's log, line by line, read on its own thread so waits on it have a bound.
+pub struct Log(std::sync::mpsc::Receiver<String>);
+
+impl Log {
+    pub fn of(lines: LogLines) -> Log {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Read to the end even once nobody listens: a full pipe would block emberd.
+            for line in lines.map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Log(rx)
+    }
+
+    /// The next line containing `text`; fails the test after `patience()` or at emberd's
+    /// exit, with what emberd logged meanwhile.
+    pub fn wait_for(&self, text: &str) -> String {
+        let deadline = std::time::Instant::now() + patience();
+        let mut skipped = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let why = match self.0.recv_timeout(left) {
+                Ok(line) if line.contains(text) => return line,
+                Ok(line) => {
+                    skipped.push(line);
+                    continue;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => "never logged",
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => "exited before logging",
+            };
+            let tail = skipped[skipped.len().saturating_sub(20)..].join("\n");
+            panic!("emberd {why} {text:?}; its last lines:\n{tail}");
+        }
+    }
+
+    /// Everything logged until emberd exits.
+    pub fn rest(&self) -> String {
+        let mut all = String::new();
+        while let Ok(line) = self.0.recv_timeout(patience()) {
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    }
+}
+
+/// Starts the built binary and returns once it says it is ready (bounded by `patience`).
+pub fn spawn_ready(config: &Path) -> Spawned {
+    let (child, lines) = spawn_serve(config);
+    let child = Spawned(child);
+    Log::of(lines).wait_for("ready: model");
     child
+}
+
+/// A daemon the test started, killed if the test ends without having waited for it (a failed
+/// assertion), so that no emberd outlives its test holding the test's output open.
+pub struct Spawned(pub std::process::Child);
+
+impl std::ops::Deref for Spawned {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The daemon's `/status`, over a plain HTTP/1.0 GET.
+pub async fn http_status(port: u16) -> Value {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /status HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut reply)
+        .await
+        .unwrap();
+    let body = reply.split_once("\r\n\r\n").expect("an HTTP reply").1;
+    serde_json::from_str(body).unwrap()
+}
+
+/// Resident memory of process `pid`, in MiB.
+pub fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .unwrap()
+        / 1024.0
 }
 
 extern "C" {
