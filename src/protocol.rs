@@ -750,42 +750,142 @@ mod tests {
         let long_id = "i".repeat(129);
         let nine_stops = serde_json::to_string(&vec!["s"; 9]).unwrap();
         let refused = [
-            (r#"{"id":"","prompt":"x"}"#.to_string(), "id", ErrorCode::BadRequest),
-            (format!(r#"{{"id":"{long_id}","prompt":"x"}}"#), "id", ErrorCode::BadRequest),
-            (r#"{"prompt":"x","messages":[{"role":"user","content":"y"}]}"#.into(), "prompt or messages", ErrorCode::BadRequest),
-            (r#"{"messages":[{"role":"user","content":"y"}],"raw":true}"#.into(), "raw", ErrorCode::BadRequest),
-            (r#"{"prompt":"x","raw":true,"system":"s"}"#.into(), "system", ErrorCode::BadRequest),
-            (r#"{"messages":[{"role":"tool","content":"y"}]}"#.into(), "messages[0].role", ErrorCode::BadRequest),
-            (r#"{"system":"a","messages":[{"role":"system","content":"b"}]}"#.into(), "system", ErrorCode::BadRequest),
-            (r#"{"prompt":"x","max_tokens":0}"#.into(), "max_tokens", ErrorCode::BadRequest),
-            (r#"{"prompt":"x","max_tokens":1025}"#.into(), "max_tokens", ErrorCode::TooLong),
-            (r#"{"prompt":"x","temperature":100.5}"#.into(), "temperature", ErrorCode::BadRequest),
-            (r#"{"prompt":"x","temperature":-0.1}"#.into(), "temperature", ErrorCode::BadRequest),
-            (r#"{"prompt":"x","top_p":0}"#.into(), "top_p", ErrorCode::BadRequest),
-            (r#"{"prompt":"x","top_p":1.01}"#.into(), "top_p", ErrorCode::BadRequest),
-            (r#"{"prompt":"x","min_p":-0.5}"#.into(), "min_p", ErrorCode::BadRequest),
-            (r#"{"prompt":"x","min_p":1.5}"#.into(), "min_p", ErrorCode::BadRequest),
-            (r#"{"prompt":"x","repetition_penalty":0}"#.into(), "repetition_penalty", ErrorCode::BadRequest),
-            (format!(r#"{{"prompt":"x","stop":{nine_stops}}}"#), "stop", ErrorCode::BadRequest),
-            (r#"{"prompt":"x","stop":[""]}"#.into(), "stop", ErrorCode::BadRequest),
-            (r#"{"prompt":"x","timeout_s":0}"#.into(), "timeout_s", ErrorCode::BadRequest),
-            (r#"{"prompt":"x","timeout_s":-3}"#.into(), "timeout_s", ErrorCode::BadRequest),
-            (r#"{"prompt":"x","top_k":-1}"#.into(), "top_k", ErrorCode::BadRequest),
-            (r#"{"prompt":"x","seed":1.5}"#.into(), "seed", ErrorCode::BadRequest),
-            (r#"{"prompt":"x","stream":"yes"}"#.into(), "stream", ErrorCode::BadRequest),
-            (r#"{"type":"cancelled","id":"a"}"#.into(), "cancel", ErrorCode::BadRequest),
+            (
+                r#"{"id":"","prompt":"x"}"#.to_string(),
+                "id",
+                ErrorCode::BadRequest,
+            ),
+            (
+                format!(r#"{{"id":"{long_id}","prompt":"x"}}"#),
+                "id",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"prompt":"x","messages":[{"role":"user","content":"y"}]}"#.into(),
+                "prompt or messages",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"y"}],"raw":true}"#.into(),
+                "raw",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"prompt":"x","raw":true,"system":"s"}"#.into(),
+                "system",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"messages":[{"role":"tool","content":"y"}]}"#.into(),
+                "messages[0].role",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"system":"a","messages":[{"role":"system","content":"b"}]}"#.into(),
+                "system",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"prompt":"x","max_tokens":0}"#.into(),
+                "max_tokens",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"prompt":"x","max_tokens":1025}"#.into(),
+                "max_tokens",
+                ErrorCode::TooLong,
+            ),
+            (
+                r#"{"prompt":"x","temperature":100.5}"#.into(),
+                "temperature",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"prompt":"x","temperature":-0.1}"#.into(),
+                "temperature",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"prompt":"x","top_p":0}"#.into(),
+                "top_p",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"prompt":"x","top_p":1.01}"#.into(),
+                "top_p",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"prompt":"x","min_p":-0.5}"#.into(),
+                "min_p",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"prompt":"x","min_p":1.5}"#.into(),
+                "min_p",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"prompt":"x","repetition_penalty":0}"#.into(),
+                "repetition_penalty",
+                ErrorCode::BadRequest,
+            ),
+            (
+                format!(r#"{{"prompt":"x","stop":{nine_stops}}}"#),
+                "stop",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"prompt":"x","stop":[""]}"#.into(),
+                "stop",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"prompt":"x","timeout_s":0}"#.into(),
+                "timeout_s",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"prompt":"x","timeout_s":-3}"#.into(),
+                "timeout_s",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"prompt":"x","top_k":-1}"#.into(),
+                "top_k",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"prompt":"x","seed":1.5}"#.into(),
+                "seed",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"prompt":"x","stream":"yes"}"#.into(),
+                "stream",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"type":"cancelled","id":"a"}"#.into(),
+                "cancel",
+                ErrorCode::BadRequest,
+            ),
         ];
         for (json, field, code) in &refused {
             let err = valid(json).unwrap_err();
             assert_eq!(err.code(), *code, "{json}: {err}");
-            assert!(err.to_string().contains(field), "{json}: {err} should name {field}");
+            assert!(
+                err.to_string().contains(field),
+                "{json}: {err} should name {field}"
+            );
         }
         let id_128 = "i".repeat(128);
         let eight_stops = serde_json::to_string(&vec!["s"; 8]).unwrap();
         for json in [
             format!(r#"{{"id":"{id_128}","prompt":"x"}}"#),
             r#"{"prompt":"x","max_tokens":1024,"temperature":100,"top_p":1,"min_p":1}"#.into(),
-            r#"{"prompt":"x","temperature":0,"min_p":0,"repetition_penalty":0.01,"top_k":0}"#.into(),
+            r#"{"prompt":"x","temperature":0,"min_p":0,"repetition_penalty":0.01,"top_k":0}"#
+                .into(),
             format!(r#"{{"prompt":"x","stop":{eight_stops},"timeout_s":0.001}}"#),
         ] {
             assert!(valid(&json).is_ok(), "{json}: {:?}", valid(&json).err());

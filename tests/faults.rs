@@ -172,7 +172,10 @@ async fn sigterm_during_a_burst_ends_every_accepted_request_with_one_terminal_ev
         if taken == 30 && s["running"] == 2 {
             break;
         }
-        assert!(Instant::now() < deadline, "the burst was never all taken: {s}");
+        assert!(
+            Instant::now() < deadline,
+            "the burst was never all taken: {s}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     signal(&daemon, 15);
@@ -186,7 +189,10 @@ async fn sigterm_during_a_burst_ends_every_accepted_request_with_one_terminal_ev
                 assert!(open.contains(&id), "a token after {id}'s terminal event");
                 continue;
             }
-            assert!(open.contains(&id), "a second terminal event for {id}: {event}");
+            assert!(
+                open.contains(&id),
+                "a second terminal event for {id}: {event}"
+            );
             open.retain(|o| *o != id);
             let end = match event["type"].as_str().unwrap() {
                 "done" => format!("done/{}", event["finish_reason"].as_str().unwrap()),
@@ -327,7 +333,13 @@ async fn a_broker_killed_and_restarted_without_its_sessions_gets_emberd_back() {
     // The request that ran through the outage ended too, once, on the daemon's side (events
     // published to the broker before it died died with it: a broker that keeps nothing).
     daemon.wait_until_idle().await;
-    assert_eq!(daemon.stats.served.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert_eq!(
+        daemon
+            .stats
+            .served
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
     daemon.stop().await;
 }
 

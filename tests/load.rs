@@ -127,10 +127,7 @@ async fn http_once(port: u16, id: &str, body: &Value) -> (Vec<Value>, Duration) 
     let first_event = sent.elapsed();
     let ok = status.split_whitespace().nth(1) == Some("200");
     // Past the headers.
-    while next_line(&mut lines)
-        .await
-        .is_some_and(|l| !l.is_empty())
-    {}
+    while next_line(&mut lines).await.is_some_and(|l| !l.is_empty()) {}
     let mut events = Vec::new();
     let mut first_at = None;
     while let Some(line) = next_line(&mut lines).await {

@@ -699,7 +699,10 @@ fn a_wrong_password_is_logged_clearly_and_retried_with_backoff() {
         pauses.windows(2).all(|w| w[1] >= w[0]) && pauses[4] >= 8.0 * pauses[0],
         "the pause between attempts grows: {pauses:?} ms"
     );
-    assert!(pauses.iter().all(|&p| p <= 5000.0), "at most 5 s: {pauses:?}");
+    assert!(
+        pauses.iter().all(|&p| p <= 5000.0),
+        "at most 5 s: {pauses:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
