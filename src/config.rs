@@ -157,6 +157,9 @@ pub struct SocketConfig {
     pub path: PathBuf,
     /// The socket file's mode, written in octal as a string: "0660".
     pub mode: SocketMode,
+    /// The socket file's group (a name or number), whose members the mode lets connect;
+    /// unset keeps the daemon's own. Under socket activation the unit's `SocketGroup=` rules.
+    pub group: Option<String>,
     /// Connections served at once; one more gets a `busy` error event and is closed.
     pub max_connections: usize,
     /// Bytes of events a connection may leave unread; past it the client is cut off (its
@@ -190,6 +193,7 @@ impl Default for SocketConfig {
             enabled: true,
             path: PathBuf::from("/run/emberd/emberd.sock"),
             mode: SocketMode(0o660),
+            group: None,
             max_connections: 64,
             max_unread_bytes: 1 << 20,
         }

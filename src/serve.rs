@@ -108,7 +108,11 @@ pub async fn serve(
                 (listener, None)
             }
             SocketSource::Bind => (
-                socket::bind(&config.socket.path, config.socket.mode.0)?,
+                socket::bind(
+                    &config.socket.path,
+                    config.socket.mode.0,
+                    config.socket.group.as_deref(),
+                )?,
                 Some(config.socket.path.clone()),
             ),
         };

@@ -248,15 +248,62 @@ async fn a_stale_socket_file_is_replaced_and_a_live_one_refused() {
     // A socket file nobody listens on, as a crash leaves it.
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
     assert!(path.exists());
-    let listener = emberd::transport::socket::bind(&path, 0o660).unwrap();
+    let listener = emberd::transport::socket::bind(&path, 0o660, None).unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
         0o660
     );
-    let err = emberd::transport::socket::bind(&path, 0o660).unwrap_err();
+    let err = emberd::transport::socket::bind(&path, 0o660, None).unwrap_err();
     assert!(err.to_string().contains("already listening"), "{err}");
     drop(listener);
+}
+
+/// The socket's mode and group are the configured ones; a group that does not exist stops
+/// the start with its name.
+#[tokio::test]
+async fn the_socket_takes_the_configured_mode_and_group() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let own = std::fs::metadata(dir.path()).unwrap().gid();
+    // Another group this process may give its files: any, as root; else one of its own.
+    let groups = std::fs::read_to_string("/etc/group").unwrap();
+    let mine = String::from_utf8(
+        std::process::Command::new("id")
+            .arg("-G")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let root = unsafe { common::daemon::libc_getuid() } == 0;
+    let other = groups.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        let gid: u32 = f.get(2)?.parse().ok()?;
+        let allowed = root || mine.split_whitespace().any(|g| g == f[2]);
+        (gid != own && allowed).then(|| (f[0].to_string(), gid))
+    });
+    let cases = match &other {
+        Some((name, gid)) => vec![(name.clone(), *gid, 0o640), (gid.to_string(), *gid, 0o600)],
+        None => {
+            eprintln!("this user has one group only: the socket keeps it");
+            vec![(own.to_string(), own, 0o640)]
+        }
+    };
+    for (group, gid, mode) in cases {
+        let path = dir.path().join(format!("g{mode:o}.sock"));
+        let _listener = emberd::transport::socket::bind(&path, mode, Some(&group)).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.gid(), gid, "{group}");
+        assert_eq!(meta.mode() & 0o777, mode);
+    }
+    let err = emberd::transport::socket::bind(
+        &dir.path().join("x.sock"),
+        0o660,
+        Some("no-such-group-here"),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("no-such-group-here"), "{err}");
 }
 
 // ---------------------------------------------------------------- the binary

@@ -20,6 +20,8 @@ use crate::shutdown::Shutdown;
 pub enum SocketError {
     #[error("another emberd is already listening on {0}")]
     InUse(PathBuf),
+    #[error("socket.group: {0:?} is not a group on this system")]
+    UnknownGroup(String),
     #[error("socket {path}: {source}")]
     Io {
         path: PathBuf,
@@ -29,7 +31,9 @@ pub enum SocketError {
 
 /// Binds the socket the way pueue does: a path that still accepts connections belongs to a
 /// running daemon (refuse); one that does not is a stale file from a crash (replace it).
-pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, SocketError> {
+/// `group` (a name or a number), when given, becomes the socket file's group, so that its
+/// members may connect under a mode like 0660.
+pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixListener, SocketError> {
     let io = |source| SocketError::Io {
         path: path.to_path_buf(),
         source,
@@ -44,8 +48,35 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, SocketError> {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
     let listener = UnixListener::bind(path).map_err(io)?;
+    if let Some(group) = group {
+        let gid = group_id(group).ok_or_else(|| SocketError::UnknownGroup(group.into()))?;
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(io)?;
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
     Ok(listener)
+}
+
+/// The id of group `name` (or `name` itself, when it is a number), from the system's
+/// group database.
+fn group_id(name: &str) -> Option<u32> {
+    if let Ok(gid) = name.parse() {
+        return Some(gid);
+    }
+    let name = std::ffi::CString::new(name).ok()?;
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; `found` points into `group` on success.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut group,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    (rc == 0 && !found.is_null()).then_some(group.gr_gid)
 }
 
 pub struct Listener {
