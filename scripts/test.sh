@@ -22,6 +22,9 @@ say "model package checks (pytest)"
 .venv/bin/python -m pytest models/tests -q
 say "Rust tests"
 cargo test --release --locked
+# The build without tract (ONNX Runtime only) is tested too, not only linted: its unit tests,
+# and one that serves a step with ONNX Runtime and names the missing engine.
+cargo test --release --locked --no-default-features --lib
 # Each fuzz target for a short run (instrumented build in fuzz/target); fuzz/run.sh says how
 # to run them longer.
 say "fuzzing (cargo fuzz, ${EMBERD_FUZZ_SECONDS:-20} s per target)"

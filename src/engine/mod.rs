@@ -227,3 +227,44 @@ fn load_tract(
 ) -> Result<Box<dyn Engine>, EngineError> {
     Err(EngineError::TractNotBuilt)
 }
+
+/// The build without tract (`--no-default-features`): ONNX Runtime serves, and asking for
+/// tract, or falling back to it, says that this build has none.
+#[cfg(all(test, not(feature = "tract")))]
+mod without_tract {
+    use super::*;
+
+    #[test]
+    fn onnx_runtime_serves_and_tract_is_named_missing() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/test/generated/q4");
+        let package = ModelPackage::load(&dir).expect("models/prepare.sh makes the tiny models");
+        let mut options = ModelConfig {
+            backend: Backend::Tract,
+            threads: 1,
+            ..ModelConfig::default()
+        };
+        let err = load(&package, &options)
+            .err()
+            .expect("no tract in this build");
+        assert!(matches!(err, EngineError::TractNotBuilt), "{err}");
+        assert!(err.to_string().contains("feature `tract`"), "{err}");
+
+        options.backend = Backend::Auto;
+        options.ort_library = Some("/nonexistent/libonnxruntime.so".into());
+        let err = load(&package, &options).err().expect("neither engine");
+        assert!(
+            err.to_string().contains("without the tract engine"),
+            "{err}"
+        );
+
+        // The library the test command extracts (ORT_DYLIB_PATH): ONNX Runtime runs a step.
+        options.ort_library = None;
+        let mut engine = load(&package, &options).expect("ONNX Runtime loads");
+        assert_eq!(engine.info().engine, "ort");
+        let mut cache = KvCache::new();
+        let mut logits = Vec::new();
+        engine.forward(&[1, 5, 9], &mut cache, &mut logits).unwrap();
+        assert_eq!(logits.len(), package.vocab_size);
+        assert!(logits.iter().all(|l| l.is_finite()));
+    }
+}
