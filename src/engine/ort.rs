@@ -249,10 +249,9 @@ fn register(
         "migraphx" => ep::MIGraphX::default().register(builder),
         "cann" => with(ep::CANN::default(), options).register(builder),
         "nnapi" => ep::NNAPI::default().register(builder),
-        // The CPU provider is always there; registering it only sets the arena.
-        "cpu" => ep::CPU::default()
-            .with_arena_allocator(true)
-            .register(builder),
+        // The CPU provider is always there; registering it only sets the arena, which the
+        // session builder has set already (`model.cpu_arena`).
+        "cpu" => Ok(()),
         other => return Err(EngineError::UnknownProvider(other.to_string())),
     };
     result.map_err(ort_error)
@@ -365,6 +364,11 @@ impl OrtEngine {
             // Planned buffers pay off for fixed shapes; every step here has a new length, and
             // the plan only raised the memory peak (measured: 10 MB, same speed).
             .with_memory_pattern(false)
+            .map_err(ort_error)?;
+        // ONNX Runtime's CPU arena: see `ModelConfig::cpu_arena`.
+        ep::CPU::default()
+            .with_arena_allocator(options.cpu_arena)
+            .register(&mut builder)
             .map_err(ort_error)?;
         let threads = options.resolved_threads();
         builder = builder.with_intra_threads(threads).map_err(ort_error)?;
