@@ -16,14 +16,26 @@ use rumqttc::v5::mqttbytes::QoS;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The built daemon on the tiny model, ready, with `extra` config and `env` set.
-fn start(dir: &Path, extra: &str, env: &[(&str, &str)]) -> (Spawned, Log) {
-    let config = write_serve_config(dir, extra);
-    let (child, lines) = spawn_serve_with(&config, env);
-    let child = Spawned(child);
-    let log = Log::of(lines);
-    log.wait_for("ready: model");
-    (child, log)
+/// The built daemon on the tiny model, with write_serve_config's file as `edit` makes it (to
+/// change a table it has already, which a later one may not repeat) and `env` set; once ready.
+async fn start(
+    dir: &Path,
+    edit: impl FnOnce(String) -> String + Send + 'static,
+    env: &'static [(&'static str, &'static str)],
+) -> (Spawned, Log) {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let config = write_serve_config(&dir, "");
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(&config, edit(text)).unwrap();
+        let (child, lines) = spawn_serve_with(&config, env);
+        let child = Spawned(child);
+        let log = Log::of(lines);
+        log.wait_for("ready: model");
+        (child, log)
+    })
+    .await
+    .unwrap()
 }
 
 fn signal(child: &std::process::Child, sig: i32) {
@@ -60,23 +72,12 @@ async fn serves_the_next(socket: &Path) {
 )]
 async fn a_client_that_never_reads_is_cut_off_and_the_daemons_memory_stays_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut daemon, log) = {
-        let dir = dir.path().to_path_buf();
-        tokio::task::spawn_blocking(move || {
-            // The [socket] table is written whole: write_serve_config has one already.
-            let config = write_serve_config(&dir, "");
-            let text = std::fs::read_to_string(&config).unwrap();
-            let text = text.replace("[socket]\n", "[socket]\nmax_unread_bytes = 65536\n");
-            std::fs::write(&config, text).unwrap();
-            let (child, lines) = spawn_serve(&config);
-            let child = Spawned(child);
-            let log = Log::of(lines);
-            log.wait_for("ready: model");
-            (child, log)
-        })
-        .await
-        .unwrap()
-    };
+    let (mut daemon, log) = start(
+        dir.path(),
+        |text| text.replace("[socket]\n", "[socket]\nmax_unread_bytes = 65536\n"),
+        &[],
+    )
+    .await;
     let socket = dir.path().join("emberd.sock");
     // Warm up, so the figure below is the serving daemon's.
     serves_the_next(&socket).await;
@@ -126,27 +127,18 @@ async fn a_client_that_never_reads_is_cut_off_and_the_daemons_memory_stays_bound
 async fn sigterm_during_a_burst_ends_every_accepted_request_with_one_terminal_event() {
     let dir = tempfile::tempdir().unwrap();
     let http = free_port();
-    let (mut daemon, log) = {
-        let dir = dir.path().to_path_buf();
-        let extra = format!(
-            "[limits]\nmax_batch = 2\nmax_queue = 8\n[http]\nenabled = true\nlisten = \"127.0.0.1:{http}\"\n"
-        );
-        // The default model: slow enough that the 10 s drain ends with requests cancelled.
-        tokio::task::spawn_blocking(move || {
-            let config = write_serve_config(&dir, &extra);
-            let text = std::fs::read_to_string(&config).unwrap();
-            let tiny = format!("{:?}", tiny_dir("q4"));
-            let text = text.replace(&tiny, &format!("{:?}", default_model_dir()));
-            std::fs::write(&config, text).unwrap();
-            let (child, lines) = spawn_serve(&config);
-            let child = Spawned(child);
-            let log = Log::of(lines);
-            log.wait_for("ready: model");
-            (child, log)
-        })
-        .await
-        .unwrap()
-    };
+    let extra = format!(
+        "[limits]\nmax_batch = 2\nmax_queue = 8\n[http]\nenabled = true\nlisten = \"127.0.0.1:{http}\"\n"
+    );
+    // The default model: slow enough that the 10 s drain ends with requests cancelled.
+    let tiny = format!("{:?}", tiny_dir("q4"));
+    let default = format!("{:?}", default_model_dir());
+    let (mut daemon, log) = start(
+        dir.path(),
+        move |text| text.replace(&tiny, &default) + &extra,
+        &[],
+    )
+    .await;
     let socket = dir.path().join("emberd.sock");
     // Ten clients with three requests each: some run, some wait, some are told busy; most
     // outlast the 10 s drain, which cancels them.
@@ -227,18 +219,12 @@ async fn sigterm_during_a_burst_ends_every_accepted_request_with_one_terminal_ev
 )]
 async fn an_engine_failure_on_a_step_ends_its_requests_with_internal_and_the_next_is_served() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut daemon, log) = {
-        let dir = dir.path().to_path_buf();
-        tokio::task::spawn_blocking(move || {
-            start(
-                &dir,
-                "[limits]\nmax_batch = 2\n",
-                &[("EMBERD_DEBUG_FAIL_STEP_ON_PROMPT", "BREAK-HERE")],
-            )
-        })
-        .await
-        .unwrap()
-    };
+    let (mut daemon, log) = start(
+        dir.path(),
+        |text| text + "[limits]\nmax_batch = 2\n",
+        &[("EMBERD_DEBUG_FAIL_STEP_ON_PROMPT", "BREAK-HERE")],
+    )
+    .await;
     let socket = dir.path().join("emberd.sock");
     let greedy = |id: &str, prompt: &str| {
         json!({"id": id, "prompt": prompt, "max_tokens": 24, "temperature": 0,
@@ -431,8 +417,8 @@ fn spoiled_model(dir: &Path, spoil: impl FnOnce(&Path)) -> std::path::PathBuf {
     model
 }
 
-/// `emberd serve` on `model`: it must exit at once, non-zero, saying what is wrong.
-fn refuses_to_start(model: &Path, expected: &str) {
+/// A config serving `model` (auto backend), its socket beside the model directory.
+fn config_for(model: &Path) -> std::path::PathBuf {
     let dir = model.parent().unwrap();
     std::fs::create_dir_all(dir).unwrap();
     let config = dir.join("emberd.toml");
@@ -445,7 +431,12 @@ fn refuses_to_start(model: &Path, expected: &str) {
         ),
     )
     .unwrap();
-    let (child, lines) = spawn_serve(&config);
+    config
+}
+
+/// `emberd serve` on `model`: it must exit at once, non-zero, saying what is wrong.
+fn refuses_to_start(model: &Path, expected: &str) {
+    let (child, lines) = spawn_serve(&config_for(model));
     let mut child = Spawned(child);
     let log = Log::of(lines);
     let status = exit_of(&mut child);
@@ -482,16 +473,7 @@ fn a_model_directory_that_cannot_be_read_stops_the_start_with_a_clear_error() {
 async fn a_reload_with_the_model_directory_gone_keeps_serving_the_loaded_model() {
     let dir = tempfile::tempdir().unwrap();
     let model = spoiled_model(dir.path(), |_| {});
-    let config = dir.path().join("emberd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[model]\ndir = {model:?}\nort_library = {:?}\n[socket]\npath = {:?}\n[log]\njournald = \"off\"\n",
-            ort_library(),
-            dir.path().join("emberd.sock")
-        ),
-    )
-    .unwrap();
+    let config = config_for(&model);
     let (daemon, lines) = spawn_serve(&config);
     let mut daemon = Spawned(daemon);
     let log = Log::of(lines);
