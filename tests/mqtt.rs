@@ -638,6 +638,23 @@ fn tls_files_that_are_missing_or_not_pem_are_named_at_start() {
     };
     let error = tls_client_config(&half).unwrap_err().to_string();
     assert!(error.contains("cert") && error.contains("key"), "{error}");
+
+    // The client's private key is a secret: a copy every user may read is refused.
+    make_credentials(dir.path());
+    let key = dir.path().join("client.key");
+    let tls = TlsConfig {
+        cert: Some(dir.path().join("client.crt")),
+        key: Some(key.clone()),
+        ..Default::default()
+    };
+    assert!(tls_client_config(&tls).is_ok());
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let error = tls_client_config(&tls).unwrap_err().to_string();
+    assert!(
+        error.contains("mqtt.tls.key") && error.contains("readable by every user"),
+        "{error}"
+    );
 }
 
 #[test]

@@ -56,6 +56,8 @@ pub enum MqttError {
     Tls(#[from] tokio_rustls::rustls::Error),
     #[error("mqtt.tls: `cert` and `key` go together; set both or neither")]
     TlsClientAuthHalf,
+    #[error("mqtt.tls.key: {0}")]
+    TlsKey(crate::secret::SecretError),
 }
 
 #[derive(Debug, Clone)]
@@ -199,7 +201,10 @@ pub fn tls_client_config(tls: &TlsConfig) -> Result<Arc<ClientConfig>, MqttError
                     path: cert.clone(),
                 });
             }
-            let key = PrivateKeyDer::from_pem_file(key).map_err(pem_error("key", key))?;
+            // The client's private key is a secret like the password: refused if world-readable.
+            let pem = crate::secret::read_secret(key).map_err(MqttError::TlsKey)?;
+            let key =
+                PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(pem_error("key", key))?;
             builder.with_client_auth_cert(chain, key)?
         }
         (None, None) => builder.with_no_client_auth(),
