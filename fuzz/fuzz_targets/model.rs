@@ -1,4 +1,6 @@
 //! The default model's tokenizer, template and grammars, loaded once per fuzzing process.
+// Each target includes this module and uses part of it.
+#![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -36,7 +38,6 @@ pub fn prompter() -> &'static Prompter {
 }
 
 /// The daemon's policy with the default config.
-#[allow(dead_code)]
 pub fn policy() -> &'static RequestPolicy {
     static POLICY: OnceLock<RequestPolicy> = OnceLock::new();
     POLICY.get_or_init(|| Config::default().request_policy())
