@@ -217,6 +217,7 @@ class MqttCaller:
         props.ResponseTopic = self.topic
         request = {"id": rid, "prompt": "Say hello.", "max_tokens": random.randint(4, 32)}
         epoch = restarts[0]
+        sent_at = time.time()
         self.client.publish(f"emberd/{self.device}/request", json.dumps(request), qos=1, properties=props)
         deadline = time.time() + 60
         with self.cond:
@@ -229,8 +230,9 @@ class MqttCaller:
             events = self.events.pop(rid, [])
         terminals = [e for e in events if e["type"] != "token"]
         if not terminals:
-            # Lost with a broker that was killed meanwhile: the broker's loss, not emberd's.
-            if restarts[0] != epoch or time.time() - restarts[1] < 20:
+            # Lost with a broker killed meanwhile, or sent while it was back but had not yet
+            # got emberd's subscription again (it kept no session): the broker's loss.
+            if restarts[0] != epoch or sent_at - restarts[1] < 20:
                 tally.add("mqtt lost in a broker restart")
             else:
                 tally.fail(f"mqtt {rid}: no terminal event in 60 s")
