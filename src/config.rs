@@ -54,9 +54,9 @@ pub struct ModelConfig {
     /// Prompt tokens per forward call in prefill; smaller reacts faster to cancellation.
     pub prefill_chunk: usize,
     /// ONNX Runtime's CPU memory arena; off by default. It extends itself by doubling when the
-    /// shapes of a step vary (prompt lengths, batch sizes) and never gives memory back: a soak
-    /// with it grew 351 -> 513 MB in 18 minutes. Off, tensors come from malloc and go back
-    /// after each step (decode speed the same, prefill a little slower).
+    /// shapes of a step vary (prompt lengths, batch sizes) and never gives memory back (a
+    /// soak saw its region go from 128 to 256 MB). Off, what a step frees goes back to
+    /// malloc, which the engine worker trims (decode speed the same, prefill a little slower).
     pub cpu_arena: bool,
 }
 
