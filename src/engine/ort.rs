@@ -379,8 +379,8 @@ impl OrtEngine {
         // ONNX Runtime names the file by the second: a process loading two engines at once
         // (tests do) needs a prefix of each one's own.
         static LOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let load = LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if profile {
+            let load = LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let prefix = std::env::temp_dir()
                 .join(format!("emberd-placement-{}-{load}", std::process::id()));
             builder = builder.with_profiling(&prefix).map_err(ort_error)?;
@@ -465,21 +465,19 @@ impl OrtEngine {
                 placement: Vec::new(),
             },
         };
+        let first_step_failed = |e: EngineError| EngineError::Provider {
+            provider: lead.to_string(),
+            reason: format!("the first step failed: {e}"),
+        };
         if !profile {
             // A first step even so: a provider that cannot run the graph fails here, at load.
             let (mut cache, mut logits) = (KvCache::new(), Vec::new());
             engine
                 .forward(&[0], &mut cache, &mut logits)
-                .map_err(|e| EngineError::Provider {
-                    provider: lead.to_string(),
-                    reason: format!("the first step failed: {e}"),
-                })?;
+                .map_err(first_step_failed)?;
             return Ok(engine);
         }
-        engine.info.placement = engine.profiled_step().map_err(|e| EngineError::Provider {
-            provider: lead.to_string(),
-            reason: format!("the first step failed: {e}"),
-        })?;
+        engine.info.placement = engine.profiled_step().map_err(first_step_failed)?;
         if let [whole] = engine.info.placement.as_mut_slice() {
             if whole.provider != ort_name("cpu") {
                 match crate::model::onnx_io::read_graph_io(file) {

@@ -63,6 +63,7 @@ fn group_id(name: &str) -> Option<u32> {
         return Some(gid);
     }
     let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a C struct of integers and pointers, for which all zeros is a valid value.
     let mut group: libc::group = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
     let mut found: *mut libc::group = std::ptr::null_mut();
