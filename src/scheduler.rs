@@ -51,6 +51,8 @@ pub struct Stats {
     pub running: AtomicUsize,
     /// The batch's slots: requests that can run at once.
     pub max_batch: AtomicUsize,
+    /// Set when shutdown begins: new requests are refused with `shutting_down`.
+    pub closed: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -117,6 +119,13 @@ impl Scheduler {
         accepted_at: Instant,
         transport: &'static str,
     ) -> Result<Submission, Box<Event>> {
+        if self.stats.closed.load(Ordering::Acquire) {
+            return Err(Box::new(Event::error(
+                request.id,
+                ErrorCode::ShuttingDown,
+                "emberd is shutting down",
+            )));
+        }
         let (events_tx, events) = unbounded_channel();
         let cancel = CancelToken::new();
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
@@ -158,6 +167,12 @@ impl Scheduler {
                 Err(Box::new(Event::error(id, code, message)))
             }
         }
+    }
+
+    /// Refuses every later request with `shutting_down`; those accepted run on. A transport
+    /// that still reads during the drain answers its clients instead of leaving them waiting.
+    pub fn close(&self) {
+        self.stats.closed.store(true, Ordering::Release);
     }
 
     /// Cancels every accepted request; each still ends with its terminal event.

@@ -189,6 +189,7 @@ pub async fn serve(
     let mut shutdown = shutdown;
     shutdown.wait().await;
     service::notify("STOPPING=1\nSTATUS=draining");
+    scheduler.close();
     log::info!(
         "shutting down: draining {} request(s)",
         scheduler.queue_depth()

@@ -1,9 +1,10 @@
 //! Faults injected into a running emberd, real processes all: a client that never reads its
 //! events, SIGTERM during a burst, an engine failure on a step, the broker killed (SIGKILL)
 //! and restarted without its sessions, the broker unreachable at start, a client gone
-//! mid-prefill, a model directory that cannot be read at start or is gone at a reload. Each
-//! time every accepted request ends with exactly one terminal event (where its client can
-//! still receive one), and the daemon serves the next request.
+//! mid-prefill, a model directory that cannot be read at start or is gone at a reload, a
+//! request that arrives during the shutdown drain. Each time every accepted request ends
+//! with exactly one terminal event (where its client can still receive one), and the daemon
+//! serves the next request.
 
 mod common;
 
@@ -171,9 +172,18 @@ async fn sigterm_during_a_burst_ends_every_accepted_request_with_one_terminal_ev
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     signal(&daemon, 15);
+    // A request sent during the drain, on a connection whose requests still run, is read and
+    // refused (the scheduler is closed before the drain is logged).
+    tokio::task::block_in_place(|| log.wait_for("shutting down: draining"));
+    clients[0]
+        .send(json!({"id": "late", "prompt": "too late", "max_tokens": 4}))
+        .await;
     let mut ends: std::collections::BTreeMap<String, usize> = Default::default();
     for (c, mut client) in clients.into_iter().enumerate() {
         let mut open: Vec<String> = (0..3).map(|r| format!("c{c}r{r}")).collect();
+        if c == 0 {
+            open.push("late".into());
+        }
         while !open.is_empty() {
             let event = client.event().await;
             let id = event["id"].as_str().unwrap().to_string();
@@ -197,6 +207,9 @@ async fn sigterm_during_a_burst_ends_every_accepted_request_with_one_terminal_ev
                 ),
                 "{id} ended {end}: {event}"
             );
+            if id == "late" {
+                assert_eq!(end, "error/shutting_down", "{event}");
+            }
             *ends.entry(end).or_default() += 1;
         }
         // Nothing after the last terminal event: the connection ends.
@@ -205,8 +218,8 @@ async fn sigterm_during_a_burst_ends_every_accepted_request_with_one_terminal_ev
             .expect("the connection closes once its requests have ended");
         assert!(matches!(rest, Ok(None)), "{rest:?}");
     }
-    eprintln!("30 requests at SIGTERM ended: {ends:?}");
-    assert_eq!(ends.values().sum::<usize>(), 30);
+    eprintln!("30 requests at SIGTERM and 1 after ended: {ends:?}");
+    assert_eq!(ends.values().sum::<usize>(), 31);
     assert!(ends.contains_key("done/cancelled") || ends.contains_key("done/length"));
     let status = exit_of(&mut daemon);
     assert!(status.success(), "{status}: {}", log.rest());
@@ -327,6 +340,63 @@ async fn a_broker_killed_and_restarted_without_its_sessions_gets_emberd_back() {
         2
     );
     daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_published_during_the_drain_is_answered_shutting_down() {
+    let broker = Broker::start();
+    let port = broker.port;
+    let daemon = Daemon::start(default_model_dir(), |c| {
+        c.socket.enabled = false;
+        on_broker(c, port, "drain");
+    })
+    .await;
+    let (client, mut rx) = device_client(port, "drain-client", "drain").await;
+    // Runs on into the drain (most likely through it, to be cancelled).
+    let long = json!({"id": "long", "prompt": "Tell me about the sea.", "max_tokens": 1000,
+                      "ignore_eos": true});
+    client
+        .publish(
+            "emberd/drain/request",
+            QoS::AtLeastOnce,
+            false,
+            long.to_string(),
+        )
+        .await
+        .unwrap();
+    let first = next_on(&mut rx, "emberd/drain/response/long").await;
+    assert_eq!(first["type"], "token", "{first}");
+
+    daemon.trigger.trigger();
+    daemon
+        .wait_for("the scheduler closed", |s| {
+            s.closed.load(std::sync::atomic::Ordering::Acquire)
+        })
+        .await;
+    // The broker hands this to emberd (QoS 1, acknowledged): it must be answered, not dropped.
+    let late = json!({"id": "late", "prompt": "Hi", "max_tokens": 4});
+    client
+        .publish(
+            "emberd/drain/request",
+            QoS::AtLeastOnce,
+            false,
+            late.to_string(),
+        )
+        .await
+        .unwrap();
+    let refused = end_on(&mut rx, "emberd/drain/response/late").await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["code"], "shutting_down", "{refused}");
+    let end = end_on(&mut rx, "emberd/drain/response/long").await;
+    assert_eq!(end["type"], "done", "{end}");
+    assert!(
+        matches!(end["finish_reason"].as_str(), Some("cancelled" | "length")),
+        "{end}"
+    );
+    tokio::time::timeout(patience(), daemon.done)
+        .await
+        .expect("serve returns after the drain")
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

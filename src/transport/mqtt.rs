@@ -444,46 +444,13 @@ impl Transport {
     }
 
     fn on_publish(&self, publish: Publish) {
-        let topic = String::from_utf8_lossy(&publish.topic);
-        let intent = if topic == self.topics.cancel {
-            Intent::Cancel
-        } else {
-            Intent::Any
-        };
-        // Replies go to the Response Topic (MQTT 5) with its Correlation Data; else to the
-        // request's `reply_to`; else to the response topic of its id; else, for a message
-        // whose id is unknown, to the device's errors topic.
-        let properties = publish.properties.unwrap_or_default();
-        let route = |route: Route| {
-            let to = match (properties.response_topic, route.reply_to) {
-                (Some(topic), _) => ReplyTo {
-                    topic,
-                    correlation: properties.correlation_data,
-                },
-                (None, Some(topic)) => ReplyTo {
-                    topic,
-                    correlation: None,
-                },
-                (None, None) if route.id.is_empty() => ReplyTo {
-                    topic: self.topics.errors(),
-                    correlation: None,
-                },
-                (None, None) => ReplyTo {
-                    topic: self.topics.default_response(&route.id),
-                    correlation: None,
-                },
-            };
-            MqttReply {
-                client: self.client.clone(),
-                to,
-            }
-        };
-        let origin = Origin {
-            transport: "mqtt",
-            scope: &self.running,
-            intent,
-        };
-        self.ingress.handle(&publish.payload, origin, route);
+        answer(
+            publish,
+            &self.client,
+            &self.topics,
+            &self.ingress,
+            &self.running,
+        );
     }
 
     /// Publishes `offline`, disconnects, and polls until the broker has everything.
@@ -492,6 +459,7 @@ impl Transport {
         let client = self.client.clone();
         let status = self.topics.status.clone();
         let running = self.running.clone();
+        let (ingress, topics) = (self.ingress.clone(), self.topics.clone());
         let flush = async {
             // Wait for the streams still running (the scheduler's drain ends them).
             let deadline = Instant::now() + FLUSH_TIMEOUT * 6;
@@ -511,6 +479,11 @@ impl Transport {
                     _ = &mut drained, if !drained_done => drained_done = true,
                     polled = self.eventloop.poll() => match polled {
                         Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+                        // The broker has been told it was delivered: it is answered
+                        // (`shutting_down`, or a cancel carried out), never dropped.
+                        Ok(MqttEvent::Incoming(Packet::Publish(publish))) => {
+                            answer(publish, &client, &topics, &ingress, &running)
+                        }
                         Ok(_) => {}
                         Err(_) => break,
                     },
@@ -524,6 +497,56 @@ impl Transport {
             log::warn!("mqtt: the broker did not acknowledge the last messages in time");
         }
     }
+}
+
+/// Hands a received message to the ingress, with where its events go.
+fn answer(
+    publish: Publish,
+    client: &AsyncClient,
+    topics: &Topics,
+    ingress: &Ingress,
+    running: &Scope,
+) {
+    let topic = String::from_utf8_lossy(&publish.topic);
+    let intent = if topic == topics.cancel {
+        Intent::Cancel
+    } else {
+        Intent::Any
+    };
+    // Replies go to the Response Topic (MQTT 5) with its Correlation Data; else to the
+    // request's `reply_to`; else to the response topic of its id; else, for a message
+    // whose id is unknown, to the device's errors topic.
+    let properties = publish.properties.unwrap_or_default();
+    let route = |route: Route| {
+        let to = match (properties.response_topic, route.reply_to) {
+            (Some(topic), _) => ReplyTo {
+                topic,
+                correlation: properties.correlation_data,
+            },
+            (None, Some(topic)) => ReplyTo {
+                topic,
+                correlation: None,
+            },
+            (None, None) if route.id.is_empty() => ReplyTo {
+                topic: topics.errors(),
+                correlation: None,
+            },
+            (None, None) => ReplyTo {
+                topic: topics.default_response(&route.id),
+                correlation: None,
+            },
+        };
+        MqttReply {
+            client: client.clone(),
+            to,
+        }
+    };
+    let origin = Origin {
+        transport: "mqtt",
+        scope: running,
+        intent,
+    };
+    ingress.handle(&publish.payload, origin, route);
 }
 
 /// Publishes one event; false when it cannot be handed to the client (its event loop is gone).

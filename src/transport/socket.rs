@@ -7,6 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -205,6 +206,9 @@ impl Reply for Outbox {
     }
 }
 
+/// How often a connection read on during shutdown checks whether its requests have ended.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+
 struct Handler {
     ingress: Ingress,
     shutdown: Shutdown,
@@ -242,15 +246,23 @@ impl Handler {
         // True while skipping the rest of a line that was already too long.
         let mut discarding = false;
         let mut shutdown = self.shutdown.clone();
+        // A connection stays open during shutdown while its requests run, and is read on:
+        // a request sent then is answered `shutting_down` instead of going unread.
+        let mut draining = false;
         loop {
+            if draining && scope.is_empty() {
+                break;
+            }
             let n = tokio::select! {
                 read = reader.read(&mut chunk) => match read {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 },
-                // A connection stays open during shutdown so its requests can end, but takes
-                // no new ones; the reader stops here.
-                _ = shutdown.wait() => break,
+                _ = shutdown.wait(), if !draining => {
+                    draining = true;
+                    continue;
+                }
+                _ = tokio::time::sleep(DRAIN_POLL), if draining => continue,
                 _ = out.cut.notified() => break,
             };
             let mut rest = &chunk[..n];
