@@ -7,9 +7,12 @@ Writes into DIR: model.onnx (tract; plain ONNX ops), model.ort.onnx (ONNX Runtim
 weights and I/O with its fused GroupQueryAttention/SimplifiedLayerNormalization ops; its
 weights are external data pointing into model.onnx, so it adds ~2 MB), emberd.json,
 tokenizer.json, tokenizer_config.json, generation_config.json, config.json and reference.json
-(greedy generations from onnxruntime on model.ort.onnx). Q4_0/Q4_1 weights become 4-bit MatMulNBits with no loss,
-Q8_0 weights become a lossless pair of 4-bit planes (see llama_onnx.py), F16/F32 stay f32, other
-quantization types are dequantized to f32.
+(greedy generations from onnxruntime on model.ort.onnx). Architectures: llama (with Llama 3's
+rope_freqs or linear rope scaling), mistral, qwen2 (q/k/v biases). Weights, each exact:
+Q4_0/Q4_1/Q4_K become 4-bit MatMulNBits (with a block-sum term for the mins), Q8_0 a pair of
+4-bit planes, Q5_0/Q5_1/Q5_K/Q6_K 8-bit MatMulNBits with zero points (split into 4-bit planes in
+model.tract.onnx: tract has 4-bit MatMulNBits only), F16/F32 stay f32; other quantization types
+are dequantized to f32.
 """
 from __future__ import annotations
 
@@ -44,7 +47,18 @@ PRE_TOKENIZERS = {
     "default": _GPT2_BYTELEVEL,
     "llama-bpe": {"type": "Sequence", "pretokenizers": [
         _LLAMA3_SPLIT, {**_GPT2_BYTELEVEL, "use_regex": False}]},
+    # Qwen2: Llama 3's split with single digits
+    "qwen2": {"type": "Sequence", "pretokenizers": [
+        {**_LLAMA3_SPLIT, "pattern": {"Regex": _LLAMA3_SPLIT["pattern"]["Regex"].replace(
+            "\\p{N}{1,3}", "\\p{N}")}},
+        {**_GPT2_BYTELEVEL, "use_regex": False}]},
 }
+# Normalizers the Hugging Face tokenizer of a pre-tokenizer's models has (Qwen2's NFC)
+NORMALIZERS = {"qwen2": {"type": "NFC"}}
+
+# general.architecture values read, with the Hugging Face class and model_type they become
+ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "mistral": ("MistralForCausalLM", "mistral"),
+                 "qwen2": ("Qwen2ForCausalLM", "qwen2")}
 
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4
@@ -92,9 +106,73 @@ def _weight_from_tensor(t):
         blk = raw.reshape(N, nb, 34)
         d, qs = _f16(blk[:, :, 0:2]).reshape(N, nb), blk[:, :, 2:34]
         return lo.Q80W(d, np.ascontiguousarray(qs).view(np.int8))
+    if tt in (QT.Q5_0, QT.Q5_1):
+        # llama.cpp's fallback for rows that are not a whole number of k-quant super-blocks
+        size = 22 if tt == QT.Q5_0 else 24
+        blk = raw.reshape(N, nb, size)
+        d = _f16(blk[:, :, 0:2]).reshape(N, nb)
+        qh = np.ascontiguousarray(blk[:, :, size - 20:size - 16]).view("<u4")           # [N, nb, 1]
+        qs = blk[:, :, size - 16:].reshape(N, nb, 1, 16)
+        low = np.concatenate([qs & 0xF, qs >> 4], 2).reshape(N, nb, 32)                # j, j+16
+        high = (qh >> np.arange(32, dtype=np.uint32)) & 1                              # bit j: element j
+        q = (low + 16 * high).astype(np.uint8)
+        if tt == QT.Q5_0:
+            return lo.QKW(d, 16, None, q, 5)                                          # d*(q-16)
+        return lo.QKW(d, 0, _f16(blk[:, :, 2:4]).reshape(N, nb), q, 5)                # d*q + m
+    if tt in (QT.Q4_K, QT.Q5_K, QT.Q6_K):
+        return _k_quant(tt.name, raw, N, K)
     print(f"  note: {t.name} is {tt.name}; stored dequantized (f32)", file=sys.stderr)
     w = gguf.quants.dequantize(raw, tt)
     return lo.F32W(np.asarray(w, np.float32).reshape(N, K))
+
+
+QK_K = 256  # a k-quant super-block
+
+
+def _k_scales(scales):
+    """The 6-bit scales and mins of a Q4_K/Q5_K super-block's 8 sub-blocks (llama.cpp's
+    get_scale_min_k4): [..., 12] bytes -> ([..., 8], [..., 8]) uint8."""
+    s = scales.astype(np.uint8)
+    lo4, hi4 = s[..., 0:4], s[..., 4:8]
+    sc = np.concatenate([lo4 & 63, (s[..., 8:12] & 0xF) | ((lo4 >> 6) << 4)], -1)
+    mn = np.concatenate([hi4 & 63, (s[..., 8:12] >> 4) | ((hi4 >> 6) << 4)], -1)
+    return sc, mn
+
+
+def _k_quant(kind, raw, N, K):
+    """A Q4_K/Q5_K/Q6_K tensor as llama.cpp decodes it, in a form the graph holds exactly:
+    Q4_K -> Q41W (blocks of 32: scale d*sc, min -dmin*m), Q5_K -> QKW 5-bit (same blocks),
+    Q6_K -> QKW 6-bit (blocks of 16: scale d*sc, zero point 32)."""
+    if K % QK_K:
+        raise SystemExit(f"a {kind} row of {K} values is not a whole number of {QK_K}-value super-blocks")
+    ns = K // QK_K
+    if kind in ("Q4_K", "Q5_K"):
+        size = 144 if kind == "Q4_K" else 176
+        blk = raw.reshape(N, ns, size)
+        d, dmin = _f16(blk[..., 0:2]), _f16(blk[..., 2:4])                  # [N, ns, 1]
+        sc, mn = _k_scales(blk[..., 4:16])                                   # [N, ns, 8]
+        qs = blk[..., size - 128:].reshape(N, ns, 4, 1, 32)                  # 4 chunks of 64
+        q = np.concatenate([qs & 0xF, qs >> 4], 3).reshape(N, ns, 8, 32)     # sub-block 2c, 2c+1
+        scale = (d * sc.astype(np.float32)).reshape(N, ns * 8)
+        minus = (-(dmin * mn.astype(np.float32))).reshape(N, ns * 8)
+        if kind == "Q4_K":
+            return lo.Q41W(scale, minus, q.reshape(N, ns * 8, 32).astype(np.uint8))
+        qh = blk[..., 16:48].reshape(N, ns, 1, 32)                           # bit j: sub-block j
+        high = (qh >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1
+        q = (q + 16 * high).astype(np.uint8)
+        return lo.QKW(scale, 0, minus, q.reshape(N, ns * 8, 32), 5)
+    blk = raw.reshape(N, ns, 210)
+    ql = blk[..., 0:128].reshape(N, ns, 2, 2, 32)      # [half, ql[l] | ql[l+32], l]
+    qh = blk[..., 128:192].reshape(N, ns, 2, 1, 32)    # [half, l]
+    sc = np.ascontiguousarray(blk[..., 192:208]).view(np.int8)                # [N, ns, 16]
+    d = _f16(blk[..., 208:210])                                              # [N, ns, 1]
+    # in each half of 128: elements l, l+32, l+64, l+96 take ql[l] low, ql[l+32] low, ql[l]
+    # high, ql[l+32] high nibbles, and bits 0-1, 2-3, 4-5, 6-7 of qh[l]
+    low = np.concatenate([ql & 0xF, ql >> 4], 3)                             # [N, ns, 2, 4, 32]
+    shifts = np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)
+    q = (low | (((qh >> shifts) & 3) << 4)).astype(np.uint8)
+    scale = (d * sc.astype(np.float32)).reshape(N, ns * 16)
+    return lo.QKW(scale, 32, None, q.reshape(N, ns * 16, 16), 6)
 
 
 def unpermute_rows(w, n_head: int):
@@ -120,8 +198,8 @@ def read_gguf(path):
     import gguf
     r = gguf.GGUFReader(str(path))
     arch = _field(r, "general.architecture")
-    if arch not in ("llama", "mistral"):
-        raise SystemExit(f"{path}: architecture {arch!r} is not Llama-family; only llama is supported")
+    if arch not in ARCHITECTURES:
+        raise SystemExit(f"{path}: architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     a = arch
     nh = int(_field(r, f"{a}.attention.head_count"))
     nkv = int(_field(r, f"{a}.attention.head_count_kv", nh))
@@ -130,9 +208,20 @@ def read_gguf(path):
     rope_dim = int(_field(r, f"{a}.rope.dimension_count", hd))
     if rope_dim != hd:
         raise SystemExit(f"{path}: partial rotary (rope dim {rope_dim} != head dim {hd}) is not supported")
-    if _field(r, f"{a}.rope.scaling.type") not in (None, "none"):
-        raise SystemExit(f"{path}: rope scaling {_field(r, f'{a}.rope.scaling.type')!r} is not supported")
     tensors = {t.name: t for t in r.tensors}
+    # Llama 3 divides each rotary frequency by its factor in rope_freqs; linear scaling by one
+    rope_factors = None
+    if "rope_freqs.weight" in tensors:
+        rope_factors = np.asarray(tensors["rope_freqs.weight"].data, np.float32).reshape(-1)
+        if rope_factors.shape != (hd // 2,):
+            raise SystemExit(f"{path}: rope_freqs has {rope_factors.size} factors, want {hd // 2}")
+    scaling = _field(r, f"{a}.rope.scaling.type")
+    if scaling == "linear":
+        factor = float(_field(r, f"{a}.rope.scaling.factor", 1.0))
+        rope_factors = (rope_factors if rope_factors is not None else np.ones(hd // 2, np.float32)) * factor
+    elif scaling not in (None, "none"):
+        raise SystemExit(f"{path}: rope scaling {scaling!r} is not supported (none, linear, and Llama 3's "
+                         "rope_freqs are)")
     toks = _field(r, "tokenizer.ggml.tokens")
     vocab = int(_field(r, f"{a}.vocab_size", len(toks)))
     cfg = lo.LlamaConfig(
@@ -144,7 +233,11 @@ def read_gguf(path):
         rms_norm_eps=float(np.float32(_field(r, f"{a}.attention.layer_norm_rms_epsilon", 1e-5))),
         max_position_embeddings=int(_field(r, f"{a}.context_length", 2048)),
         tie_word_embeddings="output.weight" not in tensors,
+        rope_factors=rope_factors,
     )
+    # llama.cpp permutes Llama's Q/K rows for its interleaved rotary; Qwen2 (NEOX rotary, the
+    # rotate-half of Hugging Face) is stored as trained
+    permuted = arch != "qwen2"
     W = {}
     W["model.embed_tokens.weight"] = _weight_from_tensor(tensors["token_embd.weight"])
     W["model.norm.weight"] = np.asarray(tensors["output_norm.weight"].data, np.float32)
@@ -160,11 +253,19 @@ def read_gguf(path):
                                                                np.float32)
         for g_name, hf in names.items():
             w = _weight_from_tensor(tensors[f"blk.{i}.{g_name}.weight"])
-            if g_name == "attn_q":
+            if permuted and g_name == "attn_q":
                 w = unpermute_rows(w, nh)
-            elif g_name == "attn_k":
+            elif permuted and g_name == "attn_k":
                 w = unpermute_rows(w, nkv)
             W[f"{p}.{hf}.weight"] = w
+            bias = tensors.get(f"blk.{i}.{g_name}.bias")
+            if bias is not None:
+                if g_name not in ("attn_q", "attn_k", "attn_v"):
+                    raise SystemExit(f"{path}: a bias on {g_name} is not supported (q/k/v biases are)")
+                b = np.asarray(bias.data, np.float32).reshape(-1)
+                if permuted and g_name in ("attn_q", "attn_k"):
+                    b = unpermute_rows(lo.F32W(b[:, None]), nh if g_name == "attn_q" else nkv).a[:, 0]
+                W[f"{p}.{hf}.bias"] = b
     tok = {
         "model": _field(r, "tokenizer.ggml.model"),
         "pre": _field(r, "tokenizer.ggml.pre", "default"),
@@ -179,7 +280,7 @@ def read_gguf(path):
         "add_bos": bool(_field(r, "tokenizer.ggml.add_bos_token", False)),
         "chat_template": _field(r, "tokenizer.chat_template"),
     }
-    meta = {"name": _field(r, "general.name", Path(path).stem)}
+    meta = {"name": _field(r, "general.name", Path(path).stem), "arch": arch}
     return cfg, W, tok, meta
 
 
@@ -200,7 +301,7 @@ def tokenizer_json(tok) -> dict:
         "truncation": None,
         "padding": None,
         "added_tokens": added,
-        "normalizer": None,
+        "normalizer": NORMALIZERS.get(tok["pre"]),
         "pre_tokenizer": pre,
         "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
                            "use_regex": True},
@@ -255,10 +356,11 @@ def eos_ids(tok):
     return ids
 
 
-def config_json(cfg: lo.LlamaConfig, tok) -> dict:
+def config_json(cfg: lo.LlamaConfig, tok, arch: str = "llama") -> dict:
+    hf_class, model_type = ARCHITECTURES[arch]
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [hf_class],
+        "model_type": model_type,
         "hidden_act": "silu",
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -269,7 +371,9 @@ def config_json(cfg: lo.LlamaConfig, tok) -> dict:
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_position_embeddings,
         "rope_theta": cfg.rope_theta,
+        # Llama 3's factors are what its rope_scaling parameters compute; they are kept as is
         "rope_scaling": None,
+        **({"rope_factors": [float(f) for f in cfg.rope_factors]} if cfg.rope_factors is not None else {}),
         "rms_norm_eps": float(f"{cfg.rms_norm_eps:.6g}"),
         "bos_token_id": None if tok["bos"] is None else int(tok["bos"]),
         "eos_token_id": int(tok["eos"]),
@@ -423,9 +527,24 @@ def write_json(path: Path, obj):
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def tract_loadable(opts: lo.BuildOptions) -> bool:
-    """tract 0.23.9 runs MatMulNBits with bits 4 (and 2) only and cannot slice its packed weights."""
-    return opts.q8 in ("split4", "f32")
+def tract_loadable(opts: lo.BuildOptions, W: dict) -> bool:
+    """Whether tract computes model.onnx as written: tract 0.23.9 runs MatMulNBits with bits 4
+    (and 2) only, cannot slice its packed weights, and packs blocks of 32 with f16 scales."""
+    if opts.q8 not in ("split4", "f32"):
+        return False
+    for w in W.values():
+        if isinstance(w, lo.QKW) and opts.kq not in ("split4", "f32"):
+            return False
+        scales = w.d if isinstance(w, lo.Q41W) else w.s if isinstance(w, lo.QKW) else None
+        if scales is not None and not opts.f16_scales and \
+                not np.array_equal(scales, scales.astype(np.float16).astype(np.float32)):
+            return False
+    return True
+
+
+def tract_options(opts: lo.BuildOptions) -> lo.BuildOptions:
+    """model.tract.onnx: 8-bit weights split into 4-bit planes, scales as tract holds them."""
+    return dataclasses.replace(opts, q8="split4", kq="split4", f16_scales=True)
 
 
 def write_ort_graph(out: Path, cfg, W, opts: lo.BuildOptions, base="model.onnx", name="model.ort.onnx"):
@@ -453,9 +572,9 @@ def convert(gguf_path, out, name=None, opts: lo.BuildOptions = None, reference=T
     lo.save_model(lo.build_model(cfg, W, opts), out / "model.onnx")
     files = {"ort": "model.onnx", "tract": "model.onnx"}
     log(f"[convert] wrote model.onnx ({(out / 'model.onnx').stat().st_size / 1e6:.1f} MB)")
-    if not tract_loadable(opts):
-        # tract 0.23.9 has 4-bit MatMulNBits only: a second file with the Q8_0 weights split
-        t_opts = dataclasses.replace(opts, q8="split4")
+    if not tract_loadable(opts, W):
+        # a second file in the form tract runs as written
+        t_opts = tract_options(opts)
         lo.save_model(lo.build_model(cfg, W, t_opts), out / "model.tract.onnx")
         files["tract"] = "model.tract.onnx"
         log(f"[convert] wrote model.tract.onnx ({(out / 'model.tract.onnx').stat().st_size / 1e6:.1f} MB)")
@@ -466,12 +585,13 @@ def convert(gguf_path, out, name=None, opts: lo.BuildOptions = None, reference=T
             f"{shared / 1e6:.1f} MB of weights read from model.onnx)")
     write_json(out / "tokenizer.json", tokenizer_json(tok))
     write_json(out / "tokenizer_config.json", tokenizer_config(tok, cfg.max_position_embeddings))
-    write_json(out / "config.json", config_json(cfg, tok))
+    write_json(out / "config.json", config_json(cfg, tok, meta["arch"]))
     write_json(out / "generation_config.json", generation_config(tok))
     manifest = {"format": FORMAT, "name": name, "files": files,
                 "layout": "optimum",
                 "source": {"gguf": gguf_path.name, "sha256": sha256_file(gguf_path)},
-                "weights": {"linear": opts.linear, "q8": opts.q8, "accuracy_level": opts.accuracy_level}}
+                "weights": {"linear": opts.linear, "q8": opts.q8, "kq": opts.kq,
+                            "accuracy_level": opts.accuracy_level}}
     write_json(out / "emberd.json", manifest)
     t1 = time.time()
     log(f"[convert] package written in {t1 - t0:.1f} s")
@@ -492,6 +612,8 @@ def main(argv=None):
     ap.add_argument("--name", help="package name (default: GGUF file stem)")
     ap.add_argument("--linear", default="nbits", choices=["nbits", "f32"], help="form of 4-bit weights")
     ap.add_argument("--q8", default="split4", choices=["split4", "nbits8", "f32"], help="form of Q8_0 weights")
+    ap.add_argument("--kq", default="nbits8", choices=["nbits8", "split4", "f32"],
+                    help="form of Q5_0/Q5_1/Q5_K/Q6_K weights in model.onnx (model.tract.onnx splits them)")
     ap.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level (ORT)")
     ap.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up projections separate")
     ap.add_argument("--no-reference", action="store_true", help="skip reference.json generation")
@@ -502,7 +624,8 @@ def main(argv=None):
                          "(default: [batch, 1, vocab] of the last position, which is all emberd reads; "
                          "computing the others costs prefill time and memory)")
     a = ap.parse_args(argv)
-    opts = lo.BuildOptions(linear=a.linear, q8=a.q8, accuracy_level=a.accuracy_level, fuse=not a.no_fuse)
+    opts = lo.BuildOptions(linear=a.linear, q8=a.q8, kq=a.kq, accuracy_level=a.accuracy_level,
+                           fuse=not a.no_fuse)
     convert(a.gguf, a.out, a.name, opts, reference=not a.no_reference, ort_graph=a.ort_graph,
             last_logits=not a.full_logits)
 

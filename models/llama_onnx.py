@@ -99,16 +99,60 @@ class Q80W:
         return Q80W(self.d[idx], self.q[idx])
 
 
-def concat_rows(ws):
-    """Stack weights of the same kind along N (for fused QKV / gate-up projections)."""
+@dataclasses.dataclass
+class QKW:
+    """Blocks of `q.shape[2]` integers q in [0, 2**bits): w = s*(q - z) + r, one zero point z
+    for all blocks, r per block (None when 0). The 5- and 6-bit types as llama.cpp decodes them,
+    exactly: Q5_K (blocks of 32, z 0, r = -dmin*m), Q6_K (blocks of 16, z 32, no r), Q5_0 (z 16),
+    Q5_1 (z 0, r = m); Q4_K is a Q41W."""
+    s: np.ndarray        # [N, nb] float32
+    z: int
+    r: "np.ndarray | None"  # [N, nb] float32
+    q: np.ndarray        # [N, nb, bs] uint8
+    bits: int
+
+    @property
+    def shape(self):
+        return (self.q.shape[0], self.q.shape[1] * self.q.shape[2])
+
+    @property
+    def block(self):
+        return self.q.shape[2]
+
+    def dequant(self) -> np.ndarray:
+        w = self.s[:, :, None] * (self.q.astype(np.float32) - np.float32(self.z))
+        if self.r is not None:
+            w = w + self.r[:, :, None]
+        return w.reshape(self.shape).astype(np.float32)
+
+    def take_rows(self, idx):
+        return QKW(self.s[idx], self.z, None if self.r is None else self.r[idx], self.q[idx], self.bits)
+
+
+def same_form(ws) -> bool:
+    """Whether weights can be stacked into one (fused) weight without changing their form."""
     k = type(ws[0])
     if not all(type(w) is k for w in ws):
+        return False
+    if k is QKW:
+        return len({(w.z, w.bits, w.block, w.r is None) for w in ws}) == 1
+    return True
+
+
+def concat_rows(ws):
+    """Stack weights of the same form along N (for fused QKV / gate-up projections)."""
+    k = type(ws[0])
+    if not same_form(ws):
         ws = [F32W(w.dequant()) for w in ws]
         k = F32W
     if k is F32W:
         return F32W(np.concatenate([w.a for w in ws], 0))
     if k is Q41W:
         return Q41W(*(np.concatenate([getattr(w, f) for w in ws], 0) for f in ("d", "m", "q")))
+    if k is QKW:
+        r = None if ws[0].r is None else np.concatenate([w.r for w in ws], 0)
+        return QKW(np.concatenate([w.s for w in ws], 0), ws[0].z, r,
+                   np.concatenate([w.q for w in ws], 0), ws[0].bits)
     return Q80W(*(np.concatenate([getattr(w, f) for w in ws], 0) for f in ("d", "q")))
 
 
@@ -131,6 +175,18 @@ class LlamaConfig:
     rms_norm_eps: float
     max_position_embeddings: int
     tie_word_embeddings: bool = True
+    # Llama 3's rope_freqs (or linear rope scaling): each rotary frequency is divided by its factor
+    rope_factors: "np.ndarray | None" = None
+
+
+def inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """The rotary frequencies [head_dim / 2] (f32), with the model's rope factors applied."""
+    hd = cfg.head_dim
+    f = (1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
+         ).astype(np.float32)
+    if cfg.rope_factors is not None:
+        f = (f / np.asarray(cfg.rope_factors, np.float32)).astype(np.float32)
+    return f
 
 
 @dataclasses.dataclass
@@ -138,6 +194,10 @@ class BuildOptions:
     layout: str = "optimum"        # optimum | merged | genai
     linear: str = "nbits"          # for Q4_1 weights: nbits | f32
     q8: str = "split4"             # for Q8_0 weights: split4 | nbits8 | f32
+    kq: str = "nbits8"             # for QKW (5/6-bit) weights: nbits8 (ORT) | split4 (both engines) | f32
+    # round the scales of 4-bit blocks of 32 to f16: tract packs such blocks with f16 scales, so
+    # its file then says what it computes (the k-quants' d*sc scales are not all f16 numbers)
+    f16_scales: bool = False
     accuracy_level: int = 4        # MatMulNBits accuracy_level (ORT; tract ignores it)
     fuse: bool = True              # fuse q/k/v and gate/up projections
     blocksum: str = "reduce"       # Q4_1 correction's block sums: reduce (Reshape+ReduceSum) | matmul
@@ -204,21 +264,80 @@ class G:
 
 
 # ----------------------------------------------------------------------------- linear layers
-class Linear:
-    """Emits the nodes for y = x @ W.T for one weight (possibly fused) in the chosen form."""
+def kept_quantized(w, opts: BuildOptions) -> bool:
+    """Whether `opts` keep this weight in a quantized form (else it is stored as f32)."""
+    return ((isinstance(w, Q41W) and opts.linear == "nbits")
+            or (isinstance(w, Q80W) and opts.q8 != "f32")
+            or (isinstance(w, QKW) and opts.kq != "f32"))
 
-    def __init__(self, g: G, w, name: str, opts: BuildOptions):
+
+class Stacked:
+    """Linears whose outputs are concatenated: a fused projection whose parts keep their forms."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    @property
+    def g(self):
+        return self.parts[0].g
+
+    @g.setter
+    def g(self, g):  # the merged layout rebinds every Linear to each branch's subgraph
+        for part in self.parts:
+            part.g = g
+
+    def __call__(self, x):
+        return self.g.op("Concat", [part(x) for part in self.parts], axis=-1)
+
+
+def pack_zero_points(z: np.ndarray) -> np.ndarray:
+    """[N, nb] 4-bit zero points -> [N, ceil(nb / 2)] bytes, block 2i in the low nibble."""
+    z = z.astype(np.uint8)
+    if z.shape[1] % 2:
+        z = np.concatenate([z, np.zeros((z.shape[0], 1), np.uint8)], 1)
+    return (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
+
+
+class Linear:
+    """Emits the nodes for y = x @ W.T (+ bias) for one weight (possibly fused) in the chosen form."""
+
+    def __init__(self, g: G, w, name: str, opts: BuildOptions, bias=None):
         self.g, self.w, self.name, self.opts = g, w, name, opts
         N, K = w.shape
         self.N, self.K = N, K
+        self.has_corr, self.block = False, QK
+        self.bias = None
+        if bias is not None:
+            self.bias = g.init(f"{name}.bias", np.asarray(bias, np.float32))
         if isinstance(w, Q41W) and opts.linear == "nbits":
             self.kind = "q4"
+            d = self._scales(w.d)
             g.init(f"{name}.qweight", pack_nibbles(w.q))                       # [N, nb, 16]
-            g.init(f"{name}.scales", w.d.astype(np.float32))                   # [N, nb]
-            corr = (w.m + 8.0 * w.d).T.astype(np.float32)                      # [nb, N]
-            self.has_corr = bool(np.any(corr != 0))   # Q4_0 (m = -8d) needs no correction
-            if self.has_corr:
-                g.init(f"{name}.blockcorr", corr.copy())
+            g.init(f"{name}.scales", d)                                        # [N, nb]
+            self._corr((w.m + 8.0 * d).T)   # Q4_0 (m = -8d) needs no correction
+        elif isinstance(w, QKW) and opts.kq in ("nbits8", "split4"):
+            self.block = w.block
+            nb = w.s.shape[1]
+            if opts.kq == "nbits8":
+                # one 8-bit MatMulNBits with the block's zero point: exact for q < 256
+                self.kind = "kq8"
+                g.init(f"{name}.qweight", np.ascontiguousarray(w.q, np.uint8))  # [N, nb, bs]
+                g.init(f"{name}.scales", w.s.astype(np.float32))
+                g.init(f"{name}.zero_points", np.full((N, nb), w.z, np.uint8))
+            else:
+                # q = 16*h + l: two 4-bit MatMulNBits (tract has 4-bit only), z split the same way
+                if w.z % 16:
+                    raise ValueError(f"{name}: zero point {w.z} does not split into 4-bit planes")
+                self.kind = "kqsplit4"
+                sc = self._scales(w.s)
+                g.init(f"{name}.qweight_hi", pack_nibbles(w.q >> 4))
+                g.init(f"{name}.scales_hi", (16.0 * sc).astype(np.float32))
+                g.init(f"{name}.zero_points_hi", pack_zero_points(np.full((N, nb), w.z >> 4)))
+                g.init(f"{name}.qweight_lo", pack_nibbles(w.q & 15))
+                g.init(f"{name}.scales_lo", sc)
+                g.init(f"{name}.zero_points_lo", pack_zero_points(np.zeros((N, nb))))
+            if w.r is not None:
+                self._corr(w.r.T)
         elif isinstance(w, Q80W) and opts.q8 == "split4":
             self.kind = "q8split4"
             q = w.q.astype(np.int16)
@@ -239,39 +358,58 @@ class Linear:
             self.kind = "f32"
             g.init(f"{name}.weight_t", w.dequant().T.copy())                    # [K, N]
 
+    def _scales(self, scales):
+        scales = np.asarray(scales, np.float32)
+        if self.opts.f16_scales and self.block == 32:
+            return scales.astype(np.float16).astype(np.float32)
+        return scales
+
+    def _corr(self, corr):
+        """Per-block additive terms [nb, N], applied as blocksum(x) @ corr (skipped when all 0)."""
+        corr = np.asarray(corr, np.float32)
+        self.has_corr = bool(np.any(corr != 0))
+        if self.has_corr:
+            self.g.init(f"{self.name}.blockcorr", corr.copy())
+
+    def _nbits(self, x, suffix, bits, zero_points=False):
+        n = self.name
+        inputs = [x, f"{n}.qweight{suffix}", f"{n}.scales{suffix}"]
+        if zero_points:
+            inputs.append(f"{n}.zero_points{suffix}")
+        return self.g.op("MatMulNBits", inputs, domain="com.microsoft", K=self.K, N=self.N, bits=bits,
+                         block_size=self.block, accuracy_level=self.opts.acc_for(n))
+
     def __call__(self, x):
+        y = self._matmul(x)
+        return y if self.bias is None else self.g.op("Add", [y, self.bias])
+
+    def _matmul(self, x):
         g, o = self.g, self.opts
         if self.kind == "f32":
             return g.op("MatMul", [x, f"{self.name}.weight_t"])
         if self.kind == "q4":
-            y = g.op("MatMulNBits", [x, f"{self.name}.qweight", f"{self.name}.scales"],
-                     domain="com.microsoft", K=self.K, N=self.N, bits=4, block_size=QK,
-                     accuracy_level=o.acc_for(self.name))
-            if not self.has_corr:
-                return y
-            nb = self.K // QK
-            if o.blocksum == "matmul":   # per-block sums as x @ 0/1 indicator [K, nb]
-                ind = np.repeat(np.eye(nb, dtype=np.float32), QK, axis=0)
-                bs = g.op("MatMul", [x, g.const(ind, np.float32)])
-            else:
-                xb = g.op("Reshape", [x, g.const([0, 0, nb, QK])])
-                bs = g.op("ReduceSum", [xb, g.const([-1])], keepdims=0)
-            corr = g.op("MatMul", [bs, f"{self.name}.blockcorr"])
-            return g.op("Add", [y, corr])
-        if self.kind == "q8split4":
-            hi = g.op("MatMulNBits", [x, f"{self.name}.qweight_hi", f"{self.name}.scales_hi"],
-                      domain="com.microsoft", K=self.K, N=self.N, bits=4, block_size=QK,
-                      accuracy_level=o.acc_for(self.name))
-            lo_ = g.op("MatMulNBits", [x, f"{self.name}.qweight_lo", f"{self.name}.scales_lo",
-                                       f"{self.name}.zero_points_lo"],
-                       domain="com.microsoft", K=self.K, N=self.N, bits=4, block_size=QK,
-                       accuracy_level=o.acc_for(self.name))
-            return g.op("Add", [hi, lo_])
-        if self.kind == "q8nbits8":
-            return g.op("MatMulNBits", [x, f"{self.name}.qweight", f"{self.name}.scales"],
-                        domain="com.microsoft", K=self.K, N=self.N, bits=8, block_size=QK,
-                        accuracy_level=o.acc_for(self.name))
-        raise AssertionError(self.kind)
+            y = self._nbits(x, "", 4)
+        elif self.kind == "kq8":
+            y = self._nbits(x, "", 8, zero_points=True)
+        elif self.kind == "kqsplit4":
+            y = g.op("Add", [self._nbits(x, "_hi", 4, True), self._nbits(x, "_lo", 4, True)])
+        elif self.kind == "q8split4":
+            return g.op("Add", [self._nbits(x, "_hi", 4), self._nbits(x, "_lo", 4, True)])
+        elif self.kind == "q8nbits8":
+            return self._nbits(x, "", 8)
+        else:
+            raise AssertionError(self.kind)
+        if not self.has_corr:
+            return y
+        bs = self.block
+        nb = self.K // bs
+        if o.blocksum == "matmul":   # per-block sums as x @ 0/1 indicator [K, nb]
+            ind = np.repeat(np.eye(nb, dtype=np.float32), bs, axis=0)
+            sums = g.op("MatMul", [x, g.const(ind, np.float32)])
+        else:
+            xb = g.op("Reshape", [x, g.const([0, 0, nb, bs])])
+            sums = g.op("ReduceSum", [xb, g.const([-1])], keepdims=0)
+        return g.op("Add", [y, g.op("MatMul", [sums, f"{self.name}.blockcorr"])])
 
     def gather_rows(self, ids, alias=""):
         """Embedding lookup on the stored form: rows `ids` of W (dequantized, f32). With `alias`,
@@ -281,29 +419,58 @@ class Linear:
         def t(name):
             return g.alias(name, alias) if alias else name
 
+        def rows(table):
+            return g.op("Gather", [t(table), ids], axis=0)
+
+        def per_block(table):                                                  # [B,S,nb,1]
+            return g.op("Unsqueeze", [rows(table), g.const([-1])])
+
+        def unpack(packed, block):
+            """Gathered nibble bytes [B,S,nb,block/2] -> values [B,S,nb,block], f32."""
+            b = g.op("Cast", [g.op("Gather", [t(packed), ids], axis=0)], to=TensorProto.FLOAT)
+            hi = g.op("Floor", [g.op("Mul", [b, g.const(1.0 / 16.0, np.float32)])])
+            lo_ = g.op("Sub", [b, g.op("Mul", [hi, g.const(16.0, np.float32)])])
+            pair = g.op("Concat", [g.op("Unsqueeze", [lo_, g.const([-1])]),
+                                   g.op("Unsqueeze", [hi, g.const([-1])])], axis=-1)
+            return g.op("Reshape", [pair, g.const([0, 0, -1, block])])
+
+        def plus_corr(v):
+            if not self.has_corr:
+                return v
+            # blockcorr is [nb, N]: gather its columns, then blocks last
+            c = g.op("Transpose", [g.op("Gather", [t(f"{nm}.blockcorr"), ids], axis=1)], perm=[1, 2, 0])
+            return g.op("Add", [v, g.op("Unsqueeze", [c, g.const([-1])])])
+
+        def flat(v):
+            return g.op("Reshape", [v, g.const([0, 0, self.K])])
+
         if self.kind == "f32":
             # weight_t is [K, N]; a separate row-major copy would double the size, so only
             # untied f32 embeddings use this path with their own table (see build()).
             raise AssertionError("gather_rows on f32 weight")
+        if self.kind == "q4":
+            v = g.op("Sub", [unpack(f"{nm}.qweight", QK), g.const(8.0, np.float32)])
+            return flat(plus_corr(g.op("Mul", [v, per_block(f"{nm}.scales")])))
+        if self.kind == "kq8":
+            q = g.op("Cast", [rows(f"{nm}.qweight")], to=TensorProto.FLOAT)      # [B,S,nb,bs]
+            z = g.op("Cast", [per_block(f"{nm}.zero_points")], to=TensorProto.FLOAT)
+            return flat(plus_corr(g.op("Mul", [g.op("Sub", [q, z]), per_block(f"{nm}.scales")])))
+        if self.kind == "kqsplit4":
+            bs = self.block
+            hi = g.op("Mul", [unpack(f"{nm}.qweight_hi", bs), g.const(16.0, np.float32)])
+            q = g.op("Sub", [g.op("Add", [hi, unpack(f"{nm}.qweight_lo", bs)]),
+                             g.const(float(self.w.z), np.float32)])
+            return flat(plus_corr(g.op("Mul", [q, per_block(f"{nm}.scales_lo")])))
         if self.kind == "q8nbits8":
-            qb = g.op("Gather", [t(f"{nm}.qweight"), ids], axis=0)            # [B,S,nb,32] u8
-            qf = g.op("Sub", [g.op("Cast", [qb], to=TensorProto.FLOAT), g.const(128.0, np.float32)])
-            sc = g.op("Unsqueeze", [g.op("Gather", [t(f"{nm}.scales"), ids], axis=0), g.const([-1])])
-            return g.op("Reshape", [g.op("Mul", [qf, sc]), g.const([0, 0, self.K])])
+            qf = g.op("Sub", [g.op("Cast", [rows(f"{nm}.qweight")], to=TensorProto.FLOAT),
+                              g.const(128.0, np.float32)])
+            return flat(g.op("Mul", [qf, per_block(f"{nm}.scales")]))
         if self.kind == "q8split4":
-            def unpack(packed, scales, zp):
-                qb = g.op("Gather", [packed, ids], axis=0)                        # [B,S,nb,16] u8
-                b = g.op("Cast", [qb], to=TensorProto.FLOAT)
-                hi = g.op("Floor", [g.op("Mul", [b, g.const(1.0 / 16.0, np.float32)])])
-                lo_ = g.op("Sub", [b, g.op("Mul", [hi, g.const(16.0, np.float32)])])
-                pair = g.op("Concat", [g.op("Unsqueeze", [lo_, g.const([-1])]),
-                                       g.op("Unsqueeze", [hi, g.const([-1])])], axis=-1)
-                v = g.op("Reshape", [pair, g.const([0, 0, -1, QK])])              # [B,S,nb',32]
-                sc = g.op("Unsqueeze", [g.op("Gather", [scales, ids], axis=0), g.const([-1])])
-                return g.op("Mul", [g.op("Sub", [v, zp]), sc])
-            hi = unpack(t(f"{nm}.qweight_hi"), t(f"{nm}.scales_hi"), g.const(8.0, np.float32))
-            lo_ = unpack(t(f"{nm}.qweight_lo"), t(f"{nm}.scales_lo"), g.const(0.0, np.float32))
-            return g.op("Reshape", [g.op("Add", [hi, lo_]), g.const([0, 0, self.K])])
+            hi = unpack(f"{nm}.qweight_hi", QK)
+            lo_ = unpack(f"{nm}.qweight_lo", QK)
+            hi = g.op("Mul", [g.op("Sub", [hi, g.const(8.0, np.float32)]), per_block(f"{nm}.scales_hi")])
+            lo_ = g.op("Mul", [lo_, per_block(f"{nm}.scales_lo")])
+            return flat(g.op("Add", [hi, lo_]))
         raise AssertionError(f"gather_rows on {self.kind}")
 
 
@@ -315,12 +482,17 @@ def _exact_q_scale(hd):
 
 
 def scale_rows(w, s):
-    """w * s for a power-of-two s: exact on every form (scales, mins, f32 values)."""
+    """w * s for a power-of-two s: exact on every form (scales, mins, f32 values, biases)."""
+    s = np.float32(s)
+    if isinstance(w, np.ndarray):
+        return (w * s).astype(np.float32)
     if isinstance(w, F32W):
-        return F32W((w.a * np.float32(s)).astype(np.float32))
+        return F32W((w.a * s).astype(np.float32))
     if isinstance(w, Q41W):
-        return Q41W(w.d * np.float32(s), w.m * np.float32(s), w.q)
-    return Q80W(w.d * np.float32(s), w.q)
+        return Q41W(w.d * s, w.m * s, w.q)
+    if isinstance(w, QKW):
+        return QKW(w.s * s, w.z, None if w.r is None else w.r * s, w.q, w.bits)
+    return Q80W(w.d * s, w.q)
 
 
 def _rms_norm(g: G, x, weight_name, eps):
@@ -361,10 +533,8 @@ def _decoder_body(g: G, cfg: LlamaConfig, opts: BuildOptions, lin: dict, embed_f
         pos = g.op("Where", [g.op("Equal", [am_last, g.const(0)]), g.const(1), last])
 
     # rotary tables [B, S, 1, hd]
-    inv_freq = (1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
-                ).astype(np.float32)
     fr = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", [pos], to=TensorProto.FLOAT), g.const([-1])]),
-                      g.const(inv_freq, np.float32)])
+                      g.const(inv_freq(cfg), np.float32)])
     emb = g.op("Concat", [fr, fr], axis=-1)
     cos = g.op("Unsqueeze", [g.op("Cos", [emb]), g.const([2])])
     sin = g.op("Unsqueeze", [g.op("Sin", [emb]), g.const([2])])
@@ -463,9 +633,7 @@ def _decoder_body_gqa(g: G, cfg: LlamaConfig, opts: BuildOptions, lin: dict, emb
     total = g.op("Cast", [g.op("Gather", [g.op("Shape", [am]), g.const(1)], axis=0)],
                  to=TensorProto.INT32)                                                # scalar
     # rotary tables as the plain graph computes them: f32 position * f32 inv_freq, then cos/sin
-    inv_freq = (1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
-                ).astype(np.float32)
-    fr = np.arange(cfg.max_position_embeddings, dtype=np.float32)[:, None] * inv_freq[None, :]
+    fr = np.arange(cfg.max_position_embeddings, dtype=np.float32)[:, None] * inv_freq(cfg)[None, :]
     g.init("rotary.cos_cache", np.cos(fr).astype(np.float32))                        # [max_pos, hd/2]
     g.init("rotary.sin_cache", np.sin(fr).astype(np.float32))
     # the 1/sqrt(hd) scale is folded into the Q weights when exact (see build_model)
@@ -507,11 +675,13 @@ def _decoder_body_gqa(g: G, cfg: LlamaConfig, opts: BuildOptions, lin: dict, emb
 
 
 def build_model(cfg: LlamaConfig, weights: dict, opts: BuildOptions) -> onnx.ModelProto:
-    """weights: HF-order names -> F32W/Q41W/Q80W (linears, [N, K]) or np.ndarray (norms).
+    """weights: HF-order names -> F32W/Q41W/Q80W/QKW (linears, [N, K]) or np.ndarray (norms,
+    biases).
 
     Keys: model.embed_tokens.weight, model.norm.weight, lm_head.weight (absent when tied),
     model.layers.{i}.{input_layernorm,post_attention_layernorm}.weight,
-    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight, model.layers.{i}.mlp.{gate,up,down}_proj.weight
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight, model.layers.{i}.mlp.{gate,up,down}_proj.weight,
+    and where the model has them (Qwen2) model.layers.{i}.self_attn.{q,k,v}_proj.bias
     """
     g = G()
     L = cfg.num_hidden_layers
@@ -520,22 +690,36 @@ def build_model(cfg: LlamaConfig, weights: dict, opts: BuildOptions) -> onnx.Mod
     if qs is not None:  # fold the attention scale into the Q projection (exact: power of two)
         weights = dict(weights)
         for i in range(L):
-            k = f"model.layers.{i}.self_attn.q_proj.weight"
-            weights[k] = scale_rows(weights[k], qs)
+            for kind in ("weight", "bias"):
+                k = f"model.layers.{i}.self_attn.q_proj.{kind}"
+                if k in weights:
+                    weights[k] = scale_rows(weights[k], qs)
+
+    def fused(names, name):
+        """One Linear over the stacked weights, or, where their forms differ (Q4_K_M: Q4_K q/k
+        beside a Q6_K v), one per weight with the outputs concatenated: no weight changes form."""
+        ws = [weights[f"{n}.weight"] for n in names]
+        bs = [weights.get(f"{n}.bias") for n in names]
+        if same_form(ws):
+            bias = None
+            if any(b is not None for b in bs):
+                bias = np.concatenate([np.zeros(w.shape[0], np.float32) if b is None else b
+                                       for w, b in zip(ws, bs)])
+            return Linear(g, concat_rows(ws), name, opts, bias)
+        return Stacked([Linear(g, w, n, opts, b) for n, w, b in zip(names, ws, bs)])
+
     for i in range(L):
         p = f"model.layers.{i}"
         a, m = f"{p}.self_attn", f"{p}.mlp"
         for n in ("input_layernorm", "post_attention_layernorm"):
             g.init(f"{p}.{n}.weight", np.asarray(weights[f"{p}.{n}.weight"], np.float32))
         if opts.fuse:
-            lin[f"{p}.qkv"] = Linear(g, concat_rows([weights[f"{a}.{x}_proj.weight"] for x in "qkv"]),
-                                     f"{a}.qkv_proj", opts)
-            lin[f"{p}.gate_up"] = Linear(g, concat_rows([weights[f"{m}.gate_proj.weight"],
-                                                         weights[f"{m}.up_proj.weight"]]),
-                                         f"{m}.gate_up_proj", opts)
+            lin[f"{p}.qkv"] = fused([f"{a}.{x}_proj" for x in "qkv"], f"{a}.qkv_proj")
+            lin[f"{p}.gate_up"] = fused([f"{m}.gate_proj", f"{m}.up_proj"], f"{m}.gate_up_proj")
         else:
             for x in "qkv":
-                lin[f"{p}.{x}"] = Linear(g, weights[f"{a}.{x}_proj.weight"], f"{a}.{x}_proj", opts)
+                lin[f"{p}.{x}"] = Linear(g, weights[f"{a}.{x}_proj.weight"], f"{a}.{x}_proj", opts,
+                                         weights.get(f"{a}.{x}_proj.bias"))
             lin[f"{p}.gate"] = Linear(g, weights[f"{m}.gate_proj.weight"], f"{m}.gate_proj", opts)
             lin[f"{p}.up"] = Linear(g, weights[f"{m}.up_proj.weight"], f"{m}.up_proj", opts)
         lin[f"{p}.o"] = Linear(g, weights[f"{a}.o_proj.weight"], f"{a}.o_proj", opts)
@@ -554,7 +738,7 @@ def build_model(cfg: LlamaConfig, weights: dict, opts: BuildOptions) -> onnx.Mod
 
         def embed_fn(gg, ids):
             return head.gather_rows(ids, alias)
-    elif not tied and isinstance(emb_w, Q80W) and opts.q8 in ("split4", "nbits8"):
+    elif not tied and kept_quantized(emb_w, opts):
         lin["embed"] = Linear(g, emb_w, "model.embed_tokens", opts)  # only its gather path is used
 
         def embed_fn(gg, ids):

@@ -14,12 +14,15 @@ computed with onnxruntime (prefill, then one token per step with the KV cache). 
 is made from a tiny GGUF (Q4_1 linears, Q8_0 tied embedding; kept as q4/source.gguf) through
 convert_gguf.py, so it has exactly the default model's form (model.onnx for tract,
 model.ort.onnx with GroupQueryAttention for ONNX Runtime, which the references come from); its
-cases also hold `step_logits_exact` (accuracy_level 0, i.e. no activation quantization, which
-is what tract computes).
+cases also hold `greedy_ids_exact` and `step_logits_exact` (accuracy_level 0, i.e. no
+activation quantization, which is what tract computes). kq-llama3 and kq-qwen2 come the same
+way from GGUFs in the k-quant mixes of Q4_K_M and Q5_K_M files (hidden 256, head_dim 64,
+intermediate 512): Llama 3 with rope_freqs, Qwen2 with q/k/v biases and an untied embedding.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -141,11 +144,17 @@ def permute_for_gguf(w, n_head):
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def write_tiny_gguf(path: Path, cfg: lo.LlamaConfig, W, tok):
+def write_tiny_gguf(path: Path, cfg: lo.LlamaConfig, W, tok, arch="llama", types=None, name="emberd tiny q4",
+                    rope_freqs=None):
+    """A GGUF as llama.cpp's converter writes one: `types` maps a tensor kind (token_embd,
+    output, attn_q, ..., ffn_down) to its type (default: Q8_0 embedding, Q4_1 linears);
+    qwen2 keeps Q/K as trained and carries the q/k/v biases of W."""
     import gguf
     from gguf import GGMLQuantizationType as QT
-    wr = gguf.GGUFWriter(str(path), "llama")
-    wr.add_name("emberd tiny q4")
+    import kquants
+    types = {"token_embd": QT.Q8_0, **(types or {})}
+    wr = gguf.GGUFWriter(str(path), arch)
+    wr.add_name(name)
     wr.add_block_count(cfg.num_hidden_layers)
     wr.add_context_length(cfg.max_position_embeddings)
     wr.add_embedding_length(cfg.hidden_size)
@@ -170,8 +179,15 @@ def write_tiny_gguf(path: Path, cfg: lo.LlamaConfig, W, tok):
     wr.add_chat_template(tok["chat_template"])
 
     def q(name, arr, qt):
-        wr.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(arr, np.float32), qt), raw_dtype=qt)
-    q("token_embd.weight", W["model.embed_tokens.weight"], QT.Q8_0)
+        arr = np.ascontiguousarray(arr, np.float32)
+        blocks = (kquants.quantize(arr, qt.name) if qt.name in kquants.BYTES
+                  else gguf.quants.quantize(arr, qt))
+        wr.add_tensor(name, blocks, raw_dtype=qt)
+    q("token_embd.weight", W["model.embed_tokens.weight"], types["token_embd"])
+    if "lm_head.weight" in W:
+        q("output.weight", W["lm_head.weight"], types.get("output", QT.Q8_0))
+    if rope_freqs is not None:
+        wr.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
     wr.add_tensor("output_norm.weight", W["model.norm.weight"])
     m = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -182,11 +198,13 @@ def write_tiny_gguf(path: Path, cfg: lo.LlamaConfig, W, tok):
         wr.add_tensor(f"blk.{i}.ffn_norm.weight", W[f"{p}.post_attention_layernorm.weight"])
         for gn, hf in m.items():
             w = W[f"{p}.{hf}.weight"]
-            if gn == "attn_q":
+            if arch == "llama" and gn == "attn_q":
                 w = permute_for_gguf(w, cfg.num_attention_heads)
-            elif gn == "attn_k":
+            elif arch == "llama" and gn == "attn_k":
                 w = permute_for_gguf(w, cfg.num_key_value_heads)
-            q(f"blk.{i}.{gn}.weight", w, QT.Q4_1)
+            q(f"blk.{i}.{gn}.weight", w, types.get(gn, QT.Q4_1))
+            if f"{p}.{hf}.bias" in W:
+                wr.add_tensor(f"blk.{i}.{gn}.bias", W[f"{p}.{hf}.bias"])
     wr.write_header_to_file()
     wr.write_kv_data_to_file()
     wr.write_tensors_to_file()
@@ -255,7 +273,6 @@ def generate(out: Path, log=print):
     t0 = time.time()
     rng = np.random.default_rng(SEED)
     tok = train_bpe()
-    import dataclasses
     cfg = dataclasses.replace(TINY, vocab_size=len(tok["tokens"]))
     W32 = random_weights(cfg, rng)
     Wf = {k: (lo.F32W(v) if v.ndim == 2 else v) for k, v in W32.items()}
@@ -279,38 +296,71 @@ def generate(out: Path, log=print):
         summary[name] = [c["greedy_ids"] for c in cases]
 
     # q4: through a tiny GGUF and the real converter
-    d = out / "q4"
+    summary["q4"] = gguf_package(out / "q4", "tiny-q4", cfg, W32, tok)
+
+    # the k-quants (K dimensions of 256, a super-block) in the mixes llama.cpp's Q4_K_M and
+    # Q5_K_M files have, on Llama 3 (rope_freqs) and on Qwen2 (q/k/v biases, NEOX rotary,
+    # an untied Q4_K embedding beside a Q6_K output)
+    from gguf import GGMLQuantizationType as QT
+    kcfg = dataclasses.replace(cfg, hidden_size=256, head_dim=64, intermediate_size=512)
+    rng = np.random.default_rng(SEED + 1)
+    W = random_weights(kcfg, rng)
+    W["model.norm.weight"] *= 0.3   # logits of the q4 model's spread (a tied embedding of 256)
+    factors = np.linspace(1.0, 8.0, kcfg.head_dim // 2).astype(np.float32)  # what llama3 scaling makes
+    # (and the 5-bit fallbacks llama.cpp takes for rows that are no whole super-blocks)
+    q4_k_m = {"token_embd": QT.Q6_K, "attn_v": QT.Q6_K, "ffn_down": QT.Q6_K, "attn_output": QT.Q5_0,
+              **{k: QT.Q4_K for k in ("attn_q", "attn_k", "ffn_gate", "ffn_up")}}
+    summary["kq-llama3"] = gguf_package(out / "kq-llama3", "tiny-kq-llama3",
+                                        dataclasses.replace(kcfg, rope_theta=500000.0), W,
+                                        {**tok, "pre": "llama-bpe"}, types=q4_k_m, rope_freqs=factors)
+    Wq = dict(random_weights(kcfg, rng))
+    Wq["lm_head.weight"] = (4.0 * rng.standard_normal((kcfg.vocab_size, kcfg.hidden_size)) /
+                            np.sqrt(kcfg.hidden_size)).astype(np.float32)
+    Wq["lm_head.weight"][: len(SPECIALS)] *= 0.05
+    for i in range(kcfg.num_hidden_layers):
+        for x, n in (("q", kcfg.num_attention_heads), ("k", kcfg.num_key_value_heads), ("v", kcfg.num_key_value_heads)):
+            Wq[f"model.layers.{i}.self_attn.{x}_proj.bias"] = (0.5 * rng.standard_normal(n * kcfg.head_dim)).astype(np.float32)
+    q5_k_m = {"token_embd": QT.Q4_K, "output": QT.Q6_K, "attn_v": QT.Q6_K, "ffn_down": QT.Q6_K,
+              "ffn_up": QT.Q5_1, **{k: QT.Q5_K for k in ("attn_q", "attn_k", "attn_output", "ffn_gate")}}
+    summary["kq-qwen2"] = gguf_package(out / "kq-qwen2", "tiny-kq-qwen2",
+                                       dataclasses.replace(kcfg, rope_theta=1000000.0, tie_word_embeddings=False),
+                                       Wq, {**tok, "pre": "qwen2"}, arch="qwen2", types=q5_k_m)
+    log(f"[test models] {', '.join(summary)} in {out} ({time.time() - t0:.1f} s, vocab {cfg.vocab_size})")
+    return summary
+
+
+def gguf_package(d: Path, name, cfg, W32, tok, **gguf_args):
+    """A package through a tiny GGUF (kept as source.gguf) and the real converter, with
+    reference cases from its ONNX Runtime graph and `step_logits_exact` from the same weights
+    at accuracy_level 0 (what tract computes); returns the cases' greedy ids."""
     d.mkdir()
-    write_tiny_gguf(d / "source.gguf", cfg, W32, tok)
-    cg.convert(d / "source.gguf", d, name="tiny-q4", reference=False, log=lambda *_: None)
+    write_tiny_gguf(d / "source.gguf", cfg, W32, tok, name="emberd " + name.replace("-", " ", 1), **gguf_args)
+    cg.convert(d / "source.gguf", d, name=name, reference=False, log=lambda *_: None)
     manifest = json.loads((d / "emberd.json").read_text())
     manifest["layout"] = "optimum"
     cg.write_json(d / "emberd.json", manifest)
     ort_file = manifest["files"]["ort"]    # model.ort.onnx: the GroupQueryAttention graph
     cases = reference_cases(d / ort_file, cfg, tok)
-    # same graph without activation quantization (what tract computes)
+    # the tract form without activation quantization: what tract computes
     cfg_q, Wq, _, _ = cg.read_gguf(d / "source.gguf")
     exact = d / "exact.tmp.onnx"
-    lo.save_model(lo.build_model(cfg_q, Wq, lo.BuildOptions(accuracy_level=0)), exact)
+    lo.save_model(lo.build_model(cfg_q, Wq, cg.tract_options(lo.BuildOptions(accuracy_level=0))), exact)
     dec = cg.OrtDecoder(cg.ort_session(exact), cfg)
     for c in cases:
-        _, lg = dec.greedy(c["prompt_ids"], c["steps"])
-        past = dec.empty_past()
-        # teacher-forced on the reference greedy ids so the two lists line up step by step
-        logits, past = dec.forward(c["prompt_ids"], past)
-        ex = [logits[0, -1]]
-        for t in c["greedy_ids"][:-1]:
-            logits, past = dec.forward([t], past)
-            ex.append(logits[0, -1])
+        # its own greedy path: where int8 activations tip a close argmax the paths part
+        gen, ex = dec.greedy(c["prompt_ids"], c["steps"])
+        srt = np.sort(np.stack(ex), axis=-1)
+        c["greedy_ids_exact"] = gen
+        c["min_top2_margin_exact"] = round(float((srt[:, -1] - srt[:, -2]).min()), 4)
         c["step_logits_exact"] = [[round(float(x), 6) for x in l] for l in ex]
     exact.unlink()
     cg.write_json(d / "reference.json", {"model_file": ort_file, "layout": "optimum", "cases": cases,
-                                         "note": "step_logits: onnxruntime, MatMulNBits accuracy_level 4 "
-                                                 "(int8 activations); step_logits_exact: same weights, "
-                                                 "accuracy_level 0 (tract computes this)"})
-    summary["q4"] = [c["greedy_ids"] for c in cases]
-    log(f"[test models] {', '.join(summary)} in {out} ({time.time() - t0:.1f} s, vocab {cfg.vocab_size})")
-    return summary
+                                         "note": "greedy_ids, step_logits: onnxruntime, MatMulNBits "
+                                                 "accuracy_level 4 (int8 activations); greedy_ids_exact, "
+                                                 "step_logits_exact: the same weights in tract's form "
+                                                 "(model.tract.onnx where there is one), accuracy_level "
+                                                 "0: what tract computes"})
+    return [c["greedy_ids"] for c in cases]
 
 
 def main():

@@ -5,7 +5,9 @@
 # 2. vendor/onnxruntime/lib/libonnxruntime.so (+ versioned name), copied from the onnxruntime wheel
 # 3. models/smollm2-135m-instruct/  (the default model package, converted from the GGUF:
 #    model.onnx for tract, model.ort.onnx for ONNX Runtime, whose weights are read from model.onnx)
-# 4. models/test/generated/{optimum,optimum-merged,genai,q4}/  (tiny test models)
+# 4. models/test/generated/{optimum,optimum-merged,genai,q4,kq-llama3,kq-qwen2}/  (tiny test models)
+# With a PATH (a GGUF file or an ONNX export directory): steps 1 and 2, then that model as a
+# package (models/bring.py: `prepare.sh PATH [--out DIR] [--name NAME]`) and `emberd info` on it.
 # Idempotent: each step is skipped when its sha256 stamp matches. Env: PYTHON (default python3),
 # EMBERD_SKIP_MODEL=1 skips step 3, EMBERD_FORCE=1 redoes steps 3 and 4.
 set -euo pipefail
@@ -79,6 +81,25 @@ else
         cp "$SITE/onnxruntime/capi/libonnxruntime_providers_shared.so" "$ORT_DIR/"
     fi
     "$VPY" -c 'import onnxruntime; print(onnxruntime.__version__)' > "$ROOT/vendor/onnxruntime/VERSION"
+fi
+
+# ---------------------------------------------------------------- one's own model
+# `prepare.sh PATH [--out DIR] [--name NAME]`: a GGUF or an export directory becomes a package
+# (models/bring.py), and emberd, where it is built, says how it would serve it.
+if [ $# -gt 0 ]; then
+    log="$(mktemp)"
+    trap 'rm -f "$log"' EXIT
+    "$VPY" "$MODELS/bring.py" "$@" | tee "$log" || exit $?
+    out="$(sed -n 's/^\[bring\] package: //p' "$log")"
+    if [ -x "$ROOT/target/release/emberd" ]; then
+        echo "[bring] 3/3 emberd info --model $out"
+        ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$ORT_DIR/libonnxruntime.so}" \
+            "$ROOT/target/release/emberd" info --model "$out" || die "emberd cannot serve $out (its message is above)"
+        say "serve it: emberd serve --model $out (or [model] dir = \"$out\" in the config)"
+    else
+        say "3/3 skipped: build emberd (cargo build --release), then: emberd info --model $out"
+    fi
+    exit 0
 fi
 
 # ---------------------------------------------------------------- 2b. OpenVINO build (optional)
@@ -172,7 +193,7 @@ EOF
 fi
 
 # ---------------------------------------------------------------- 4. tiny test models
-gen_hash="$(stamp_of "$MODELS/make_test_models.py" "${CONVERTER[@]}")"
+gen_hash="$(stamp_of "$MODELS/make_test_models.py" "$MODELS/kquants.py" "${CONVERTER[@]}")"
 if [ "${EMBERD_FORCE:-0}" != 1 ] && [ -f "$GEN/q4/model.ort.onnx" ] \
         && [ "$(cat "$GEN/.stamp" 2>/dev/null || true)" = "$gen_hash" ]; then
     say "test models up to date (models/test/generated)"

@@ -4,7 +4,10 @@
 Written separately from llama_onnx.py / convert_gguf.py on purpose: it has its own block
 decoding and uses llama.cpp's own rotary convention (adjacent pairs (2i, 2i+1) rotated, on the Q
 and K weights exactly as llama.cpp's converter permuted them), so a wrong un-permutation in the
-ONNX graph shows up as a numeric difference here.
+ONNX graph shows up as a numeric difference here. Qwen2 takes llama.cpp's NEOX rotary instead
+(halves, on unpermuted weights), with its q/k/v biases; Llama 3's rope_freqs divide the
+frequencies. Block types other than Q4_0/Q4_1/Q8_0 (the k-quants) are decoded by the gguf
+package, llama.cpp's own Python.
 
     python models/reference_numpy.py --gguf X.gguf --ids 1 2 3
 """
@@ -51,7 +54,10 @@ def dequantize(type_name: str, raw: np.ndarray, n_rows: int, n_cols: int) -> np.
         nib[:, :16] = b[:, 2:] & 15
         nib[:, 16:] = b[:, 2:] >> 4
         return ((nib - 8.0) * scale[:, None]).reshape(n_rows, n_cols)
-    raise NotImplementedError(type_name)
+    # the rest (k-quants among them) as the gguf package, llama.cpp's own Python, decodes them
+    import gguf
+    vals = gguf.quants.dequantize(flat, gguf.GGMLQuantizationType[type_name])
+    return np.asarray(vals, np.float64).reshape(n_rows, n_cols)
 
 
 class GGUFLlama:
@@ -64,6 +70,9 @@ class GGUFLlama:
             return default if f is None else f.contents()
 
         a = kv("general.architecture")
+        # llama.cpp's rotary kinds: NORM (adjacent pairs, on its permuted Q/K) for llama,
+        # NEOX (halves) for qwen2
+        self.neox = a == "qwen2"
         self.n_layer = int(kv(f"{a}.block_count"))
         self.n_embd = int(kv(f"{a}.embedding_length"))
         self.n_head = int(kv(f"{a}.attention.head_count"))
@@ -77,19 +86,28 @@ class GGUFLlama:
             rows = int(np.prod(ne[1:])) if len(ne) > 1 else 1
             self.t[t.name] = dequantize(t.tensor_type.name, t.data, rows, ne[0])
         self.out_w = self.t.get("output.weight", self.t["token_embd.weight"])
+        hd = self.head_dim
+        self.freqs = self.freq_base ** (-np.arange(0, hd, 2) / hd)
+        if "rope_freqs.weight" in self.t:          # Llama 3: divided by its factors
+            self.freqs = self.freqs / self.t["rope_freqs.weight"].reshape(-1)
+        if kv(f"{a}.rope.scaling.type") == "linear":
+            self.freqs = self.freqs / float(kv(f"{a}.rope.scaling.factor"))
 
     def _norm(self, x, w):
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps) * w.reshape(-1)
 
-    def _rope_interleaved(self, x, pos):
-        """x [n, heads, hd]; llama.cpp LLAMA_ROPE_TYPE_NORM: rotate (x[2i], x[2i+1])."""
+    def _rope(self, x, pos):
+        """x [n, heads, hd]; llama.cpp LLAMA_ROPE_TYPE_NORM rotates (x[2i], x[2i+1]),
+        LLAMA_ROPE_TYPE_NEOX (x[i], x[i + hd/2])."""
         hd = x.shape[-1]
-        theta = pos[:, None].astype(np.float64) * self.freq_base ** (-np.arange(0, hd, 2) / hd)[None, :]
+        theta = pos[:, None].astype(np.float64) * self.freqs[None, :]
         c, s = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
-        x0, x1 = x[..., 0::2], x[..., 1::2]
+        first, second = (slice(0, hd // 2), slice(hd // 2, hd)) if self.neox else \
+            (slice(0, None, 2), slice(1, None, 2))
+        x0, x1 = x[..., first], x[..., second]
         out = np.empty_like(x)
-        out[..., 0::2] = x0 * c - x1 * s
-        out[..., 1::2] = x0 * s + x1 * c
+        out[..., first] = x0 * c - x1 * s
+        out[..., second] = x0 * s + x1 * c
         return out
 
     def forward(self, ids):
@@ -102,11 +120,12 @@ class GGUFLlama:
         grp = self.n_head // self.n_head_kv
         for L in range(self.n_layer):
             T = lambda name: self.t[f"blk.{L}.{name}.weight"]  # noqa: E731
+            bias = lambda name: self.t.get(f"blk.{L}.{name}.bias", 0.0)  # noqa: E731
             h = self._norm(x, T("attn_norm"))
-            q = (h @ T("attn_q").T).reshape(n, self.n_head, hd)
-            k = (h @ T("attn_k").T).reshape(n, self.n_head_kv, hd)
-            v = (h @ T("attn_v").T).reshape(n, self.n_head_kv, hd)
-            q, k = self._rope_interleaved(q, pos), self._rope_interleaved(k, pos)
+            q = (h @ T("attn_q").T + bias("attn_q")).reshape(n, self.n_head, hd)
+            k = (h @ T("attn_k").T + bias("attn_k")).reshape(n, self.n_head_kv, hd)
+            v = (h @ T("attn_v").T + bias("attn_v")).reshape(n, self.n_head_kv, hd)
+            q, k = self._rope(q, pos), self._rope(k, pos)
             att = np.empty((n, self.n_head, hd))
             for hh in range(self.n_head):
                 kvh = hh // grp

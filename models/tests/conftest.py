@@ -18,6 +18,8 @@ MODELS = ROOT / "models"
 PKG = MODELS / "smollm2-135m-instruct"
 GEN = MODELS / "test" / "generated"
 TINY = ("optimum", "optimum-merged", "genai", "q4")
+# the packages made through a GGUF and the converter (4-bit, with exact references too)
+CONVERTED = ("q4", "kq-llama3", "kq-qwen2")
 sys.path.insert(0, str(MODELS))
 
 import convert_gguf as cg  # noqa: E402

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import GEN, TINY, model_file, teacher_forced, tiny_cfg, tiny_dir
+from conftest import CONVERTED, GEN, TINY, model_file, teacher_forced, tiny_cfg, tiny_dir
 
 import convert_gguf as cg
 import llama_onnx as lo
@@ -62,7 +62,7 @@ def test_kv_cache_steps_equal_one_prefill(f32_decoder, long_prompt):
     _compare(np.concatenate(parts), full[0].astype(np.float64), 1e-3)
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", TINY + CONVERTED[1:])
 def test_tiny_kv_cache_and_chunks(name):
     d = tiny_dir(name)
     cfg = tiny_cfg(d)
@@ -75,7 +75,8 @@ def test_tiny_kv_cache_and_chunks(name):
     for t in ids[9:]:
         c, past = dec.forward([t], past)
         parts.append(c[0])
-    tol = 1e-3 if name != "q4" else 5e-2  # q4: int8 activation quantization differs per shape
+    # int8 activation quantization differs per shape (more on the k-quant models' activations)
+    tol = 1e-3 if name not in CONVERTED else 5e-2 if name == "q4" else 0.5
     if full.shape[1] == len(ids):
         _compare(np.concatenate(parts), full[0].astype(np.float64), tol)
     else:
@@ -161,7 +162,7 @@ def test_tiny_q4_matches_numpy_on_its_gguf():
 
 def test_tiny_references_reproduce_with_ort():
     import json
-    for name in TINY:
+    for name in TINY + CONVERTED[1:]:
         d = tiny_dir(name)
         ref = json.loads((d / "reference.json").read_text())
         dec = cg.OrtDecoder(cg.ort_session(d / model_file(d)), tiny_cfg(d))

@@ -10,7 +10,14 @@ use emberd::engine::Backend;
 use emberd::generate::Generator;
 use emberd::model::ModelPackage;
 
-pub const TINY_LAYOUTS: &[&str] = &["optimum", "optimum-merged", "genai", "q4"];
+pub const TINY_LAYOUTS: &[&str] = &[
+    "optimum",
+    "optimum-merged",
+    "genai",
+    "q4",
+    "kq-llama3",
+    "kq-qwen2",
+];
 
 /// ONNX Runtime publishes no library for 32-bit ARM (a Pi with a 32-bit OS): there emberd
 /// serves with tract, the tests that exercise ONNX Runtime itself are ignored, and the rest
@@ -104,6 +111,16 @@ pub fn greedy_trace(
         logits = generator.forward(&[token], false).unwrap().to_vec();
     }
     (ids, all_logits)
+}
+
+/// The logits of the prompt and then of each of `path`'s tokens but the last, fed in turn
+/// (teacher forcing): one list per step, as greedy_trace returns them.
+pub fn forced_trace(generator: &mut Generator, prompt: &[u32], path: &[u32]) -> Vec<Vec<f32>> {
+    let mut all_logits = vec![generator.forward(prompt, true).unwrap().to_vec()];
+    for &token in &path[..path.len().saturating_sub(1)] {
+        all_logits.push(generator.forward(&[token], false).unwrap().to_vec());
+    }
+    all_logits
 }
 
 pub fn read_json(path: PathBuf) -> serde_json::Value {
