@@ -251,6 +251,22 @@ class MqttCaller:
         tally.add(f"mqtt {end['type'] if end['type'] == 'done' else end['code']}")
 
 
+def emberd_pid(pid):
+    """The emberd process: `pid` itself, or under a --wrap command the first descendant
+    named emberd."""
+    todo = [pid]
+    while todo:
+        p = todo.pop(0)
+        try:
+            if open(f"/proc/{p}/comm").read().strip() == "emberd":
+                return p
+            for task in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in open(f"/proc/{p}/task/{task}/children").read().split()]
+        except OSError:
+            pass
+    raise SystemExit(f"no emberd process under pid {pid}")
+
+
 def proc_figures(pid):
     status = open(f"/proc/{pid}/status").read()
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
@@ -272,6 +288,13 @@ def main():
     ap.add_argument("--broker-restart-s", type=float, default=180)
     ap.add_argument("--max-drift", type=float, default=2.0, help="percent")
     ap.add_argument("--csv", default=None)
+    ap.add_argument("--only", default=None,
+                    help="comma-separated actions to run instead of the mix (stream, cancel, hangup, "
+                         "bad, http, mqtt): to find which one a drift comes with")
+    ap.add_argument("--wrap", default=None,
+                    help="a command the daemon runs under, e.g. 'heaptrack -o /tmp/emberd'")
+    ap.add_argument("--kill", action="store_true",
+                    help="end the daemon with SIGKILL (a heap profiler then sees what was live)")
     args = ap.parse_args()
     random.seed(7)
     work = tempfile.mkdtemp(prefix="emberd-soak-")
@@ -287,7 +310,9 @@ def main():
                 f'[mqtt]\nenabled = true\nport = {broker.port}\ndevice_id = "soak"\n'
                 f'[log]\njournald = "off"\n')
     log = open(os.path.join(work, "emberd.log"), "w")
-    daemon = subprocess.Popen([args.binary, "serve", "--config", config], stderr=subprocess.PIPE, text=True)
+    wrap = args.wrap.split() if args.wrap else []
+    daemon = subprocess.Popen(wrap + [args.binary, "serve", "--config", config], stderr=subprocess.PIPE,
+                              text=True)
     for line in daemon.stderr:
         log.write(line)
         if "ready: model" in line:
@@ -295,17 +320,22 @@ def main():
     else:
         raise SystemExit(f"emberd exited: {open(log.name).read()}")
     threading.Thread(target=lambda: [log.write(l) for l in daemon.stderr], daemon=True).start()
+    pid = emberd_pid(daemon.pid)
     model = os.path.basename(args.model.rstrip("/"))
     tally = Tally()
     stop = threading.Event()
     restarts = [0, 0.0]  # how many, and when the last one was
+
+    # --only: each action stands for a roll that picks it from the mix below
+    rolls = {"stream": 0.1, "cancel": 0.35, "hangup": 0.45, "bad": 0.5, "http": 0.6, "mqtt": 0.9}
+    only = None if args.only is None else [rolls[a] for a in args.only.split(",")]
 
     def worker(w):
         caller = MqttCaller(broker.port, "soak", f"soak-caller-{w}")
         n = 0
         while not stop.is_set():
             n += 1
-            roll = random.random()
+            roll = random.random() if only is None else only[n % len(only)]
             try:
                 if roll < 0.30:
                     socket_action(sock_path, "stream", tally, f"{w}-{n}")
@@ -338,7 +368,7 @@ def main():
         if daemon.poll() is not None:
             tally.fail(f"emberd exited with {daemon.returncode}")
             break
-        rss, fds, nthreads = proc_figures(daemon.pid)
+        rss, fds, nthreads = proc_figures(pid)
         elapsed = time.time() - started
         samples.append((elapsed, rss, fds, nthreads))
         if out:
@@ -356,11 +386,15 @@ def main():
     stop.set()
     for t in threads:
         t.join(timeout=130)
-    daemon.send_signal(signal.SIGTERM)
-    code = daemon.wait(timeout=60)
+    if args.kill:
+        os.kill(pid, signal.SIGKILL)
+        daemon.wait(timeout=600)   # a wrapping profiler writes its file
+    else:
+        daemon.send_signal(signal.SIGTERM)
+        code = daemon.wait(timeout=60)
+        if code != 0:
+            tally.fail(f"emberd exited {code} on SIGTERM")
     broker.kill()
-    if code != 0:
-        tally.fail(f"emberd exited {code} on SIGTERM")
 
     warm = args.warmup_min if args.warmup_min is not None else max(1.0, args.minutes / 10)
     after = [s for s in samples if s[0] >= warm * 60]

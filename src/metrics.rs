@@ -44,6 +44,7 @@ pub struct Metrics {
     running: Gauge,
     max_batch: Gauge,
     uptime: Gauge,
+    socket_connections: Gauge,
 }
 
 /// Seconds, from 1 ms to about 65 s.
@@ -78,6 +79,7 @@ impl Metrics {
             running: Gauge::default(),
             max_batch: Gauge::default(),
             uptime: Gauge::default(),
+            socket_connections: Gauge::default(),
             registry,
         };
         let r = &mut metrics.registry;
@@ -137,6 +139,11 @@ impl Metrics {
             metrics.max_batch.clone(),
         );
         r.register(
+            "socket_connections",
+            "Connections the Unix socket holds (idle: 0; counts a connection until it is reaped)",
+            metrics.socket_connections.clone(),
+        );
+        r.register(
             "uptime_seconds",
             "Seconds since the daemon started serving",
             metrics.uptime.clone(),
@@ -145,6 +152,11 @@ impl Metrics {
     }
 
     /// Counts a request by the terminal event it ended with.
+    /// The socket listener keeps this at the number of connection tasks it holds.
+    pub fn socket_connections(&self) -> Gauge {
+        self.socket_connections.clone()
+    }
+
     pub fn record(&self, transport: &'static str, event: &Event) {
         let outcome = match event {
             Event::Token { .. } => return,

@@ -382,3 +382,49 @@ fn the_in_place_kv_cache_grows_and_truncates_without_changing_the_logits() {
         "the logits carry information: spread {spread}"
     );
 }
+
+/// The one command for one's own model: `models/prepare.sh GGUF --out DIR` converts it, says
+/// each stage, and ends with `emberd info`; the package serves what the generated one does.
+#[test]
+#[cfg_attr(
+    not(target_arch = "x86_64"),
+    ignore = "prepare.sh runs the host's target/release/emberd and .venv"
+)]
+fn prepare_turns_a_gguf_into_a_package_that_emberd_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mine");
+    let run = std::process::Command::new("bash")
+        .arg(repo().join("models/prepare.sh"))
+        .arg(tiny_dir("kq-qwen2").join("source.gguf"))
+        .args([
+            "--out".as_ref(),
+            out.as_os_str(),
+            "--name".as_ref(),
+            "mine".as_ref(),
+        ])
+        .env("ORT_DYLIB_PATH", ort_library())
+        .output()
+        .expect("running models/prepare.sh");
+    let said = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "prepare.sh PATH failed:\n{said}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    for stage in [
+        "[bring] 1/3 source.gguf: GGUF, architecture qwen2",
+        "[bring] 2/3 converting",
+        "[bring] 3/3 emberd info",
+        "\"family\": \"qwen2\"",
+    ] {
+        assert!(said.contains(stage), "no '{stage}' in:\n{said}");
+    }
+    let reference = read_json(tiny_dir("kq-qwen2").join("reference.json"));
+    let case = &reference["cases"][0];
+    let prompt = ids(&case["prompt_ids"]);
+    let steps = ids(&case["greedy_ids"]).len();
+    let (mine, _) = greedy_trace(&mut generator(out, serving_backend()), &prompt, steps);
+    let mut generated = generator(tiny_dir("kq-qwen2"), serving_backend());
+    let (want, _) = greedy_trace(&mut generated, &prompt, steps);
+    assert_eq!(mine, want);
+}

@@ -2,9 +2,9 @@
 //! events, SIGTERM during a burst, an engine failure on a step, the broker killed (SIGKILL)
 //! and restarted without its sessions, the broker unreachable at start, a client gone
 //! mid-prefill, a model directory that cannot be read at start or is gone at a reload, a
-//! request that arrives during the shutdown drain. Each time every accepted request ends
-//! with exactly one terminal event (where its client can still receive one), and the daemon
-//! serves the next request.
+//! request that arrives during the shutdown drain, connections that come and go. Each time
+//! every accepted request ends with exactly one terminal event (where its client can still
+//! receive one), and the daemon serves the next request.
 
 mod common;
 
@@ -397,6 +397,46 @@ async fn a_request_published_during_the_drain_is_answered_shutting_down() {
         .await
         .expect("serve returns after the drain")
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_connections_that_come_and_go_leave_nothing_behind() {
+    // The soak's memory drift: each ended connection's task stayed in the listener's set.
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let extra = format!("[http]\nenabled = true\nlisten = \"127.0.0.1:{http}\"\n");
+    let (daemon, log) = start(dir.path(), move |text| text + &extra, &[]).await;
+    let socket = dir.path().join("emberd.sock");
+    for i in 0..300 {
+        let mut client = Client::connect(&socket).await;
+        if i % 3 == 0 {
+            continue; // connects and hangs up at once
+        }
+        let id = format!("c{i}");
+        client
+            .send(json!({"id": id, "prompt": "hi", "max_tokens": 2}))
+            .await;
+        client.until_end(&id).await;
+    }
+    let deadline = Instant::now() + patience();
+    let held = loop {
+        let held = metric(
+            &http_get(http, "/metrics").await,
+            "emberd_socket_connections",
+        );
+        if held == Some(0.0) || Instant::now() > deadline {
+            break held;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        held,
+        Some(0.0),
+        "after 300 connections ended the listener still holds some; log: {}",
+        log.rest()
+    );
+    serves_the_next(&socket).await;
+    drop(daemon);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -122,18 +122,50 @@ def test_the_shipped_files_load_on_each_engine(name):
         _compare(got, np.array(case["step_logits_exact"]), 1e-3)
 
 
-def test_llama_cpp_computes_the_same_logits():
-    """llama.cpp itself on the tiny GGUFs (where llama-cpp-python is installed: bench/'s venv)."""
-    try:
-        import llama_cpp
-    except ImportError:
-        pytest.skip("llama-cpp-python is not installed in this Python (bench/compare.sh builds it)")
-    for name in SOURCES:
-        d = tiny_dir(name)
-        llm = llama_cpp.Llama(str(d / "source.gguf"), n_ctx=64, logits_all=True, verbose=False)
-        llm.eval(IDS)
-        got = np.array(llm.scores[: len(IDS)], np.float64)
-        _compare(got, rn.GGUFLlama(d / "source.gguf").forward(IDS), 5e-2)
+LLAMA_CPP_LOGITS = """
+import json, sys
+import llama_cpp
+llm = llama_cpp.Llama(sys.argv[1], n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+ids = json.loads(sys.argv[2])
+llm.eval(ids)
+print(json.dumps([list(map(float, row)) for row in llm.scores[: len(ids)]]))
+"""
+
+
+def _llama_cpp_python():
+    """An interpreter that has llama-cpp-python: this one, or bench/'s (bench/compare.sh builds it)."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    for py in (sys.executable, str(ROOT / "bench" / ".venv-llama" / "bin" / "python")):
+        try:
+            if subprocess.run([py, "-c", "import llama_cpp"], capture_output=True).returncode == 0:
+                return py
+        except OSError:
+            pass
+    return None
+
+
+@pytest.mark.parametrize("name", SOURCES + ("q4",))
+def test_llama_cpp_computes_the_same_logits(name):
+    """llama.cpp itself on the tiny GGUFs, where llama-cpp-python is installed. It rounds
+    activations to 8 bits for its quantized dot products, so it is held to the numpy reference
+    within that (as ONNX Runtime's accuracy_level 4 is) rather than to 1e-3."""
+    import subprocess
+    py = _llama_cpp_python()
+    if py is None:
+        pytest.skip("llama-cpp-python is not installed (bench/compare.sh builds it into bench/.venv-llama)")
+    d = tiny_dir(name)
+    run = subprocess.run([py, "-c", LLAMA_CPP_LOGITS, str(d / "source.gguf"), json.dumps(IDS)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = np.array(json.loads(run.stdout), np.float64)
+    want = rn.GGUFLlama(d / "source.gguf").forward(IDS)
+    err = np.abs(got - want)
+    agree = (got.argmax(-1) == want.argmax(-1)).mean()
+    print(f"{name}: llama.cpp vs numpy: max |dlogit| {err.max():.3g}, mean {err.mean():.3g}, "
+          f"argmax agreement {agree:.2f} (logits' spread {want.std():.3g})")
+    assert err.mean() < 0.05 * want.std() and agree >= 0.9, (err.mean(), agree)
 
 
 def _gguf_with(tmp_path, **kv):

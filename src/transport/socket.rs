@@ -98,9 +98,14 @@ impl Listener {
     pub async fn run(mut self) {
         let mut connections = tokio::task::JoinSet::new();
         let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(self.max_connections));
+        let held = self.ingress.metrics().socket_connections();
         loop {
+            held.set(connections.len() as i64);
             tokio::select! {
                 _ = self.shutdown.wait() => break,
+                // A finished connection's task stays in the set until joined: reap it, or the
+                // set grows by one task per connection ever made (the soak's memory drift).
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         // Who connected, as the kernel says (SO_PEERCRED); the socket's mode

@@ -561,19 +561,33 @@ impl Drop for Spawned {
 
 /// The daemon's `/status`, over a plain HTTP/1.0 GET.
 pub async fn http_status(port: u16) -> Value {
+    serde_json::from_str(&http_get(port, "/status").await).unwrap()
+}
+
+/// The body of `GET path` on the daemon's HTTP port (HTTP/1.0: the reply ends the connection).
+pub async fn http_get(port: u16, path: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
     stream
-        .write_all(b"GET /status HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut reply = String::new();
     tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut reply)
         .await
         .unwrap();
-    let body = reply.split_once("\r\n\r\n").expect("an HTTP reply").1;
-    serde_json::from_str(body).unwrap()
+    reply
+        .split_once("\r\n\r\n")
+        .expect("an HTTP reply")
+        .1
+        .to_string()
+}
+
+/// A gauge or counter's value in Prometheus text (`name value` line).
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// Resident memory of process `pid`, in MiB.
