@@ -151,12 +151,12 @@ impl Metrics {
         metrics
     }
 
-    /// Counts a request by the terminal event it ended with.
     /// The socket listener keeps this at the number of connection tasks it holds.
     pub fn socket_connections(&self) -> Gauge {
         self.socket_connections.clone()
     }
 
+    /// Counts a request by the terminal event it ended with.
     pub fn record(&self, transport: &'static str, event: &Event) {
         let outcome = match event {
             Event::Token { .. } => return,
