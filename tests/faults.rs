@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::daemon::*;
 use common::*;
-use rumqttc::v5::mqttbytes::QoS;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -297,15 +296,7 @@ async fn a_broker_killed_and_restarted_without_its_sessions_gets_emberd_back() {
     let (client, mut rx) = device_client(port, "amnesia-before", "amnesia").await;
     let long = json!({"id": "long", "prompt": "Tell me about the sea.", "max_tokens": 300,
                       "ignore_eos": true});
-    client
-        .publish(
-            "emberd/amnesia/request",
-            QoS::AtLeastOnce,
-            false,
-            long.to_string(),
-        )
-        .await
-        .unwrap();
+    publish_request(&client, "amnesia", &long).await;
     let first = next_on(&mut rx, "emberd/amnesia/response/long").await;
     assert_eq!(first["type"], "token", "{first}");
 
@@ -317,15 +308,7 @@ async fn a_broker_killed_and_restarted_without_its_sessions_gets_emberd_back() {
     // answered (it subscribed again).
     let (client, mut rx) = device_client(port, "amnesia-after", "amnesia").await;
     let request = json!({"id": "after", "prompt": "Hi", "max_tokens": 4, "ignore_eos": true});
-    client
-        .publish(
-            "emberd/amnesia/request",
-            QoS::AtLeastOnce,
-            false,
-            request.to_string(),
-        )
-        .await
-        .unwrap();
+    publish_request(&client, "amnesia", &request).await;
     let end = end_on(&mut rx, "emberd/amnesia/response/after").await;
     assert_eq!(end["type"], "done", "{end}");
     assert_eq!(end["usage"]["completion_tokens"], 4);
@@ -355,15 +338,7 @@ async fn a_request_published_during_the_drain_is_answered_shutting_down() {
     // Runs on into the drain (most likely through it, to be cancelled).
     let long = json!({"id": "long", "prompt": "Tell me about the sea.", "max_tokens": 1000,
                       "ignore_eos": true});
-    client
-        .publish(
-            "emberd/drain/request",
-            QoS::AtLeastOnce,
-            false,
-            long.to_string(),
-        )
-        .await
-        .unwrap();
+    publish_request(&client, "drain", &long).await;
     let first = next_on(&mut rx, "emberd/drain/response/long").await;
     assert_eq!(first["type"], "token", "{first}");
 
@@ -375,15 +350,7 @@ async fn a_request_published_during_the_drain_is_answered_shutting_down() {
         .await;
     // The broker hands this to emberd (QoS 1, acknowledged): it must be answered, not dropped.
     let late = json!({"id": "late", "prompt": "Hi", "max_tokens": 4});
-    client
-        .publish(
-            "emberd/drain/request",
-            QoS::AtLeastOnce,
-            false,
-            late.to_string(),
-        )
-        .await
-        .unwrap();
+    publish_request(&client, "drain", &late).await;
     let refused = end_on(&mut rx, "emberd/drain/response/late").await;
     assert_eq!(refused["type"], "error", "{refused}");
     assert_eq!(refused["code"], "shutting_down", "{refused}");
@@ -471,15 +438,7 @@ async fn a_broker_unreachable_at_start_leaves_emberd_serving_the_socket_and_then
     .unwrap();
     let (client, mut rx) = device_client(broker.port, "late-caller", "late").await;
     let request = json!({"id": "m", "prompt": "Hi", "max_tokens": 3, "ignore_eos": true});
-    client
-        .publish(
-            "emberd/late/request",
-            QoS::AtLeastOnce,
-            false,
-            request.to_string(),
-        )
-        .await
-        .unwrap();
+    publish_request(&client, "late", &request).await;
     let end = end_on(&mut rx, "emberd/late/response/m").await;
     assert_eq!(end["type"], "done", "{end}");
     signal(&daemon, 15);

@@ -197,15 +197,7 @@ async fn mqtt_cancel_topic_stops_a_running_request() {
     wait_on(&mut rx, "emberd/dev2/status", |v| v["state"] == "online").await;
     let mut request = long_request("c1");
     request["reply_to"] = json!("out/c1");
-    client
-        .publish(
-            "emberd/dev2/request",
-            QoS::AtLeastOnce,
-            false,
-            request.to_string(),
-        )
-        .await
-        .unwrap();
+    publish_request(&client, "dev2", &request).await;
     let first = next_on(&mut rx, "out/c1").await;
     assert_eq!(first["type"], "token");
     // A cancel for an id that is not running is ignored (as on every transport): no reply.
@@ -587,15 +579,7 @@ async fn mqtt_over_tls_with_a_client_certificate_and_a_password() {
     );
     let request = json!({"id": "t1", "prompt": "hello", "raw": true, "max_tokens": 4,
                          "ignore_eos": true, "reply_to": "secure-out/t1"});
-    client
-        .publish(
-            "emberd/secure/request",
-            QoS::AtLeastOnce,
-            false,
-            request.to_string(),
-        )
-        .await
-        .unwrap();
+    publish_request(&client, "secure", &request).await;
     let mut tokens = 0;
     loop {
         let event = next_on(&mut rx, "secure-out/t1").await;
@@ -754,15 +738,7 @@ async fn a_broker_restart_mid_stream_loses_nothing_and_requests_sent_meanwhile_a
 
     let long = json!({"id": "long", "prompt": "Tell me about the sea.", "max_tokens": 96,
                       "ignore_eos": true, "reply_to": "outage-out/long"});
-    client
-        .publish(
-            "emberd/outage/request",
-            QoS::AtLeastOnce,
-            false,
-            long.to_string(),
-        )
-        .await
-        .unwrap();
+    publish_request(&client, "outage", &long).await;
     let first = next_on(&mut rx, "outage-out/long").await;
     assert_eq!(first["type"], "token", "{first}");
 
@@ -771,15 +747,7 @@ async fn a_broker_restart_mid_stream_loses_nothing_and_requests_sent_meanwhile_a
     tokio::task::block_in_place(|| broker.stop());
     let during = json!({"id": "during", "prompt": "Hi", "max_tokens": 4, "ignore_eos": true,
                         "reply_to": "outage-out/during"});
-    client
-        .publish(
-            "emberd/outage/request",
-            QoS::AtLeastOnce,
-            false,
-            during.to_string(),
-        )
-        .await
-        .unwrap();
+    publish_request(&client, "outage", &during).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     tokio::task::block_in_place(|| broker.restart());
 
@@ -851,15 +819,7 @@ async fn ready_is_notified_only_once_the_broker_holds_emberds_subscriptions() {
     // answered only if emberd's subscription was in place before READY.
     let request = json!({"id": "first", "prompt": "hi", "raw": true, "max_tokens": 2,
                          "reply_to": "fresh-out/first"});
-    client
-        .publish(
-            "emberd/fresh/request",
-            QoS::AtLeastOnce,
-            false,
-            request.to_string(),
-        )
-        .await
-        .unwrap();
+    publish_request(&client, "fresh", &request).await;
     let end = end_on(&mut rx, "fresh-out/first").await;
     assert_eq!(end["type"], "done", "{end}");
     unsafe { libc_kill(daemon.id() as i32, 15) };

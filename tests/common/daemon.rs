@@ -395,6 +395,19 @@ pub async fn device_client(
     (client, rx)
 }
 
+/// Publishes `request` (QoS 1) to `device`'s request topic, as a device client does.
+pub async fn publish_request(client: &AsyncClient, device: &str, request: &Value) {
+    client
+        .publish(
+            format!("emberd/{device}/request"),
+            QoS::AtLeastOnce,
+            false,
+            request.to_string(),
+        )
+        .await
+        .unwrap();
+}
+
 /// The next message on `topic` that `wanted` accepts, skipping all others.
 pub async fn wait_on(
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<Received>,
