@@ -55,7 +55,7 @@ def inspect_gguf(path: Path) -> dict:
     if pre not in cg.PRE_TOKENIZERS:
         raise Unsupported(f"pre-tokenizer {pre!r} (supported: {', '.join(sorted(cg.PRE_TOKENIZERS))})")
     types = Counter(t.tensor_type.name for t in r.tensors)
-    exact = {"F32", "F16", "Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
+    exact = cg.EXACT_TYPES
     undecodable = [t for t in types if t not in exact and not _decodable(t)]
     if undecodable:
         raise Unsupported(f"tensor type(s) {', '.join(sorted(undecodable))}: neither emberd's converter "

@@ -60,6 +60,9 @@ NORMALIZERS = {"qwen2": {"type": "NFC"}}
 ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "mistral": ("MistralForCausalLM", "mistral"),
                  "qwen2": ("Qwen2ForCausalLM", "qwen2")}
 
+# GGUF tensor types the converter keeps exact (the rest are dequantized to f32)
+EXACT_TYPES = {"F32", "F16", "Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
+
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4
 
@@ -535,7 +538,8 @@ def tract_loadable(opts: lo.BuildOptions, W: dict) -> bool:
     for w in W.values():
         if isinstance(w, lo.QKW) and opts.kq not in ("split4", "f32"):
             return False
-        scales = w.d if isinstance(w, lo.Q41W) else w.s if isinstance(w, lo.QKW) else None
+        # only blocks of 32 are packed (Q6_K's blocks of 16 run in f32)
+        scales = w.d if isinstance(w, lo.Q41W) else w.s if isinstance(w, lo.QKW) and w.block == lo.QK else None
         if scales is not None and not opts.f16_scales and \
                 not np.array_equal(scales, scales.astype(np.float16).astype(np.float32)):
             return False

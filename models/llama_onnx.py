@@ -140,11 +140,11 @@ def same_form(ws) -> bool:
 
 
 def concat_rows(ws):
-    """Stack weights of the same form along N (for fused QKV / gate-up projections)."""
-    k = type(ws[0])
+    """Stack weights of the same form along N (for fused QKV / gate-up projections; parts of
+    different forms stay apart, see Stacked)."""
     if not same_form(ws):
-        ws = [F32W(w.dequant()) for w in ws]
-        k = F32W
+        raise ValueError("concat_rows takes weights of one form")
+    k = type(ws[0])
     if k is F32W:
         return F32W(np.concatenate([w.a for w in ws], 0))
     if k is Q41W:

@@ -145,10 +145,11 @@ def permute_for_gguf(w, n_head):
 
 
 def write_tiny_gguf(path: Path, cfg: lo.LlamaConfig, W, tok, arch="llama", types=None, name="emberd tiny q4",
-                    rope_freqs=None):
+                    rope_freqs=None, extra_strings=None):
     """A GGUF as llama.cpp's converter writes one: `types` maps a tensor kind (token_embd,
     output, attn_q, ..., ffn_down) to its type (default: Q8_0 embedding, Q4_1 linears);
-    qwen2 keeps Q/K as trained and carries the q/k/v biases of W."""
+    qwen2 keeps Q/K as trained and carries the q/k/v biases of W; `extra_strings` are further
+    string metadata (key -> value)."""
     import gguf
     from gguf import GGMLQuantizationType as QT
     import kquants
@@ -177,6 +178,8 @@ def write_tiny_gguf(path: Path, cfg: lo.LlamaConfig, W, tok, arch="llama", types
     wr.add_pad_token_id(tok["pad"])
     wr.add_add_bos_token(False)
     wr.add_chat_template(tok["chat_template"])
+    for key, value in (extra_strings or {}).items():
+        wr.add_string(key, value)
 
     def q(name, arr, qt):
         arr = np.ascontiguousarray(arr, np.float32)

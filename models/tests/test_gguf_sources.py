@@ -169,26 +169,14 @@ def test_llama_cpp_computes_the_same_logits(name):
 
 
 def _gguf_with(tmp_path, **kv):
-    import gguf
-    from make_test_models import TINY, random_weights, train_bpe, write_tiny_gguf
+    """The tiny GGUF, with `arch` and any further string metadata under test."""
     import dataclasses
+    from make_test_models import TINY, random_weights, train_bpe, write_tiny_gguf
     tok = train_bpe()
     cfg = dataclasses.replace(TINY, vocab_size=len(tok["tokens"]))
     path = tmp_path / "x.gguf"
     arch = kv.pop("arch", "llama")
-    w = gguf.GGUFWriter
-    extra = kv
-
-    class Writer(w):  # adds the metadata under test before the rest
-        def write_header_to_file(self, *a, **k):
-            for key, value in extra.items():
-                self.add_string(key, value)
-            return super().write_header_to_file(*a, **k)
-    gguf.GGUFWriter = Writer
-    try:
-        write_tiny_gguf(path, cfg, random_weights(cfg, np.random.default_rng(0)), tok, arch=arch)
-    finally:
-        gguf.GGUFWriter = w
+    write_tiny_gguf(path, cfg, random_weights(cfg, np.random.default_rng(0)), tok, arch=arch, extra_strings=kv)
     return path
 
 
