@@ -9,6 +9,9 @@ require_toolchain
 install_apt_packages
 # The OpenVINO build of ONNX Runtime too (x86-64 Linux): tests/openvino.rs serves with it.
 EMBERD_OPENVINO=1 prepare_models
+# Real exports made by Optimum and onnxruntime-genai's builder from the default GGUF (torch in
+# its own venv; both cached by content hash outside the clone): tests/exports.rs.
+bash models/real_exports.sh
 install_test_clients
 
 say "cargo fmt --check"

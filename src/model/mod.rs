@@ -6,6 +6,8 @@
 //! - onnxruntime-genai (`genai_config.json` naming the file and the I/O names).
 //!
 //! emberd's own packages add `emberd.json`, which names the ONNX file each engine uses.
+//! Hub exports that keep several quantizations in `onnx/` (`model.onnx`, `model_q4.onnx`, …)
+//! are served from the first of `ONNX_SUBDIR_FILES` there.
 
 pub mod onnx_io;
 
@@ -21,7 +23,7 @@ pub enum ModelError {
     NoDirectory(PathBuf),
     #[error("{path}: {reason}")]
     BadFile { path: PathBuf, reason: String },
-    #[error("{dir}: no ONNX model found (looked for emberd.json, genai_config.json, model.onnx, decoder_model_merged.onnx, decoder_with_past_model.onnx)")]
+    #[error("{dir}: no ONNX model found (looked for emberd.json, genai_config.json, {}, and in onnx/ for {})", TOP_LEVEL_FILES.join(", "), ONNX_SUBDIR_FILES.join(", "))]
     NoModelFile { dir: PathBuf },
     #[error("{path}: {reason}")]
     Inconsistent { path: PathBuf, reason: String },
@@ -179,8 +181,10 @@ impl ModelPackage {
             return Err(ModelError::inconsistent(
                 &ort_file,
                 format!(
-                    "{} has element type {}; emberd supports f32 KV caches",
-                    past_key.name, past_key.elem_type
+                    "{} is {}; emberd keeps its KV cache in f32 (an export's f32-cache \
+                     file, such as model_q4.onnx beside model_q4f16.onnx, serves)",
+                    past_key.name,
+                    onnx_io::elem_type_name(past_key.elem_type)
                 ),
             ));
         }
@@ -295,6 +299,27 @@ impl ModelPackage {
     }
 }
 
+/// Optimum's file names, single and merged decoder.
+const TOP_LEVEL_FILES: [&str; 3] = [
+    "model.onnx",
+    "decoder_model_merged.onnx",
+    "decoder_with_past_model.onnx",
+];
+
+/// The hub's `onnx/` folder holds one export in several quantizations (`optimum-cli` then
+/// ONNX Runtime's quantizers, as transformers.js names them): the 4-bit one with f32 caches
+/// first, as an edge device wants; the f16 ones last, since emberd's caches are f32.
+const ONNX_SUBDIR_FILES: [&str; 8] = [
+    "model_q4.onnx",
+    "model_int8.onnx",
+    "model_quantized.onnx",
+    "model_uint8.onnx",
+    "model.onnx",
+    "model_bnb4.onnx",
+    "model_q4f16.onnx",
+    "model_fp16.onnx",
+];
+
 fn model_files(
     dir: &Path,
     genai: Option<&Value>,
@@ -332,15 +357,17 @@ fn model_files(
         let path = existing(file, &from)?;
         return Ok((path.clone(), path));
     }
-    for name in [
-        "model.onnx",
-        "decoder_model_merged.onnx",
-        "decoder_with_past_model.onnx",
-    ] {
-        let path = dir.join(name);
-        if path.is_file() {
-            return Ok((path.clone(), path));
-        }
+    let found = TOP_LEVEL_FILES
+        .iter()
+        .map(|name| dir.join(name))
+        .chain(
+            ONNX_SUBDIR_FILES
+                .iter()
+                .map(|name| dir.join("onnx").join(name)),
+        )
+        .find(|path| path.is_file());
+    if let Some(path) = found {
+        return Ok((path.clone(), path));
     }
     Err(ModelError::NoModelFile {
         dir: dir.to_path_buf(),

@@ -30,6 +30,18 @@ pub const ELEM_F32: i32 = 1;
 pub const ELEM_I64: i32 = 7;
 pub const ELEM_BOOL: i32 = 9;
 
+/// ONNX's name for a tensor element type, for messages.
+pub fn elem_type_name(elem_type: i32) -> String {
+    match elem_type {
+        1 => "float (f32)".into(),
+        7 => "int64".into(),
+        9 => "bool".into(),
+        10 => "float16 (f16)".into(),
+        16 => "bfloat16".into(),
+        other => format!("element type {other}"),
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct GraphIo {
     pub inputs: Vec<ValueInfo>,
