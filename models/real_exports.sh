@@ -40,9 +40,18 @@ if [ -f "$out/references.json" ]; then
 else
     # Anything else there is from other inputs: only the newest set is kept.
     find "$CACHE" -maxdepth 1 -name 'exports-*' ! -name "exports-$key" -exec rm -rf {} +
-    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-        "$venv/bin/python" models/real_exports.py --gguf "$GGUF" --tokenizer-from "$TOK" --out "$out" \
-        || die "making the exports failed (see above); $out keeps the stages that finished"
+    # The tools' own chatter (trace warnings, progress bars, per-node logs) goes to a log; the
+    # stage lines show here.
+    log="$CACHE/exports-$key.log"
+    mkdir -p "$out"
+    if ! HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_PROGRESS_BARS=1 \
+            "$venv/bin/python" models/real_exports.py --gguf "$GGUF" --tokenizer-from "$TOK" --out "$out" \
+            > "$log" 2>&1 < /dev/null; then
+        grep -a '^\[exports\]' "$log" || true
+        tail -n 40 "$log" >&2
+        die "making the exports failed (the log's end is above; all of it: $log); $out keeps the stages that finished"
+    fi
+    grep -a '^\[exports\]' "$log"
 fi
 ln -sfn "$out" models/real-exports
 say "models/real-exports -> $out ($(du -sh "$out" | cut -f1), $(( $(date +%s) - start )) s)"
