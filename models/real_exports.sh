@@ -26,8 +26,13 @@ if [ ! -f "$venv/.done" ]; then
     rm -rf "$venv"
     mkdir -p "$CACHE"
     python3 -m venv "$venv" || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
-    "$venv/bin/pip" install --disable-pip-version-check --progress-bar off -q -r models/requirements-export.txt \
-        || die "pip install -r models/requirements-export.txt failed (is PyPI reachable?)"
+    # pip unpacks in TMPDIR, which is often a small tmpfs (a container's /tmp): the cache's
+    # disk instead; and no second copy of the wheels in pip's own cache.
+    mkdir -p "$CACHE/tmp"
+    TMPDIR="$CACHE/tmp" "$venv/bin/pip" install --disable-pip-version-check --progress-bar off -q \
+        --no-cache-dir -r models/requirements-export.txt \
+        || die "pip install -r models/requirements-export.txt failed (is PyPI reachable? is there room in $CACHE? torch needs about 5 GB)"
+    rm -rf "$CACHE/tmp"
     touch "$venv/.done"
 else
     say "export tools up to date ($venv)"

@@ -202,6 +202,7 @@ fn greedy(id: &str, input: PromptInput, max_tokens: usize) -> ValidRequest {
         timeout: std::time::Duration::from_secs(3600),
         reply_to: None,
         ignore_eos: true,
+        stream_interval: std::time::Duration::ZERO,
         prompt_ids: None,
         response_format: Default::default(),
         constraint: None,

@@ -356,6 +356,13 @@ impl Config {
                 self.generation.max_tokens, self.limits.max_tokens
             ));
         }
+        if self.generation.stream_interval_ms > crate::protocol::MAX_STREAM_INTERVAL_MS {
+            return bad(format!(
+                "generation.stream_interval_ms ({}) is over the limit of {} ms",
+                self.generation.stream_interval_ms,
+                crate::protocol::MAX_STREAM_INTERVAL_MS
+            ));
+        }
         if self.model.providers.is_empty() {
             return bad("model.providers must name at least one provider (e.g. [\"cpu\"])".into());
         }

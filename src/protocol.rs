@@ -30,6 +30,9 @@ pub struct GenerationDefaults {
     pub repetition_penalty: f32,
     /// System prompt for requests that bring none; absent keeps the template's default.
     pub system: Option<String>,
+    /// Coalesce streamed pieces into one `token` event per this many milliseconds (a request's
+    /// `stream_interval_ms` overrides it); 0 sends every piece as it comes.
+    pub stream_interval_ms: u32,
 }
 
 impl Default for GenerationDefaults {
@@ -42,9 +45,13 @@ impl Default for GenerationDefaults {
             min_p: 0.0,
             repetition_penalty: 1.0,
             system: None,
+            stream_interval_ms: 0,
         }
     }
 }
+
+/// A longer interval than a minute is no stream: `stream: false` says that.
+pub const MAX_STREAM_INTERVAL_MS: u32 = 60_000;
 
 /// Limits and defaults that `validate` applies; `Config::request_policy` makes it.
 #[derive(Debug, Clone)]
@@ -112,6 +119,10 @@ pub struct Request {
     /// Keep generating past end-of-sequence up to max_tokens (load tests, benchmarks).
     #[serde(default)]
     pub ignore_eos: bool,
+    /// At most one `token` event per this many milliseconds, carrying the pieces made
+    /// meanwhile (fewer messages for small devices); 0: every piece. Default from the config.
+    #[serde(default)]
+    pub stream_interval_ms: Option<u32>,
     /// The shape the output must take; plain text when absent.
     #[serde(default)]
     pub response_format: Option<ResponseFormat>,
@@ -236,6 +247,8 @@ pub struct ValidRequest {
     pub reply_to: Option<String>,
     /// Generate `max_tokens` even past end-of-sequence.
     pub ignore_eos: bool,
+    /// Pieces made within this interval go out as one `token` event; zero: each at once.
+    pub stream_interval: std::time::Duration,
     /// The prompt as the model sees it, once the ingress has templated, tokenized and
     /// length-checked it (before queueing); `None` leaves that to the generator.
     pub prompt_ids: Option<Vec<u32>>,
@@ -598,6 +611,14 @@ impl Request {
                 .map_or(policy.request_timeout, |t| policy.request_timeout.min(t)),
             None => policy.request_timeout,
         };
+        let stream_interval_ms = self
+            .stream_interval_ms
+            .unwrap_or(policy.defaults.stream_interval_ms);
+        if stream_interval_ms > MAX_STREAM_INTERVAL_MS {
+            return Err(RequestError::BadRequest(format!(
+                "stream_interval_ms {stream_interval_ms} is over the limit of {MAX_STREAM_INTERVAL_MS}"
+            )));
+        }
         Ok(ValidRequest {
             id,
             input,
@@ -608,6 +629,7 @@ impl Request {
             timeout,
             reply_to: self.reply_to,
             ignore_eos: self.ignore_eos,
+            stream_interval: std::time::Duration::from_millis(stream_interval_ms.into()),
             prompt_ids: None,
             response_format: self.response_format.unwrap_or_default(),
             constraint: None,

@@ -1017,3 +1017,77 @@ async fn an_acl_keeps_each_device_to_its_own_topics() {
     );
     daemon.stop().await;
 }
+
+/// The events of request `id` on the default response topic, through its terminal one.
+async fn events_of(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Received>,
+    device: &str,
+    id: &str,
+) -> Vec<Value> {
+    let topic = format!("emberd/{device}/response/{id}");
+    let mut events = Vec::new();
+    loop {
+        let event = next_on(rx, &topic).await;
+        let terminal = event["type"] != "token";
+        events.push(event);
+        if terminal {
+            return events;
+        }
+    }
+}
+
+/// `stream_interval_ms` (here the config's default, 200) coalesces the pieces of a 64-token
+/// reply into a few `token` events, at most one per interval after the first, whose text
+/// joins to the same reply as a request that streams every piece (`stream_interval_ms: 0`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_interval_coalesces_pieces_into_few_token_events() {
+    let broker = Broker::start();
+    let port = broker.port;
+    let daemon = Daemon::start(default_model_dir(), |c| {
+        c.socket.enabled = false;
+        on_broker(c, port, "slow");
+        c.generation.stream_interval_ms = 200;
+    })
+    .await;
+    let (client, mut rx) = device_client(port, "tester", "slow").await;
+    let request = |id: &str| {
+        json!({"id": id, "prompt": "Write a long story about a lighthouse keeper.", "raw": true,
+               "max_tokens": 64, "ignore_eos": true, "temperature": 0})
+    };
+    // The two compared requests both find the prompt in the cache (prefix reuse), as a first
+    // request does not: the same computation, so the same greedy reply.
+    publish_request(&client, "slow", &request("warm-up")).await;
+    events_of(&mut rx, "slow", "warm-up").await;
+    publish_request(&client, "slow", &request("coalesced")).await;
+    let coalesced = events_of(&mut rx, "slow", "coalesced").await;
+    let mut each = request("each");
+    each["stream_interval_ms"] = json!(0);
+    publish_request(&client, "slow", &each).await;
+    let every = events_of(&mut rx, "slow", "each").await;
+
+    let done = coalesced.last().unwrap();
+    assert_eq!(done["type"], "done", "{done}");
+    assert_eq!(done["usage"]["completion_tokens"], 64);
+    assert_eq!(text_of(&coalesced), text_of(&every), "the same reply either way");
+    let tokens = coalesced.len() - 1;
+    let pieces = every.len() - 1;
+    // The first piece goes at once, then one event per 200 ms of the run at most, and the
+    // rest with the end: the bound follows from the run's own duration.
+    let run_ms = done["timings"]["total_ms"].as_f64().unwrap();
+    let bound = 2 + (run_ms / 200.0).ceil() as usize;
+    eprintln!("{pieces} pieces came in {tokens} token events over {run_ms:.0} ms (bound {bound})");
+    assert!(tokens <= bound, "{tokens} token events in {run_ms} ms at 200 ms intervals");
+    assert!(tokens < pieces, "coalescing sent {tokens} events for {pieces} pieces");
+    for (i, event) in coalesced.iter().enumerate() {
+        assert_eq!(event["seq"], i, "seq counts events: {event}");
+    }
+
+    // Over the limit: a clear error, and the daemon keeps serving.
+    let mut bad = request("bad");
+    bad["stream_interval_ms"] = json!(600_000);
+    publish_request(&client, "slow", &bad).await;
+    let error = end_on(&mut rx, "emberd/slow/response/bad").await;
+    assert_eq!(error["code"], "bad_request", "{error}");
+    assert!(error["message"].as_str().unwrap().contains("stream_interval_ms"));
+    daemon.stop().await;
+}

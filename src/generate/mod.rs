@@ -759,6 +759,10 @@ struct Sequence {
     text: String,
     /// The next token event's number.
     seq: u32,
+    /// Text made but not yet sent: held until `stream_interval` has passed since the last
+    /// token event.
+    pending: String,
+    last_sent: Option<Instant>,
     generated: usize,
     first_token_at: Option<Instant>,
     mask_us: Vec<f64>,
@@ -775,6 +779,8 @@ impl Sequence {
             history: prompt,
             text: String::new(),
             seq: 0,
+            pending: String::new(),
+            last_sent: None,
             generated: 0,
             first_token_at: None,
             mask_us: Vec::new(),
@@ -817,7 +823,7 @@ impl Sequence {
             StopCheck::Continue(t) => (t, false),
             StopCheck::Stopped(t) => (t, true),
         };
-        if !self.send(text, token, emit) {
+        if !self.send(text, token, false, emit) {
             control.cancel.cancel();
         }
         if stopped {
@@ -834,39 +840,55 @@ impl Sequence {
         Ok(Step::Next(token))
     }
 
-    /// Emits what is still held back (an unfinished character, a partial stop sequence),
-    /// unless a stop sequence ended the run.
+    /// Emits what is still held back (an unfinished character, a partial stop sequence, text
+    /// waiting for its interval), less anything a stop sequence cut off.
     fn flush(
         &mut self,
         finish: FinishReason,
         tokenizer: &Tokenizer,
         emit: &mut dyn FnMut(Event) -> bool,
     ) -> Result<(), GenerateError> {
-        if finish == FinishReason::StopSequence {
-            return Ok(());
+        let mut tail = String::new();
+        if finish != FinishReason::StopSequence {
+            let rest = self.decoder.finish(tokenizer)?;
+            let (StopCheck::Continue(held) | StopCheck::Stopped(held)) = self.stops.push(&rest);
+            tail = held + &self.stops.flush();
         }
-        let tail = self.decoder.finish(tokenizer)?;
-        let (StopCheck::Continue(mut tail) | StopCheck::Stopped(mut tail)) = self.stops.push(&tail);
-        tail.push_str(&self.stops.flush());
         let token = *self.history.last().unwrap_or(&0);
         // The run is over: a client gone now has nothing left to cancel.
-        self.send(tail, token, emit);
+        self.send(tail, token, true, emit);
         Ok(())
     }
 
-    /// Adds `text` to the answer and streams it; false when the client is gone.
-    fn send(&mut self, text: String, token: u32, emit: &mut dyn FnMut(Event) -> bool) -> bool {
-        if text.is_empty() {
-            return true;
-        }
+    /// Adds `text` to the answer and streams it, at once or, with a `stream_interval`, once
+    /// the interval since the last token event has passed (the first piece goes at once, the
+    /// rest at the end); false when the client is gone.
+    fn send(
+        &mut self,
+        text: String,
+        token: u32,
+        last: bool,
+        emit: &mut dyn FnMut(Event) -> bool,
+    ) -> bool {
         self.text.push_str(&text);
         if !self.request.stream {
             return true;
         }
+        self.pending.push_str(&text);
+        if self.pending.is_empty() {
+            return true;
+        }
+        let due = self
+            .last_sent
+            .is_none_or(|at| at.elapsed() >= self.request.stream_interval);
+        if !(last || due) {
+            return true;
+        }
+        self.last_sent = Some(Instant::now());
         let event = Event::Token {
             id: self.request.id.clone(),
             seq: self.seq,
-            text,
+            text: std::mem::take(&mut self.pending),
             token,
         };
         self.seq += 1;

@@ -190,6 +190,7 @@ pub fn greedy_request(
         timeout: std::time::Duration::from_secs(600),
         reply_to: None,
         ignore_eos: false,
+        stream_interval: std::time::Duration::ZERO,
         prompt_ids: None,
         response_format: Default::default(),
         constraint: None,
