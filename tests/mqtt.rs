@@ -1068,7 +1068,11 @@ async fn a_stream_interval_coalesces_pieces_into_few_token_events() {
     let done = coalesced.last().unwrap();
     assert_eq!(done["type"], "done", "{done}");
     assert_eq!(done["usage"]["completion_tokens"], 64);
-    assert_eq!(text_of(&coalesced), text_of(&every), "the same reply either way");
+    assert_eq!(
+        text_of(&coalesced),
+        text_of(&every),
+        "the same reply either way"
+    );
     let tokens = coalesced.len() - 1;
     let pieces = every.len() - 1;
     // The first piece goes at once, then one event per 200 ms of the run at most, and the
@@ -1076,8 +1080,14 @@ async fn a_stream_interval_coalesces_pieces_into_few_token_events() {
     let run_ms = done["timings"]["total_ms"].as_f64().unwrap();
     let bound = 2 + (run_ms / 200.0).ceil() as usize;
     eprintln!("{pieces} pieces came in {tokens} token events over {run_ms:.0} ms (bound {bound})");
-    assert!(tokens <= bound, "{tokens} token events in {run_ms} ms at 200 ms intervals");
-    assert!(tokens < pieces, "coalescing sent {tokens} events for {pieces} pieces");
+    assert!(
+        tokens <= bound,
+        "{tokens} token events in {run_ms} ms at 200 ms intervals"
+    );
+    assert!(
+        tokens < pieces,
+        "coalescing sent {tokens} events for {pieces} pieces"
+    );
     for (i, event) in coalesced.iter().enumerate() {
         assert_eq!(event["seq"], i, "seq counts events: {event}");
     }
@@ -1088,6 +1098,9 @@ async fn a_stream_interval_coalesces_pieces_into_few_token_events() {
     publish_request(&client, "slow", &bad).await;
     let error = end_on(&mut rx, "emberd/slow/response/bad").await;
     assert_eq!(error["code"], "bad_request", "{error}");
-    assert!(error["message"].as_str().unwrap().contains("stream_interval_ms"));
+    assert!(error["message"]
+        .as_str()
+        .unwrap()
+        .contains("stream_interval_ms"));
     daemon.stop().await;
 }
