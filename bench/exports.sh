@@ -51,7 +51,7 @@ print("|---|---|---|---|---|---|---|")
 for name in ["optimum-fp32", "optimum-int4", "genai-int4"]:
     em = list(reports(out / f"emberd-{name}.json"))
     tool = list(reports(out / f"tool-{name}.jsonl"))
-    ed = statistics.median(x for r in em for x in r["decode_tokens_per_s_runs"]) if "decode_tokens_per_s_runs" in em[0] else statistics.median(r["decode_tokens_per_s"] for r in em)
+    ed = statistics.median(r["decode_tokens_per_s"] for r in em)
     ep = statistics.median(r["prefill_ms"] for r in em)
     td = statistics.median(r["decode_tokens_per_s"] for r in tool)
     tp = statistics.median(r["prefill_ms"] for r in tool)

@@ -18,6 +18,7 @@ import json
 import socket
 import statistics
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -53,13 +54,16 @@ def server_figures(args):
     port = free_port()
     cmd = [str(args.tools / "llama-server"), "-m", args.gguf, "-t", str(args.threads), "-tb", str(args.threads),
            "-c", str(args.context), "-b", "512", "-ub", "512", "--host", "127.0.0.1", "--port", str(port),
-           "-np", "1", "--no-webui", "--log-disable"]
+           "-np", "1", "--no-webui"]
+    # Its log goes to a file: a pipe nobody reads would fill and stall the server.
+    log = tempfile.TemporaryFile("w+")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     try:
         while True:
             if proc.poll() is not None:
-                raise SystemExit(f"llama-server exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+                log.seek(0)
+                raise SystemExit(f"llama-server exited {proc.returncode}: {log.read()[-2000:]}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
                     if r.status == 200:
