@@ -8,7 +8,9 @@ set -euo pipefail
 export ORT_DISABLE_TELEMETRY=1
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-CACHE="${EMBERD_EXPORT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/emberd}"
+# HOME may be unset (a service's or CI's environment): the user's home from passwd then.
+home="${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}"
+CACHE="${EMBERD_EXPORT_CACHE:-${XDG_CACHE_HOME:-$home/.cache}/emberd}"
 say() { printf '[exports] %s\n' "$*"; }
 die() { printf '[exports] ERROR: %s\n' "$*" >&2; exit 1; }
 hash_of() { cat "$@" | sha256sum | cut -c1-16; }
