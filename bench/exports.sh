@@ -46,14 +46,16 @@ def reports(path):
         obj, j = dec.raw_decode(text, i); yield obj; i = j
         while i < len(text) and text[i].isspace(): i += 1
 print(f"versions: {refs['versions']}")
-print("| export | tool runtime | emberd decode tok/s | tool decode tok/s | ratio | emberd prefill ms | tool prefill ms |")
+fmt = lambda v: f"{min(v):.1f} / {statistics.median(v):.1f} / {max(v):.1f}"
+print("| export | tool runtime | emberd decode tok/s (min / median / max) | tool decode tok/s | ratio of medians | emberd prefill ms | tool prefill ms |")
 print("|---|---|---|---|---|---|---|")
 for name in ["optimum-fp32", "optimum-int4", "genai-int4"]:
     em = list(reports(out / f"emberd-{name}.json"))
     tool = list(reports(out / f"tool-{name}.jsonl"))
-    ed = statistics.median(r["decode_tokens_per_s"] for r in em)
+    ed = [r["decode_tokens_per_s"] for r in em]
+    td = [r["decode_tokens_per_s"] for r in tool]
     ep = statistics.median(r["prefill_ms"] for r in em)
-    td = statistics.median(r["decode_tokens_per_s"] for r in tool)
     tp = statistics.median(r["prefill_ms"] for r in tool)
-    print(f"| {name} | {refs['exports'][name]['runtime']} | {ed:.1f} | {td:.1f} | {ed / td:.2f} | {ep:.0f} | {tp:.0f} |")
+    print(f"| {name} | {refs['exports'][name]['runtime']} | {fmt(ed)} | {fmt(td)} | "
+          f"{statistics.median(ed) / statistics.median(td):.2f} | {ep:.0f} | {tp:.0f} |")
 PY
