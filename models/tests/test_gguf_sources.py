@@ -133,7 +133,9 @@ print(json.dumps([list(map(float, row)) for row in llm.scores[: len(ids)]]))
 
 
 def _llama_cpp_python():
-    """An interpreter that has llama-cpp-python: this one, or bench/'s (bench/compare.sh builds it)."""
+    """An interpreter that has llama-cpp-python: this one, or bench/.venv-llama's (made by hand:
+    `python3 -m venv bench/.venv-llama && bench/.venv-llama/bin/pip install llama-cpp-python`,
+    which builds llama.cpp from source, ~12 minutes on 2 cores)."""
     import subprocess
     import sys
     from conftest import ROOT
@@ -154,7 +156,8 @@ def test_llama_cpp_computes_the_same_logits(name):
     import subprocess
     py = _llama_cpp_python()
     if py is None:
-        pytest.skip("llama-cpp-python is not installed (bench/compare.sh builds it into bench/.venv-llama)")
+        pytest.skip("llama-cpp-python is not installed (bench/.venv-llama/bin/pip install llama-cpp-python "
+                    "builds it from source)")
     d = tiny_dir(name)
     run = subprocess.run([py, "-c", LLAMA_CPP_LOGITS, str(d / "source.gguf"), json.dumps(IDS)],
                          capture_output=True, text=True, timeout=300)
