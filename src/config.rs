@@ -252,6 +252,11 @@ pub struct MqttConfig {
     pub password_file: Option<PathBuf>,
     pub tls: Option<TlsConfig>,
     pub keep_alive_s: u64,
+    /// Home Assistant MQTT discovery: `true` announces the device (retained, under
+    /// `discovery_prefix`), `false` removes an announcement made before; unset leaves the
+    /// discovery topic alone.
+    pub ha_discovery: Option<bool>,
+    pub discovery_prefix: String,
 }
 
 impl Default for MqttConfig {
@@ -267,6 +272,8 @@ impl Default for MqttConfig {
             password_file: None,
             tls: None,
             keep_alive_s: 30,
+            ha_discovery: None,
+            discovery_prefix: "homeassistant".into(),
         }
     }
 }

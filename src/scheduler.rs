@@ -53,6 +53,8 @@ pub struct Stats {
     pub max_batch: AtomicUsize,
     /// Set when shutdown begins: new requests are refused with `shutting_down`.
     pub closed: AtomicBool,
+    /// The decode tokens/s of the last request that decoded, as f64 bits (the MQTT status).
+    pub last_decode_tokens_per_s: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -242,6 +244,15 @@ fn worker(
     let mut last_trim = Instant::now();
     let ended = |key: u64, run: Option<RunStats>, outboxes: &mut HashMap<u64, _>| {
         outboxes.remove(&key);
+        if let Some(tps) = run
+            .as_ref()
+            .map(RunStats::decode_tokens_per_s)
+            .filter(|t| *t > 0.0)
+        {
+            stats
+                .last_decode_tokens_per_s
+                .store(tps.to_bits(), Ordering::Relaxed);
+        }
         match run.and_then(|r| r.finish_reason) {
             Some(FinishReason::Cancelled) => stats.cancelled.fetch_add(1, Ordering::Relaxed),
             Some(FinishReason::Timeout) => stats.timed_out.fetch_add(1, Ordering::Relaxed),

@@ -1104,3 +1104,141 @@ async fn a_stream_interval_coalesces_pieces_into_few_token_events() {
         .contains("stream_interval_ms"));
     daemon.stop().await;
 }
+
+/// Home Assistant MQTT discovery: the retained device-discovery message, a prompt from its
+/// text entity answered on the reply sensor, attributes and event, the status entities
+/// updated after it, the device unavailable when emberd is killed, announced again on Home
+/// Assistant's `online`, and removed when discovery is turned off.
+#[test]
+fn home_assistant_discovery_announces_a_device_that_answers_and_goes_unavailable() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mqtt = |on: bool| {
+        format!(
+            "[mqtt]\nenabled = true\nport = {}\ndevice_id = \"kitchen\"\nha_discovery = {on}\n",
+            broker.port
+        )
+    };
+    let config = write_serve_config(dir.path(), &mqtt(true));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut daemon = spawn_ready(&config);
+        let discovery_topic = "homeassistant/device/kitchen/config";
+        // A client that comes later gets the retained announcement, as Home Assistant does.
+        let (ha, mut rx) = mqtt_client(
+            broker.port,
+            "home-assistant",
+            &[
+                discovery_topic,
+                "emberd/kitchen/status",
+                "emberd/kitchen/ha/#",
+            ],
+        )
+        .await;
+        let discovery = next_on(&mut rx, discovery_topic).await;
+        assert_eq!(discovery["device"]["identifiers"][0], "emberd_kitchen");
+        assert_eq!(discovery["origin"]["name"], "emberd");
+        assert_eq!(discovery["availability_topic"], "emberd/kitchen/status");
+        assert_eq!(discovery["availability_template"], "{{ value_json.state }}");
+        let components = &discovery["components"];
+        let platform = |c: &str| components[c]["p"].as_str().unwrap_or("").to_string();
+        assert_eq!(
+            [
+                "prompt",
+                "reply",
+                "result",
+                "queue_depth",
+                "served",
+                "decode_tokens_per_s"
+            ]
+            .map(platform),
+            ["text", "sensor", "event", "sensor", "sensor", "sensor"]
+        );
+        assert_eq!(
+            components["result"]["event_types"],
+            json!(["done", "error"])
+        );
+        for c in components.as_object().unwrap().values() {
+            assert!(
+                c["unique_id"].as_str().unwrap().starts_with("kitchen_"),
+                "{c}"
+            );
+        }
+
+        // The text entity publishes plain text on its command topic.
+        let prompt_topic = components["prompt"]["command_topic"].as_str().unwrap();
+        let served_before = wait_on(&mut rx, "emberd/kitchen/status", |_| true).await["served"]
+            .as_u64()
+            .unwrap();
+        ha.publish(prompt_topic, QoS::AtLeastOnce, false, "Say hello.")
+            .await
+            .unwrap();
+        let reply_topic = components["reply"]["state_topic"].as_str().unwrap();
+        let attributes_topic = components["reply"]["json_attributes_topic"]
+            .as_str()
+            .unwrap();
+        let event_topic = components["result"]["state_topic"].as_str().unwrap();
+        let state = next_on(&mut rx, reply_topic).await;
+        let attributes = next_on(&mut rx, attributes_topic).await;
+        let event = next_on(&mut rx, event_topic).await;
+        assert_eq!(event["event_type"], "done", "{event}");
+        let text = attributes["text"].as_str().unwrap();
+        assert!(!text.is_empty());
+        let cut: String = text.chars().take(255).collect();
+        assert_eq!(
+            state,
+            json!(cut),
+            "the state is the reply, cut to 255 characters"
+        );
+        assert!(attributes["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
+        // The status entities follow: one more served, a decode speed.
+        let status = wait_on(&mut rx, "emberd/kitchen/status", |v| {
+            v["served"].as_u64() > Some(served_before)
+        })
+        .await;
+        assert!(
+            status["decode_tokens_per_s"].as_f64().unwrap() > 0.0,
+            "{status}"
+        );
+
+        // Home Assistant restarts: it is told about the device again.
+        ha.publish("homeassistant/status", QoS::AtLeastOnce, false, "online")
+            .await
+            .unwrap();
+        let again = next_on(&mut rx, discovery_topic).await;
+        assert_eq!(again, discovery);
+
+        // Killed: the Last Will makes the device unavailable.
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
+        wait_on(&mut rx, "emberd/kitchen/status", |v| {
+            v["state"] == "offline"
+        })
+        .await;
+
+        // Discovery turned off: the retained announcement is removed.
+        let config = write_serve_config(dir.path(), &mqtt(false));
+        let mut daemon = spawn_ready(&config);
+        wait_on(&mut rx, discovery_topic, |v| v == &json!("")).await;
+        let (_late, mut late_rx) = mqtt_client(
+            broker.port,
+            "late",
+            &[discovery_topic, "emberd/kitchen/status"],
+        )
+        .await;
+        wait_on(&mut late_rx, "emberd/kitchen/status", |v| {
+            v["state"] == "online"
+        })
+        .await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), async {
+                next_on(&mut late_rx, discovery_topic).await
+            })
+            .await
+            .is_err(),
+            "nothing retained on the discovery topic"
+        );
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
+    });
+}

@@ -29,6 +29,7 @@ use crate::ingress::{Ingress, Intent, Origin, Reply, Route, Scope};
 use crate::protocol::Event;
 use crate::scheduler::Scheduler;
 use crate::shutdown::Shutdown;
+use crate::transport::ha::HaTopics;
 
 /// Longest wait between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -109,6 +110,9 @@ pub struct Transport {
     pending_subacks: usize,
     /// Whether the broker has accepted the current connection (for the status refresher).
     connected: Arc<std::sync::atomic::AtomicBool>,
+    /// Home Assistant discovery: `Some(true)` announces, `Some(false)` removes, None leaves
+    /// the discovery topic alone.
+    ha: Option<(HaTopics, bool)>,
 }
 
 /// What a status refresh compares: queue depth, running, served.
@@ -291,6 +295,12 @@ pub fn status_json(scheduler: &Scheduler, online: bool) -> Vec<u8> {
         "running": scheduler.stats().running.load(Ordering::Relaxed),
         "max_batch": scheduler.stats().max_batch.load(Ordering::Relaxed),
         "served": scheduler.stats().served.load(Ordering::Relaxed),
+        // The last request's: what Home Assistant's decode-speed sensor shows.
+        "decode_tokens_per_s": (f64::from_bits(
+            scheduler.stats().last_decode_tokens_per_s.load(Ordering::Relaxed),
+        ) * 10.0)
+            .round()
+            / 10.0,
     })
     .to_string()
     .into_bytes()
@@ -327,6 +337,10 @@ impl Transport {
         let offline = status_json(ingress.scheduler(), false);
         let options = options(config, ingress.max_request_bytes(), &topics, offline)?;
         let (client, eventloop) = AsyncClient::new(options, 64);
+        let ha = config.ha_discovery.map(|on| {
+            let model = ingress.scheduler().model_name();
+            (HaTopics::new(config, &topics.status, model), on)
+        });
         Ok(Transport {
             client,
             eventloop,
@@ -337,6 +351,7 @@ impl Transport {
             subscribed: None,
             pending_subacks: 0,
             connected: Arc::default(),
+            ha,
         })
     }
 
@@ -351,6 +366,9 @@ impl Transport {
     fn subscriptions(&self) -> Vec<String> {
         let mut topics = vec![self.topics.request.clone(), self.topics.cancel.clone()];
         topics.extend(self.topics.shared_request.clone());
+        if let Some((ha, true)) = &self.ha {
+            topics.extend([ha.prompt.clone(), ha.ha_status.clone()]);
+        }
         topics
     }
 
@@ -428,6 +446,16 @@ impl Transport {
         } else {
             self.subscriptions()
         };
+        // Announced on every connection (a broker that lost its retained messages gets it
+        // again); turned off, an empty retained message removes the device.
+        let discovery = self.ha.as_ref().map(|(ha, on)| {
+            let payload = if *on {
+                ha.announcement.clone()
+            } else {
+                Vec::new()
+            };
+            (ha.config.clone(), payload)
+        });
         tokio::spawn(async move {
             for topic in subscriptions {
                 if let Err(e) = client.subscribe(topic.clone(), QoS::AtLeastOnce).await {
@@ -440,6 +468,11 @@ impl Transport {
             {
                 log::warn!("mqtt: publishing status failed: {e}");
             }
+            if let Some((topic, payload)) = discovery {
+                if let Err(e) = client.publish(topic, QoS::AtLeastOnce, true, payload).await {
+                    log::warn!("mqtt: publishing the Home Assistant discovery failed: {e}");
+                }
+            }
         });
     }
 
@@ -448,9 +481,18 @@ impl Transport {
             publish,
             &self.client,
             &self.topics,
+            self.ha(),
             &self.ingress,
             &self.running,
         );
+    }
+
+    /// The Home Assistant topics, where discovery is on.
+    fn ha(&self) -> Option<&HaTopics> {
+        match &self.ha {
+            Some((ha, true)) => Some(ha),
+            _ => None,
+        }
     }
 
     /// Publishes `offline`, disconnects, and polls until the broker has everything.
@@ -460,6 +502,7 @@ impl Transport {
         let status = self.topics.status.clone();
         let running = self.running.clone();
         let (ingress, topics) = (self.ingress.clone(), self.topics.clone());
+        let ha = self.ha().cloned();
         let flush = async {
             // Wait for the streams still running (the scheduler's drain ends them).
             let deadline = Instant::now() + FLUSH_TIMEOUT * 6;
@@ -482,7 +525,7 @@ impl Transport {
                         // The broker has been told it was delivered: it is answered
                         // (`shutting_down`, or a cancel carried out), never dropped.
                         Ok(MqttEvent::Incoming(Packet::Publish(publish))) => {
-                            answer(publish, &client, &topics, &ingress, &running)
+                            answer(publish, &client, &topics, ha.as_ref(), &ingress, &running)
                         }
                         Ok(_) => {}
                         Err(_) => break,
@@ -504,10 +547,40 @@ fn answer(
     publish: Publish,
     client: &AsyncClient,
     topics: &Topics,
+    ha: Option<&HaTopics>,
     ingress: &Ingress,
     running: &Scope,
 ) {
     let topic = String::from_utf8_lossy(&publish.topic);
+    if let Some(ha) = ha {
+        if topic == ha.ha_status {
+            // Home Assistant (re)started: it forgets devices that are not announced again.
+            if publish.payload.as_ref() == b"online" {
+                let client = client.clone();
+                let (topic, payload) = (ha.config.clone(), ha.announcement.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = client.publish(topic, QoS::AtLeastOnce, true, payload).await {
+                        log::warn!("mqtt: publishing the Home Assistant discovery failed: {e}");
+                    }
+                });
+            }
+            return;
+        }
+        if topic == ha.prompt {
+            let origin = Origin {
+                transport: "mqtt",
+                scope: running,
+                intent: Intent::Any,
+            };
+            ingress.handle_request(
+                HaTopics::request(&publish.payload),
+                Instant::now(),
+                origin,
+                |_| ha.reply(client),
+            );
+            return;
+        }
+    }
     let intent = if topic == topics.cancel {
         Intent::Cancel
     } else {

@@ -301,7 +301,8 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// What a test client receives: topic, JSON payload, MQTT 5 properties.
+/// What a test client receives: topic, payload (JSON, else its text as a string), MQTT 5
+/// properties.
 pub type Received = (String, Value, Option<PublishProperties>);
 
 /// A test client whose event loop forwards incoming publishes to a channel.
@@ -350,7 +351,9 @@ pub async fn mqtt_client_with(
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                     let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                    let value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                    let value = serde_json::from_slice(&p.payload).unwrap_or_else(|_| {
+                        Value::String(String::from_utf8_lossy(&p.payload).into_owned())
+                    });
                     if tx.send((topic, value, p.properties)).is_err() {
                         return;
                     }
