@@ -1057,8 +1057,23 @@ async fn a_stream_interval_coalesces_pieces_into_few_token_events() {
     // The two compared requests both find the prompt in the cache (prefix reuse), as a first
     // request does not: the same computation, so the same greedy reply.
     publish_request(&client, "slow", &request("warm-up")).await;
-    events_of(&mut rx, "slow", "warm-up").await;
-    publish_request(&client, "slow", &request("coalesced")).await;
+    let warm = events_of(&mut rx, "slow", "warm-up").await;
+    let speed = warm.last().unwrap()["timings"]["decode_tokens_per_s"]
+        .as_f64()
+        .unwrap();
+    // The config's 200 ms where tokens come several to the interval; where they come slower
+    // (under emulation, over a second each) a per-request interval of 8 tokens' time, so
+    // that there is something to coalesce.
+    let token_ms = 1000.0 / speed;
+    let mut coalesced = request("coalesced");
+    let interval_ms = if token_ms * 4.0 <= 200.0 {
+        200.0
+    } else {
+        let ms = (token_ms * 8.0).ceil();
+        coalesced["stream_interval_ms"] = json!(ms as u64);
+        ms
+    };
+    publish_request(&client, "slow", &coalesced).await;
     let coalesced = events_of(&mut rx, "slow", "coalesced").await;
     let mut each = request("each");
     each["stream_interval_ms"] = json!(0);
@@ -1075,14 +1090,17 @@ async fn a_stream_interval_coalesces_pieces_into_few_token_events() {
     );
     let tokens = coalesced.len() - 1;
     let pieces = every.len() - 1;
-    // The first piece goes at once, then one event per 200 ms of the run at most, and the
+    // The first piece goes at once, then one event per interval of the run at most, and the
     // rest with the end: the bound follows from the run's own duration.
     let run_ms = done["timings"]["total_ms"].as_f64().unwrap();
-    let bound = 2 + (run_ms / 200.0).ceil() as usize;
-    eprintln!("{pieces} pieces came in {tokens} token events over {run_ms:.0} ms (bound {bound})");
+    let bound = 2 + (run_ms / interval_ms).ceil() as usize;
+    eprintln!(
+        "{pieces} pieces came in {tokens} token events over {run_ms:.0} ms \
+         (interval {interval_ms} ms, a token every {token_ms:.0} ms; bound {bound})"
+    );
     assert!(
         tokens <= bound,
-        "{tokens} token events in {run_ms} ms at 200 ms intervals"
+        "{tokens} token events in {run_ms} ms at {interval_ms} ms intervals"
     );
     assert!(
         tokens < pieces,
