@@ -848,12 +848,13 @@ impl Sequence {
         tokenizer: &Tokenizer,
         emit: &mut dyn FnMut(Event) -> bool,
     ) -> Result<(), GenerateError> {
-        let mut tail = String::new();
-        if finish != FinishReason::StopSequence {
+        let tail = if finish == FinishReason::StopSequence {
+            String::new()
+        } else {
             let rest = self.decoder.finish(tokenizer)?;
             let (StopCheck::Continue(held) | StopCheck::Stopped(held)) = self.stops.push(&rest);
-            tail = held + &self.stops.flush();
-        }
+            held + &self.stops.flush()
+        };
         let token = *self.history.last().unwrap_or(&0);
         // The run is over: a client gone now has nothing left to cancel.
         self.send(tail, token, true, emit);

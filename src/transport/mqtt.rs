@@ -469,9 +469,7 @@ impl Transport {
                 log::warn!("mqtt: publishing status failed: {e}");
             }
             if let Some((topic, payload)) = discovery {
-                if let Err(e) = client.publish(topic, QoS::AtLeastOnce, true, payload).await {
-                    log::warn!("mqtt: publishing the Home Assistant discovery failed: {e}");
-                }
+                publish_discovery(&client, topic, payload).await;
             }
         });
     }
@@ -558,26 +556,8 @@ fn answer(
             if publish.payload.as_ref() == b"online" {
                 let client = client.clone();
                 let (topic, payload) = (ha.config.clone(), ha.announcement.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = client.publish(topic, QoS::AtLeastOnce, true, payload).await {
-                        log::warn!("mqtt: publishing the Home Assistant discovery failed: {e}");
-                    }
-                });
+                tokio::spawn(async move { publish_discovery(&client, topic, payload).await });
             }
-            return;
-        }
-        if topic == ha.prompt {
-            let origin = Origin {
-                transport: "mqtt",
-                scope: running,
-                intent: Intent::Any,
-            };
-            ingress.handle_request(
-                HaTopics::request(&publish.payload),
-                Instant::now(),
-                origin,
-                |_| ha.reply(client),
-            );
             return;
         }
     }
@@ -586,6 +566,20 @@ fn answer(
     } else {
         Intent::Any
     };
+    let origin = Origin {
+        transport: "mqtt",
+        scope: running,
+        intent,
+    };
+    if let Some(ha) = ha.filter(|ha| topic == ha.prompt) {
+        ingress.handle_request(
+            HaTopics::request(&publish.payload),
+            Instant::now(),
+            origin,
+            |_| ha.reply(client),
+        );
+        return;
+    }
     // Replies go to the Response Topic (MQTT 5) with its Correlation Data; else to the
     // request's `reply_to`; else to the response topic of its id; else, for a message
     // whose id is unknown, to the device's errors topic.
@@ -614,12 +608,14 @@ fn answer(
             to,
         }
     };
-    let origin = Origin {
-        transport: "mqtt",
-        scope: running,
-        intent,
-    };
     ingress.handle(&publish.payload, origin, route);
+}
+
+/// Publishes the Home Assistant device-discovery message (empty: the device removed).
+async fn publish_discovery(client: &AsyncClient, topic: String, payload: Vec<u8>) {
+    if let Err(e) = client.publish(topic, QoS::AtLeastOnce, true, payload).await {
+        log::warn!("mqtt: publishing the Home Assistant discovery failed: {e}");
+    }
 }
 
 /// Publishes one event; false when it cannot be handed to the client (its event loop is gone).
