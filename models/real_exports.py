@@ -85,9 +85,7 @@ def genai_int4(hf: Path, out: Path, cache: Path):
          "-p", "int4", "-e", "cpu", "-c", cache])
 
 
-def prompt_ids(export: Path):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(export)
+def prompt_ids(tok):
     cases = []
     for messages in PROMPTS:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -104,41 +102,53 @@ def eos_ids(export: Path):
     return set(eos if isinstance(eos, list) else [eos])
 
 
+def ort_file(export: Path) -> Path:
+    """An Optimum export's model: top level, or the 4-bit one in the hub's onnx/ folder."""
+    return export / "model.onnx" if (export / "model.onnx").is_file() else export / "onnx" / "model_q4.onnx"
+
+
+class OrtLoop:
+    """The plain onnxruntime loop an Optimum export is run with: the prompt, then one token a
+    step, with the present key/values fed back as the next past."""
+
+    def __init__(self, model_file: Path):
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        # Two threads, as tests/exports.rs and bench/exports.sh run emberd.
+        opts.intra_op_num_threads = 2
+        self.sess = ort.InferenceSession(str(model_file), opts, providers=["CPUExecutionProvider"])
+        inputs = self.sess.get_inputs()
+        self.kv = [i for i in inputs if i.name.startswith("past_key_values.")]
+        self.has_pos = any(i.name == "position_ids" for i in inputs)
+        self.outs = [o.name for o in self.sess.get_outputs()]
+
+    def start(self, prompt):
+        """Runs the prompt from an empty cache; the greedy next token."""
+        self.past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in self.kv}
+        self.ids = []
+        return self.step(prompt)
+
+    def step(self, new):
+        self.ids += list(new)
+        feed = {"input_ids": np.array([new], np.int64),
+                "attention_mask": np.ones((1, len(self.ids)), np.int64), **self.past}
+        if self.has_pos:
+            feed["position_ids"] = np.arange(len(self.ids) - len(new), len(self.ids), dtype=np.int64)[None]
+        res = dict(zip(self.outs, self.sess.run(self.outs, feed)))
+        self.past = {k: res[k.replace("past_key_values", "present")] for k in self.past}
+        return int(np.argmax(res["logits"][0, -1]))
+
+
 def ort_greedy(model_file: Path, cases, eos):
-    """The plain onnxruntime loop an Optimum export is run with: prefill, then one token a step
-    with the present key/values fed back."""
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    # Two threads, as tests/exports.rs runs emberd.
-    opts.intra_op_num_threads = 2
-    sess = ort.InferenceSession(str(model_file), opts, providers=["CPUExecutionProvider"])
-    inputs = {i.name: i for i in sess.get_inputs()}
-    kv_names = [n for n in inputs if n.startswith("past_key_values.")]
-    outs = [o.name for o in sess.get_outputs()]
-    heads, head_dim = inputs[kv_names[0]].shape[1], inputs[kv_names[0]].shape[3]
+    loop = OrtLoop(model_file)
     decode_s, decode_n = 0.0, 0
     for case in cases:
-        ids = list(case["prompt_ids"])
-        past = {n: np.zeros((1, heads, 0, head_dim), np.float32) for n in kv_names}
-        step, got = ids, []
-        for i in range(MAX_NEW):
+        got = [loop.start(case["prompt_ids"])]
+        while got[-1] not in eos and len(got) < MAX_NEW:
             t = time.perf_counter()
-            start = len(ids) - len(step)
-            feed = {"input_ids": np.array([step], np.int64),
-                    "attention_mask": np.ones((1, len(ids)), np.int64), **past}
-            if "position_ids" in inputs:
-                feed["position_ids"] = np.arange(start, len(ids), dtype=np.int64)[None]
-            res = dict(zip(outs, sess.run(outs, feed)))
-            token = int(np.argmax(res["logits"][0, -1]))
-            if i > 0:
-                decode_s += time.perf_counter() - t
-                decode_n += 1
-            got.append(token)
-            if token in eos:
-                break
-            past = {n: res[n.replace("past_key_values", "present")] for n in kv_names}
-            ids.append(token)
-            step = [token]
+            got.append(loop.step([got[-1]]))
+            decode_s += time.perf_counter() - t
+            decode_n += 1
         case["greedy_ids"] = got
     return decode_n / decode_s
 
@@ -168,7 +178,6 @@ def genai_greedy(export: Path, cases, eos):
 def bench(export: Path, prompt_tokens: int, gen_tokens: int, runs: int):
     """The exporting tool's runtime on EXPORT as its users call it: prefill then one token a
     step, no eos stop; prints one JSON line per run (prefill ms, decode tokens/s)."""
-    import onnxruntime as ort
     from transformers import AutoTokenizer
     text = " ".join(["The quick brown fox jumps over the lazy dog near the river bank."] * 40)
     prompt = AutoTokenizer.from_pretrained(export)(text)["input_ids"][:prompt_tokens]
@@ -177,13 +186,7 @@ def bench(export: Path, prompt_tokens: int, gen_tokens: int, runs: int):
         import onnxruntime_genai as og
         model = og.Model(str(export))
     else:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 2
-        file = export / "model.onnx" if (export / "model.onnx").is_file() else export / "onnx" / "model_q4.onnx"
-        sess = ort.InferenceSession(str(file), opts, providers=["CPUExecutionProvider"])
-        kv = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
-        has_pos = any(i.name == "position_ids" for i in sess.get_inputs())
-        outs = [o.name for o in sess.get_outputs()]
+        loop = OrtLoop(ort_file(export))
     for _ in range(runs):
         if genai:
             params = og.GeneratorParams(model)
@@ -198,21 +201,11 @@ def bench(export: Path, prompt_tokens: int, gen_tokens: int, runs: int):
                 gen.generate_next_token()
             t2 = time.perf_counter()
         else:
-            past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in kv}
-            ids, step = list(prompt), list(prompt)
             t0 = time.perf_counter()
-            for n in range(gen_tokens):
-                feed = {"input_ids": np.array([step], np.int64),
-                        "attention_mask": np.ones((1, len(ids)), np.int64), **past}
-                if has_pos:
-                    feed["position_ids"] = np.arange(len(ids) - len(step), len(ids), dtype=np.int64)[None]
-                res = dict(zip(outs, sess.run(outs, feed)))
-                token = int(np.argmax(res["logits"][0, -1]))
-                past = {k: res[k.replace("past_key_values", "present")] for k in past}
-                ids.append(token)
-                step = [token]
-                if n == 0:
-                    t1 = time.perf_counter()
+            token = loop.start(prompt)
+            t1 = time.perf_counter()
+            for _ in range(gen_tokens - 1):
+                token = loop.step([token])
             t2 = time.perf_counter()
         print(json.dumps({"prefill_ms": round((t1 - t0) * 1e3, 1),
                           "decode_tokens_per_s": round((gen_tokens - 1) / (t2 - t1), 1)}), flush=True)
@@ -255,20 +248,17 @@ def main(argv=None):
 
     log(f"{len(stages) + 1}/{len(stages) + 1} greedy references from each tool's own runtime")
     refs = {}
-    for name, model_file, runner in [
-        ("optimum-fp32", "model.onnx", "onnxruntime"),
-        ("optimum-int4", "onnx/model_q4.onnx", "onnxruntime"),
-        ("genai-int4", None, "onnxruntime-genai"),
-    ]:
+    from transformers import AutoTokenizer
+    for name, runner in [("optimum-fp32", "onnxruntime"), ("optimum-int4", "onnxruntime"),
+                         ("genai-int4", "onnxruntime-genai")]:
         export = out / name
-        cases = prompt_ids(export)
+        tok = AutoTokenizer.from_pretrained(export)
+        cases = prompt_ids(tok)
         eos = eos_ids(export)
         if runner == "onnxruntime":
-            tps = ort_greedy(export / model_file, cases, eos)
+            tps = ort_greedy(ort_file(export), cases, eos)
         else:
             tps = genai_greedy(export, cases, eos)
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(export)
         for case in cases:
             # The reply as a client reads it: without the eos that ended it.
             reply = [t for t in case["greedy_ids"] if t not in eos]
