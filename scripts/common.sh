@@ -4,7 +4,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-say() { printf '[emberd] %s\n' "$*"; }
+# The time since the script started, so a slow step shows in a CI log.
+say() { printf '[emberd %dm%02ds] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
 die() { printf '[emberd] ERROR: %s\n' "$*" >&2; exit 1; }
 
 # Debian packages: mosquitto (broker and clients, for the MQTT API and its tests), the
