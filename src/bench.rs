@@ -205,6 +205,7 @@ fn greedy(id: &str, input: PromptInput, max_tokens: usize) -> ValidRequest {
         stream_interval: std::time::Duration::ZERO,
         prompt_ids: None,
         response_format: Default::default(),
+        tools: None,
         constraint: None,
     }
 }
@@ -239,12 +240,11 @@ fn constrained(
     format: &ResponseFormat,
     options: &BenchOptions,
 ) -> Result<ConstrainedFigure, GenerateError> {
-    let input = PromptInput::Chat(vec![Message {
-        role: "user".into(),
-        content: "Turn on the kitchen light at 40 percent brightness. Reply as JSON with the \
-            device, the action and the level."
-            .into(),
-    }]);
+    let input = PromptInput::Chat(vec![Message::new(
+        "user",
+        "Turn on the kitchen light at 40 percent brightness. Reply as JSON with the \
+            device, the action and the level.",
+    )]);
     let mut free = greedy("bench-free", input.clone(), options.gen_tokens);
     let mut held = free.clone();
     held.id = "bench-constrained".into();
@@ -405,14 +405,8 @@ fn shared_prefix(
         pressure 95 to 105, humidity 20 to 60 percent.";
     let ask = |question: &str| {
         PromptInput::Chat(vec![
-            crate::protocol::Message {
-                role: "system".into(),
-                content: system.into(),
-            },
-            crate::protocol::Message {
-                role: "user".into(),
-                content: question.into(),
-            },
+            Message::new("system", system),
+            Message::new("user", question),
         ])
     };
     let first = greedy("bench-first", ask("Is 41 degrees normal for sensor t1?"), 4);

@@ -246,11 +246,7 @@ impl Ingress {
         });
         // Tokenized, length-checked and the grammar compiled here, so that a request the
         // model cannot serve costs no queue slot.
-        let prepared = self.prompter.checked_ids(&valid.input).and_then(|ids| {
-            let constraint = self.prompter.constraint(&valid.response_format)?;
-            Ok((ids, constraint))
-        });
-        match prepared {
+        match self.prompter.prepare(&valid) {
             Ok((ids, constraint)) => {
                 valid.prompt_ids = Some(ids);
                 valid.constraint = constraint;

@@ -62,12 +62,118 @@ pub struct RequestPolicy {
     pub request_timeout: std::time::Duration,
 }
 
-/// One chat message.
+/// One chat message: `system`, `user`, `assistant` (which may carry the tool calls it made)
+/// or `tool` (a call's result). Fields that are absent stay absent for the chat template,
+/// which tests them with `is defined`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Message {
     pub role: String,
+    /// Null (OpenAI's assistant message that only calls tools) reads as empty.
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// On a `tool` message: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// On a `tool` message: the function that answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl Message {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Message {
+            role: role.into(),
+            content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
+        }
+    }
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(de: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(de)?.unwrap_or_default())
+}
+
+/// A function the model may call, in OpenAI's shape:
+/// `{"type": "function", "function": {"name", "description", "parameters"}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tool {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// A JSON Schema for the arguments object; absent: any object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<serde_json::Value>,
+    /// Accepted; the schema is always enforced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
+/// `tool_choice`: `"auto"` (the model answers in text or calls one tool), `"none"` (text),
+/// `"required"` (one call), or one function by name
+/// (`{"type": "function", "function": {"name": ...}}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ToolChoice {
+    Mode(String),
+    Function {
+        #[serde(rename = "type")]
+        kind: String,
+        function: FunctionName,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionName {
+    pub name: String,
+}
+
+/// A call the model made (in a `done` event) or made earlier (in an assistant message).
+/// Unknown fields are let through here: clients echo back what servers add to a call
+/// (`index`), and a past call's extras change nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", default = "function_kind")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+fn function_kind() -> String {
+    "function".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// A JSON object. OpenAI's clients send it as a string of JSON; `validate` parses that.
+    pub arguments: serde_json::Value,
+}
+
+/// How a request may use its tools, once validated: the tools the model is told about and
+/// those it may call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolUse {
+    pub tools: Vec<Tool>,
+    /// A call is the only answer allowed (`required`, or one named function).
+    pub required: bool,
+    /// The functions a call may name: all of `tools`, or the one `tool_choice` names.
+    pub callable: Vec<String>,
 }
 
 /// A generation request as it arrives on any transport.
@@ -126,6 +232,13 @@ pub struct Request {
     /// The shape the output must take; plain text when absent.
     #[serde(default)]
     pub response_format: Option<ResponseFormat>,
+    /// Functions the model may call (OpenAI's shape); a call comes back in `done`'s
+    /// `tool_calls`, its arguments held to the function's schema.
+    #[serde(default)]
+    pub tools: Option<Vec<Tool>>,
+    /// `auto` (the default with tools), `none`, `required`, or one named function.
+    #[serde(default)]
+    pub tool_choice: Option<ToolChoice>,
 }
 
 /// The shape the output must take: OpenAI's `response_format`, plus a regular expression and
@@ -253,6 +366,9 @@ pub struct ValidRequest {
     /// length-checked it (before queueing); `None` leaves that to the generator.
     pub prompt_ids: Option<Vec<u32>>,
     pub response_format: ResponseFormat,
+    /// The tools the model is told about and may call; `None` without tools or with
+    /// `tool_choice: "none"`.
+    pub tools: Option<ToolUse>,
     /// `response_format` compiled, by the ingress before queueing; `None` with a format
     /// other than text leaves that to the generator.
     pub constraint: Option<Constraint>,
@@ -313,6 +429,8 @@ pub enum FinishReason {
     StopSequence,
     Cancelled,
     Timeout,
+    /// The answer is a tool call (`done` carries it in `tool_calls`).
+    ToolCalls,
 }
 
 impl FinishReason {
@@ -324,6 +442,7 @@ impl FinishReason {
             FinishReason::StopSequence => "stop_sequence",
             FinishReason::Cancelled => "cancelled",
             FinishReason::Timeout => "timeout",
+            FinishReason::ToolCalls => "tool_calls",
         }
     }
 }
@@ -364,6 +483,9 @@ pub enum Event {
         finish_reason: FinishReason,
         #[serde(skip_serializing_if = "Option::is_none", default)]
         text: Option<String>,
+        /// The tool call the answer is (`finish_reason` is then `tool_calls`).
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        tool_calls: Option<Vec<ToolCall>>,
         usage: Usage,
         timings: Timings,
     },
@@ -490,30 +612,20 @@ impl Request {
             (Some(prompt), None, false) => {
                 let mut messages = Vec::new();
                 if let Some(system) = self.system.or_else(|| policy.defaults.system.clone()) {
-                    messages.push(Message {
-                        role: "system".into(),
-                        content: system,
-                    });
+                    messages.push(Message::new("system", system));
                 }
-                messages.push(Message {
-                    role: "user".into(),
-                    content: prompt,
-                });
+                messages.push(Message::new("user", prompt));
                 PromptInput::Chat(messages)
             }
-            (None, Some(given), false) => {
+            (None, Some(mut given), false) => {
                 if given.is_empty() {
                     return Err(RequestError::BadRequest(
                         "messages must not be empty".into(),
                     ));
                 }
-                for (i, m) in given.iter().enumerate() {
-                    if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
-                        return Err(RequestError::BadRequest(format!(
-                            "messages[{i}].role must be system, user or assistant, got {:?}",
-                            m.role
-                        )));
-                    }
+                for (i, m) in given.iter_mut().enumerate() {
+                    check_message(m)
+                        .map_err(|e| RequestError::BadRequest(format!("messages[{i}].{e}")))?;
                 }
                 let has_system = given.iter().any(|m| m.role == "system");
                 let mut messages = Vec::with_capacity(given.len() + 1);
@@ -523,16 +635,10 @@ impl Request {
                             "system given twice: as a field and in messages".into(),
                         ))
                     }
-                    Some(system) => messages.push(Message {
-                        role: "system".into(),
-                        content: system,
-                    }),
+                    Some(system) => messages.push(Message::new("system", system)),
                     None if !has_system => {
                         if let Some(system) = &policy.defaults.system {
-                            messages.push(Message {
-                                role: "system".into(),
-                                content: system.clone(),
-                            });
+                            messages.push(Message::new("system", system.clone()));
                         }
                     }
                     None => {}
@@ -619,6 +725,20 @@ impl Request {
                 "stream_interval_ms {stream_interval_ms} is over the limit of {MAX_STREAM_INTERVAL_MS}"
             )));
         }
+        let tools = tool_use(self.tools, self.tool_choice)?;
+        if tools.is_some() && !matches!(self.response_format, None | Some(ResponseFormat::Text {}))
+        {
+            return Err(RequestError::BadRequest(
+                "response_format cannot be combined with tools: a call is held to its tool's \
+                 schema, and a text answer is free"
+                    .into(),
+            ));
+        }
+        if tools.is_some() && matches!(input, PromptInput::Raw(_)) {
+            return Err(RequestError::BadRequest(
+                "tools need the chat template: they cannot be combined with raw".into(),
+            ));
+        }
         Ok(ValidRequest {
             id,
             input,
@@ -632,9 +752,125 @@ impl Request {
             stream_interval: std::time::Duration::from_millis(stream_interval_ms.into()),
             prompt_ids: None,
             response_format: self.response_format.unwrap_or_default(),
+            tools,
             constraint: None,
         })
     }
+}
+
+/// Checks one message: its role, and that tool calls and results carry what they need.
+/// A call's arguments given as a string of JSON (OpenAI's way) become the object. Errors
+/// start with the field's name (the caller adds `messages[i].`).
+fn check_message(m: &mut Message) -> Result<(), String> {
+    match m.role.as_str() {
+        "system" | "user" => {}
+        "assistant" => {
+            for (j, call) in m.tool_calls.iter_mut().flatten().enumerate() {
+                if let serde_json::Value::String(text) = &call.function.arguments {
+                    call.function.arguments = serde_json::from_str(text).map_err(|e| {
+                        format!("tool_calls[{j}].function.arguments is not JSON: {e}")
+                    })?;
+                }
+                if !call.function.arguments.is_object() {
+                    return Err(format!(
+                        "tool_calls[{j}].function.arguments must be a JSON object"
+                    ));
+                }
+            }
+        }
+        "tool" => {}
+        role => {
+            return Err(format!(
+                "role must be system, user, assistant or tool, got {role:?}"
+            ))
+        }
+    }
+    if m.role != "assistant" && m.tool_calls.is_some() {
+        return Err("tool_calls: only assistant messages carry tool calls".into());
+    }
+    Ok(())
+}
+
+/// Longest tool name accepted (OpenAI's limit).
+const MAX_TOOL_NAME: usize = 64;
+
+/// `tools` and `tool_choice` checked and resolved; `None` when the model is not to call any.
+fn tool_use(
+    tools: Option<Vec<Tool>>,
+    choice: Option<ToolChoice>,
+) -> Result<Option<ToolUse>, RequestError> {
+    let bad = |m: String| Err(RequestError::BadRequest(m));
+    let tools = tools.unwrap_or_default();
+    for (i, tool) in tools.iter().enumerate() {
+        let name = &tool.function.name;
+        if tool.kind != "function" {
+            return bad(format!(
+                "tools[{i}].type must be \"function\", got {:?}",
+                tool.kind
+            ));
+        }
+        let well_formed = !name.is_empty()
+            && name.len() <= MAX_TOOL_NAME
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
+        if !well_formed {
+            return bad(format!(
+                "tools[{i}].function.name must be 1 to {MAX_TOOL_NAME} letters, digits, \
+                 '_', '-' or '.', got {name:?}"
+            ));
+        }
+        if tools[..i].iter().any(|t| t.function.name == *name) {
+            return bad(format!("tools[{i}]: the name {name:?} is given twice"));
+        }
+        match &tool.function.parameters {
+            None | Some(serde_json::Value::Object(_)) => {}
+            Some(_) => {
+                return bad(format!(
+                    "tools[{i}].function.parameters must be a JSON Schema object"
+                ))
+            }
+        }
+    }
+    let names = || tools.iter().map(|t| t.function.name.clone()).collect();
+    let (required, callable) = match choice {
+        None => (false, names()),
+        Some(ToolChoice::Mode(mode)) => match mode.as_str() {
+            "auto" => (false, names()),
+            "none" => return Ok(None),
+            "required" => (true, names()),
+            other => {
+                return bad(format!(
+                    "tool_choice must be auto, none, required or a function, got {other:?}"
+                ))
+            }
+        },
+        Some(ToolChoice::Function { kind, function }) => {
+            if kind != "function" {
+                return bad(format!(
+                    "tool_choice.type must be \"function\", got {kind:?}"
+                ));
+            }
+            if !tools.iter().any(|t| t.function.name == function.name) {
+                return bad(format!(
+                    "tool_choice names {:?}, which is not among tools",
+                    function.name
+                ));
+            }
+            (true, vec![function.name])
+        }
+    };
+    if tools.is_empty() {
+        if required {
+            return bad("tool_choice asks for a call, but tools is empty".into());
+        }
+        return Ok(None);
+    }
+    Ok(Some(ToolUse {
+        tools,
+        required,
+        callable,
+    }))
 }
 
 #[cfg(test)]
@@ -716,13 +952,7 @@ mod tests {
     fn prompt_becomes_a_user_message_with_defaults() {
         let r = valid(r#"{"prompt":"hi"}"#).unwrap();
         assert_eq!(r.id, "gen");
-        assert_eq!(
-            r.input,
-            PromptInput::Chat(vec![Message {
-                role: "user".into(),
-                content: "hi".into()
-            }])
-        );
+        assert_eq!(r.input, PromptInput::Chat(vec![Message::new("user", "hi")]));
         assert_eq!(r.max_tokens, 256);
         assert!(r.stream);
     }
@@ -798,8 +1028,34 @@ mod tests {
                 ErrorCode::BadRequest,
             ),
             (
-                r#"{"messages":[{"role":"tool","content":"y"}]}"#.into(),
+                r#"{"messages":[{"role":"robot","content":"y"}]}"#.into(),
                 "messages[0].role",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"y","tool_calls":[{"function":
+                    {"name":"f","arguments":{}}}]}]}"#
+                    .into(),
+                "messages[0].tool_calls: only assistant messages",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"messages":[{"role":"assistant","tool_calls":[{"function":
+                    {"name":"f","arguments":"{not json"}}]}]}"#
+                    .into(),
+                "messages[0].tool_calls[0].function.arguments is not JSON",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"prompt":"x","tools":[{"type":"function","function":{"name":"a b"}}]}"#
+                    .into(),
+                "tools[0].function.name",
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"prompt":"x","raw":true,"tools":[{"type":"function","function":{"name":"f"}}]}"#
+                    .into(),
+                "cannot be combined with raw",
                 ErrorCode::BadRequest,
             ),
             (

@@ -208,10 +208,7 @@ fn greedy_ids_follow_the_exact_reference(
 #[test]
 fn streaming_pieces_add_up_to_the_done_text_and_stop_at_eos_or_length() {
     let mut generator = generator(default_model_dir(), serving_backend());
-    let chat = PromptInput::Chat(vec![Message {
-        role: "user".into(),
-        content: "Name three colors.".into(),
-    }]);
+    let chat = PromptInput::Chat(vec![Message::new("user", "Name three colors.")]);
     let events = collect(&mut generator, &greedy_request(chat.clone(), 48));
     let streamed: String = events
         .iter()
@@ -259,10 +256,10 @@ fn streaming_pieces_add_up_to_the_done_text_and_stop_at_eos_or_length() {
 #[test]
 fn a_stop_sequence_ends_generation_and_is_not_emitted() {
     let mut generator = generator(default_model_dir(), serving_backend());
-    let chat = PromptInput::Chat(vec![Message {
-        role: "user".into(),
-        content: "Tell me about Paris, the capital of France.".into(),
-    }]);
+    let chat = PromptInput::Chat(vec![Message::new(
+        "user",
+        "Tell me about Paris, the capital of France.",
+    )]);
     // The greedy reply starts "Bonjour, I'm delighted..."; stop on a string inside it.
     let mut req = greedy_request(chat, 64);
     req.stop = vec!["delighted".into()];
@@ -405,26 +402,20 @@ fn the_chat_template_renders_like_hugging_face() {
     for case in cases {
         let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
         let add = case["add_generation_prompt"].as_bool().unwrap();
-        let rendered = generator.prompter().render(&messages, add).unwrap();
+        let rendered = generator.prompter().render(&messages, None, add).unwrap();
         assert_eq!(rendered, case["expected"].as_str().unwrap(), "{messages:?}");
     }
 }
 
 #[test]
 fn a_shared_prompt_prefix_is_served_from_the_cache_with_the_same_result() {
-    let system = Message {
-        role: "system".into(),
-        content: "You are a sensor gateway assistant. Answer briefly.".into(),
-    };
+    let system = Message::new(
+        "system",
+        "You are a sensor gateway assistant. Answer briefly.",
+    );
     let ask = |q: &str| {
         let mut r = greedy_request(
-            PromptInput::Chat(vec![
-                system.clone(),
-                Message {
-                    role: "user".into(),
-                    content: q.into(),
-                },
-            ]),
+            PromptInput::Chat(vec![system.clone(), Message::new("user", q)]),
             16,
         );
         r.ignore_eos = true;

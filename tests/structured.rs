@@ -34,30 +34,6 @@ fn iot_request(id: &str, seed: u64) -> Value {
     })
 }
 
-/// Checks `outputs` against `schema` with Python's `jsonschema`; panics naming each failure.
-fn assert_valid(what: &str, schema: &Value, outputs: &[String]) {
-    use std::io::Write;
-    let mut child = std::process::Command::new(repo().join(".venv/bin/python"))
-        .arg(repo().join("tests/structured/validate.py"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("the .venv that the test command makes (with tests/requirements.txt)");
-    let input = json!({"schema": schema, "outputs": outputs}).to_string();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "the validator failed");
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    eprintln!("{what}: {report}");
-    assert_eq!(report["checked"], outputs.len(), "{report}");
-    assert_eq!(report["invalid"], 0, "{what}: {report}");
-}
-
 /// The text of a non-streamed request's done event, which must end by the grammar (stop).
 fn finished_text(what: &str, end: &Value) -> String {
     assert_eq!(end["type"], "done", "{what}: {end}");

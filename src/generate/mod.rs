@@ -9,6 +9,7 @@ pub mod sampler;
 pub mod stop;
 pub mod template;
 pub mod tokenizer;
+pub mod tools;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -53,6 +54,9 @@ pub enum GenerateError {
     /// A `response_format` that cannot be compiled: names what is wrong with it.
     #[error("response_format: {0}")]
     InvalidFormat(String),
+    /// A tool's parameter schema that cannot be compiled into a grammar.
+    #[error("tools: {0}")]
+    InvalidTools(String),
     /// The grammar failed while generating (a fault, not the request's).
     #[error("constraint: {0}")]
     Constraint(String),
@@ -65,7 +69,8 @@ impl GenerateError {
             GenerateError::Template(_)
             | GenerateError::NoTemplate
             | GenerateError::EmptyPrompt
-            | GenerateError::InvalidFormat(_) => ErrorCode::BadRequest,
+            | GenerateError::InvalidFormat(_)
+            | GenerateError::InvalidTools(_) => ErrorCode::BadRequest,
             _ => ErrorCode::Internal,
         }
     }
@@ -337,7 +342,7 @@ impl Generator {
 
     /// The text the model sees for `input`.
     pub fn prompt_text(&self, input: &PromptInput) -> Result<String, GenerateError> {
-        self.prompter.text(input)
+        self.prompter.text(input, None)
     }
 
     pub fn prompt_ids(&self, input: &PromptInput) -> Result<Vec<u32>, GenerateError> {
@@ -403,17 +408,13 @@ impl Generator {
         request: &ValidRequest,
     ) -> Result<(Vec<u32>, Option<Constraint>), GenerateError> {
         // The ingress tokenized, checked and compiled a served request before queueing it.
-        let prompt = match &request.prompt_ids {
-            Some(ids) => ids.clone(),
-            None => self.prompter.checked_ids(&request.input)?,
+        let (prompt, constraint) = match &request.prompt_ids {
+            Some(ids) => (ids.clone(), request.constraint.clone()),
+            None => self.prompter.prepare(request)?,
         };
         if prompt.is_empty() {
             return Err(GenerateError::EmptyPrompt);
         }
-        let constraint = match &request.constraint {
-            Some(c) => Some(c.clone()),
-            None => self.prompter.constraint(&request.response_format)?,
-        };
         Ok((prompt, constraint))
     }
 
@@ -635,7 +636,10 @@ impl Generator {
             sequence.flush(finish, self.prompter.tokenizer(), &mut |event| {
                 emit(key, event)
             })?;
-            Ok(finish)
+            Ok(match sequence.tool_calls {
+                Some(_) => FinishReason::ToolCalls,
+                None => finish,
+            })
         });
         let finish = match flushed {
             Ok(finish) => finish,
@@ -689,6 +693,7 @@ impl Generator {
                 seq: sequence.seq,
                 finish_reason: finish,
                 text: (!sequence.request.stream).then_some(sequence.text),
+                tool_calls: sequence.tool_calls,
                 usage: Usage {
                     prompt_tokens: stats.prompt_tokens as u32,
                     completion_tokens: stats.generated_tokens as u32,
@@ -755,8 +760,10 @@ struct Sequence {
     stops: StopMatcher,
     /// Prompt and generated ids: what the repetition penalty looks at.
     history: Vec<u32>,
-    /// Everything emitted, for a request that does not stream.
+    /// Everything made, for a request that does not stream (and for its tool call).
     text: String,
+    /// The call the answer turned out to be, read back when it ends.
+    tool_calls: Option<Vec<crate::protocol::ToolCall>>,
     /// The next token event's number.
     seq: u32,
     /// Text made but not yet sent: held until `stream_interval` has passed since the last
@@ -778,6 +785,7 @@ impl Sequence {
             request,
             history: prompt,
             text: String::new(),
+            tool_calls: None,
             seq: 0,
             pending: String::new(),
             last_sent: None,
@@ -856,6 +864,18 @@ impl Sequence {
             held + &self.stops.flush()
         };
         let token = *self.history.last().unwrap_or(&0);
+        if let Some(tools) = &self.request.tools {
+            let whole = format!("{}{tail}", self.text);
+            if tools::may_be_call(tools, &whole) {
+                self.tool_calls = tools::parse(&whole, &self.request.id);
+            }
+            if self.tool_calls.is_some() {
+                // A call is no text: it goes out in `done`, and nothing was streamed of it.
+                self.text.clear();
+                self.pending.clear();
+                return Ok(());
+            }
+        }
         // The run is over: a client gone now has nothing left to cancel.
         self.send(tail, token, true, emit);
         Ok(())
@@ -877,6 +897,11 @@ impl Sequence {
         }
         self.pending.push_str(&text);
         if self.pending.is_empty() {
+            return true;
+        }
+        // What may still become a tool call is held back until the end shows which it is.
+        if !last && (self.request.tools.as_ref()).is_some_and(|t| tools::may_be_call(t, &self.text))
+        {
             return true;
         }
         let due = self

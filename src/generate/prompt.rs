@@ -8,7 +8,7 @@ use super::template::ChatTemplate;
 use super::tokenizer::Tokenizer;
 use super::GenerateError;
 use crate::model::ModelPackage;
-use crate::protocol::{Message, PromptInput, ResponseFormat};
+use crate::protocol::{Message, PromptInput, ResponseFormat, ToolUse, ValidRequest};
 
 pub struct Prompter {
     tokenizer: Tokenizer,
@@ -59,33 +59,57 @@ impl Prompter {
         self.max_prompt_tokens = limit.min(self.context_len);
     }
 
-    /// Renders `messages` with the model's chat template.
+    /// Renders `messages` with the model's chat template, with `tools` in its context where
+    /// it reads them, else told by the default tool prompt (`tools::plain_messages`).
     pub fn render(
         &self,
         messages: &[Message],
+        tools: Option<&ToolUse>,
         add_generation_prompt: bool,
     ) -> Result<String, GenerateError> {
-        self.template
-            .as_ref()
-            .ok_or(GenerateError::NoTemplate)?
-            .render(messages, add_generation_prompt)
+        let template = self.template.as_ref().ok_or(GenerateError::NoTemplate)?;
+        let has_tool_turns = messages
+            .iter()
+            .any(|m| m.role == "tool" || m.tool_calls.is_some());
+        if template.knows_tools() || (tools.is_none() && !has_tool_turns) {
+            let tools = tools.map(|t| t.tools.as_slice());
+            return template.render(messages, tools, add_generation_prompt);
+        }
+        // Results as "tool" turns; as user turns where the template allows only the usual
+        // roles (it raises on others).
+        let plain = |role| super::tools::plain_messages(messages, tools, role);
+        template
+            .render(&plain("tool"), None, add_generation_prompt)
+            .or_else(|_| template.render(&plain("user"), None, add_generation_prompt))
     }
 
-    /// The text the model sees for `input`.
-    pub fn text(&self, input: &PromptInput) -> Result<String, GenerateError> {
+    /// The text the model sees for `input`, told about `tools`.
+    pub fn text(
+        &self,
+        input: &PromptInput,
+        tools: Option<&ToolUse>,
+    ) -> Result<String, GenerateError> {
         match input {
             PromptInput::Raw(text) => Ok(text.clone()),
             PromptInput::Tokens(ids) => self.tokenizer.decode(ids, false),
-            PromptInput::Chat(messages) => self.render(messages, true),
+            PromptInput::Chat(messages) => self.render(messages, tools, true),
         }
     }
 
     /// The token ids of `input`, without a length check.
     pub fn ids(&self, input: &PromptInput) -> Result<Vec<u32>, GenerateError> {
+        self.ids_with(input, None)
+    }
+
+    fn ids_with(
+        &self,
+        input: &PromptInput,
+        tools: Option<&ToolUse>,
+    ) -> Result<Vec<u32>, GenerateError> {
         if let PromptInput::Tokens(ids) = input {
             return Ok(ids.clone());
         }
-        let text = self.text(input)?;
+        let text = self.text(input, tools)?;
         // Templates write their own special tokens, so the tokenizer must not add more.
         self.tokenizer.encode(&text)
     }
@@ -95,14 +119,31 @@ impl Prompter {
         self.grammars.compile(format)
     }
 
-    /// The token ids of `input`, checked against the limits: not empty, within
-    /// `max_prompt_tokens`, and leaving room in the context for one generated token.
-    pub fn checked_ids(&self, input: &PromptInput) -> Result<Vec<u32>, GenerateError> {
-        let ids = self.ids(input)?;
+    /// What `request` is fed and held to: its prompt ids, checked against the limits, and
+    /// its grammar (its tools' or its `response_format`), compiled.
+    pub fn prepare(
+        &self,
+        request: &ValidRequest,
+    ) -> Result<(Vec<u32>, Option<Constraint>), GenerateError> {
+        let ids = self.ids_with(&request.input, request.tools.as_ref())?;
         self.check(&ids)?;
-        Ok(ids)
+        let constraint = match &request.tools {
+            Some(tools) => {
+                let lark = super::tools::grammar(tools);
+                self.grammars
+                    .compile(&ResponseFormat::Lark { lark })
+                    .map_err(|e| match e {
+                        GenerateError::InvalidFormat(why) => GenerateError::InvalidTools(why),
+                        e => e,
+                    })?
+            }
+            None => self.constraint(&request.response_format)?,
+        };
+        Ok((ids, constraint))
     }
 
+    /// Checks prompt ids against the limits: not empty, within `max_prompt_tokens`, and
+    /// leaving room in the context for one generated token.
     pub fn check(&self, ids: &[u32]) -> Result<(), GenerateError> {
         if ids.is_empty() {
             return Err(GenerateError::EmptyPrompt);

@@ -193,6 +193,31 @@ pub fn greedy_request(
         stream_interval: std::time::Duration::ZERO,
         prompt_ids: None,
         response_format: Default::default(),
+        tools: None,
         constraint: None,
     }
+}
+
+/// Checks `outputs` against `schema` with Python's `jsonschema`; panics naming each failure.
+pub fn assert_valid(what: &str, schema: &serde_json::Value, outputs: &[String]) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(repo().join(".venv/bin/python"))
+        .arg(repo().join("tests/structured/validate.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the .venv that the test command makes (with tests/requirements.txt)");
+    let input = serde_json::json!({"schema": schema, "outputs": outputs}).to_string();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "the validator failed");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("{what}: {report}");
+    assert_eq!(report["checked"], outputs.len(), "{report}");
+    assert_eq!(report["invalid"], 0, "{what}: {report}");
 }

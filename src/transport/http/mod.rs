@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::HttpConfig;
 use crate::ingress::{Ingress, Intent, Origin, Scope};
-use crate::protocol::{ErrorCode, Event, FinishReason, Request, Timings, Usage};
+use crate::protocol::{ErrorCode, Event, FinishReason, Request, Timings, ToolCall, Usage};
 use crate::shutdown::Shutdown;
 
 #[derive(Debug, thiserror::Error)]
@@ -488,6 +488,7 @@ fn events(first: Event, rx: mpsc::UnboundedReceiver<Event>) -> impl Stream<Item 
 /// A whole (not streamed) answer: the text and how it ended.
 struct Whole {
     text: String,
+    tool_calls: Option<Vec<ToolCall>>,
     finish_reason: FinishReason,
     usage: Usage,
     timings: Timings,
@@ -505,10 +506,12 @@ async fn whole(events: impl Stream<Item = Event>) -> Result<Whole, ApiError> {
                 usage,
                 timings,
                 text: whole,
+                tool_calls,
                 ..
             } => {
                 return Ok(Whole {
                     text: whole.unwrap_or(text),
+                    tool_calls,
                     finish_reason,
                     usage,
                     timings,
@@ -520,11 +523,12 @@ async fn whole(events: impl Stream<Item = Event>) -> Result<Whole, ApiError> {
     Err(ApiError::no_answer())
 }
 
-/// Both APIs know two ways to end: `stop` (end of sequence, a stop sequence) and `length`.
-/// A request cut short (its deadline, a cancel) did not end on its own, so it is `length`.
+/// Both APIs know two ways to end: `stop` (end of sequence, a stop sequence) and `length`
+/// (OpenAI's `tool_calls` is its own; Ollama's is `stop`). A request cut short (its
+/// deadline, a cancel) did not end on its own, so it is `length`.
 fn stop_or_length(reason: FinishReason) -> &'static str {
     match reason {
-        FinishReason::Stop | FinishReason::StopSequence => "stop",
+        FinishReason::Stop | FinishReason::StopSequence | FinishReason::ToolCalls => "stop",
         FinishReason::Length | FinishReason::Cancelled | FinishReason::Timeout => "length",
     }
 }

@@ -16,7 +16,9 @@ use futures_util::{Stream, StreamExt};
 use serde_json::{json, Map, Value};
 
 use super::{events, serves, stop_or_length, whole, Api, ApiError, Dialect};
-use crate::protocol::{Event, FinishReason, Message, Request, ResponseFormat, Timings, Usage};
+use crate::protocol::{
+    Event, FinishReason, Message, Request, ResponseFormat, Timings, ToolCall, Usage,
+};
 
 pub(super) async fn version() -> Json<Value> {
     Json(json!({"version": env!("CARGO_PKG_VERSION")}))
@@ -114,7 +116,7 @@ pub(super) async fn show(State(api): State<Arc<Api>>, body: axum::body::Bytes) -
             format!("{family}.attention.head_count_kv"): package.kv_heads,
             format!("{family}.vocab_size"): package.vocab_size,
         },
-        "capabilities": ["completion"],
+        "capabilities": ["completion", "tools"],
         "modified_at": entry["modified_at"],
     }))
     .into_response()
@@ -205,6 +207,18 @@ impl Frame {
         object
     }
 
+    /// The object that carries a tool call: Ollama's shape, the arguments an object.
+    fn tool_calls(&self, calls: &[ToolCall]) -> Value {
+        let mut object = self.object("", false);
+        if let Some(message) = object.get_mut("message") {
+            message["tool_calls"] = calls
+                .iter()
+                .map(|c| json!({"function": {"name": c.function.name, "arguments": c.function.arguments}}))
+                .collect();
+        }
+        Value::Object(object)
+    }
+
     /// The last object: why it ended, the counts, the durations in nanoseconds.
     fn last(&self, text: &str, reason: FinishReason, usage: &Usage, timings: &Timings) -> Value {
         let ns = |ms: f64| (ms.max(0.0) * 1e6).round() as u64;
@@ -233,21 +247,26 @@ impl Frame {
 /// first token is an `{"error": ...}` line (the status is already sent), as Ollama does.
 fn stream_response(frame: Frame, events: impl Stream<Item = Event> + Send + 'static) -> Response {
     let lines = events.map(move |event| {
-        let object = match event {
-            Event::Token { text, .. } => Value::Object(frame.object(&text, false)),
+        let objects = match event {
+            Event::Token { text, .. } => vec![Value::Object(frame.object(&text, false))],
+            // As Ollama streams a call: an object with the call, then the last one.
             Event::Done {
                 finish_reason,
                 usage,
                 timings,
+                tool_calls,
                 ..
-            } => frame.last("", finish_reason, &usage, &timings),
+            } => tool_calls
+                .iter()
+                .map(|calls| frame.tool_calls(calls))
+                .chain([frame.last("", finish_reason, &usage, &timings)])
+                .collect(),
             Event::Error { code, message, .. } => {
-                ApiError::from_event(code, message).body(Dialect::Ollama)
+                vec![ApiError::from_event(code, message).body(Dialect::Ollama)]
             }
         };
-        let mut line = object.to_string();
-        line.push('\n');
-        Ok::<_, std::convert::Infallible>(line)
+        let lines: String = objects.iter().map(|o| format!("{o}\n")).collect();
+        Ok::<_, std::convert::Infallible>(lines)
     });
     (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
@@ -258,7 +277,14 @@ fn stream_response(frame: Frame, events: impl Stream<Item = Event> + Send + 'sta
 
 async fn whole_response(frame: Frame, events: impl Stream<Item = Event>) -> Response {
     match whole(events).await {
-        Ok(w) => Json(frame.last(&w.text, w.finish_reason, &w.usage, &w.timings)).into_response(),
+        Ok(w) => {
+            let mut last = frame.last(&w.text, w.finish_reason, &w.usage, &w.timings);
+            if let Some(calls) = &w.tool_calls {
+                last["message"]["tool_calls"] =
+                    frame.tool_calls(calls)["message"]["tool_calls"].take();
+            }
+            Json(last).into_response()
+        }
         Err(e) => e.respond(Dialect::Ollama),
     }
 }
@@ -313,6 +339,14 @@ fn ollama_request(
                 )))
             }
             ("format" | "tools" | "images" | "suffix" | "template" | "context", _) if empty => {}
+            // The same shape as emberd's own field (and OpenAI's). Ollama has no tool_choice:
+            // the model answers in text or calls one.
+            ("tools", _) if kind == Kind::Chat => {
+                request.tools = Some(
+                    serde_json::from_value(value.clone())
+                        .map_err(|e| ApiError::bad_request(format!("tools: {e}")))?,
+                )
+            }
             ("format", Value::String(f)) if f == "json" => {
                 request.response_format = Some(ResponseFormat::JsonObject {})
             }
@@ -405,7 +439,8 @@ fn apply_options(request: &mut Request, options: &Map<String, Value>) -> Result<
     Ok(())
 }
 
-/// Ollama's messages: text content; images, tool calls and tool results are not served yet.
+/// Ollama's messages: text content, an assistant's tool calls (the arguments an object), a
+/// tool's result (`tool_name` names the function); images are not served.
 fn messages(value: &Value) -> Result<Vec<Message>, ApiError> {
     let list = value
         .as_array()
@@ -420,6 +455,8 @@ fn messages(value: &Value) -> Result<Vec<Message>, ApiError> {
             };
             let mut role = None;
             let mut content = String::new();
+            let mut tool_calls = None;
+            let mut tool_name = None;
             for (name, value) in fields {
                 let empty = value.is_null()
                     || value.as_str() == Some("")
@@ -431,6 +468,14 @@ fn messages(value: &Value) -> Result<Vec<Message>, ApiError> {
                     // A thinking model's reasoning in history; templates leave it out.
                     ("thinking", _) => {}
                     ("images" | "tool_calls" | "tool_name", _) if empty => {}
+                    ("tool_calls", _) => {
+                        tool_calls = Some(
+                            serde_json::from_value::<Vec<ToolCall>>(value.clone()).map_err(
+                                |e| ApiError::bad_request(format!("messages[{i}].tool_calls: {e}")),
+                            )?,
+                        )
+                    }
+                    ("tool_name", Value::String(n)) => tool_name = Some(n.clone()),
                     _ => {
                         return Err(ApiError::bad_request(format!(
                             "messages[{i}].{name} = {value} is not supported by this server"
@@ -440,7 +485,10 @@ fn messages(value: &Value) -> Result<Vec<Message>, ApiError> {
             }
             let role = role
                 .ok_or_else(|| ApiError::bad_request(format!("messages[{i}].role is required")))?;
-            Ok(Message { role, content })
+            let mut message = Message::new(role, content);
+            message.tool_calls = tool_calls;
+            message.name = tool_name;
+            Ok(message)
         })
         .collect()
 }

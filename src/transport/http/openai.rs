@@ -12,7 +12,7 @@ use futures_util::{Stream, StreamExt};
 use serde_json::{json, Map, Value};
 
 use super::{events, serves, stop_or_length, unix_now, whole, Api, ApiError, Dialect};
-use crate::protocol::{Event, Message, Request, Usage};
+use crate::protocol::{Event, FinishReason, Message, Request, ToolCall, Usage};
 
 pub(super) async fn models(State(api): State<Arc<Api>>) -> Json<Value> {
     Json(json!({
@@ -115,9 +115,42 @@ impl Frame {
                "model": self.model, "choices": [choice]})
     }
 
+    /// The chunk that carries a tool call, whole (a client joins argument pieces; here
+    /// there is one).
+    fn tool_calls_chunk(&self, calls: &[ToolCall]) -> Value {
+        let calls: Vec<Value> = calls
+            .iter()
+            .enumerate()
+            .map(|(index, call)| {
+                let mut call = tool_call_json(call);
+                call["index"] = json!(index);
+                call
+            })
+            .collect();
+        let choice = json!({"index": 0, "delta": {"tool_calls": calls}, "logprobs": null,
+                            "finish_reason": null});
+        json!({"id": self.id, "object": self.object(true), "created": self.created,
+               "model": self.model, "choices": [choice]})
+    }
+
     fn usage_chunk(&self, usage: &Usage) -> Value {
         json!({"id": self.id, "object": self.object(true), "created": self.created,
                "model": self.model, "choices": [], "usage": usage_json(usage)})
+    }
+}
+
+/// A call as OpenAI writes it: the arguments as a string of JSON.
+fn tool_call_json(call: &ToolCall) -> Value {
+    json!({"id": call.id, "type": "function",
+           "function": {"name": call.function.name,
+                        "arguments": call.function.arguments.to_string()}})
+}
+
+/// OpenAI's finish reasons: `stop`, `length`, and `tool_calls` for a call.
+fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::ToolCalls => "tool_calls",
+        reason => stop_or_length(reason),
     }
 }
 
@@ -146,9 +179,14 @@ fn stream_response(
             Event::Done {
                 finish_reason: reason,
                 usage,
+                tool_calls,
                 ..
             } => {
-                let mut last = vec![frame.chunk(None, false, Some(stop_or_length(reason)))];
+                let mut last: Vec<Value> = tool_calls
+                    .iter()
+                    .map(|calls| frame.tool_calls_chunk(calls))
+                    .collect();
+                last.push(frame.chunk(None, false, Some(finish_reason(reason))));
                 if include_usage {
                     last.push(frame.usage_chunk(&usage));
                 }
@@ -171,10 +209,16 @@ async fn whole_response(frame: Frame, events: impl Stream<Item = Event>) -> Resp
         Ok(w) => w,
         Err(e) => return e.respond(Dialect::OpenAi),
     };
-    let finish = stop_or_length(w.finish_reason);
+    let finish = finish_reason(w.finish_reason);
     let choice = match frame.kind {
-        Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": w.text},
-            "logprobs": null, "finish_reason": finish}),
+        Kind::Chat => {
+            let message = match &w.tool_calls {
+                Some(calls) => json!({"role": "assistant", "content": null,
+                    "tool_calls": calls.iter().map(tool_call_json).collect::<Vec<_>>()}),
+                None => json!({"role": "assistant", "content": w.text}),
+            };
+            json!({"index": 0, "message": message, "logprobs": null, "finish_reason": finish})
+        }
         Kind::Completion => {
             json!({"index": 0, "text": w.text, "logprobs": null, "finish_reason": finish})
         }
@@ -282,9 +326,22 @@ fn openai_request(body: &[u8], kind: Kind, model: &str) -> Result<(Request, Want
                         .map_err(|e| ApiError::bad_request(format!("response_format: {e}")))?,
                 )
             }
-            ("tool_choice", v) if v.is_null() || *v == json!("none") => {}
-            ("tools" | "functions", v)
-                if v.is_null() || v.as_array().is_some_and(|a| a.is_empty()) => {}
+            ("tools" | "tool_choice", Value::Null) => {}
+            // emberd's own fields have OpenAI's shapes.
+            ("tools", v) if kind == Kind::Chat => {
+                request.tools = Some(
+                    serde_json::from_value(v.clone())
+                        .map_err(|e| ApiError::bad_request(format!("tools: {e}")))?,
+                )
+            }
+            ("tool_choice", v) if kind == Kind::Chat => {
+                request.tool_choice = Some(
+                    serde_json::from_value(v.clone())
+                        .map_err(|e| ApiError::bad_request(format!("tool_choice: {e}")))?,
+                )
+            }
+            // The deprecated form of tools, with nothing in it.
+            ("functions", v) if v.is_null() || v.as_array().is_some_and(|a| a.is_empty()) => {}
             _ => {
                 return Err(ApiError::bad_request(format!(
                     "{name} = {value} is not supported by this server (it would change the output)"
@@ -348,10 +405,17 @@ fn messages(value: &Value) -> Result<Vec<Message>, ApiError> {
             };
             // The developer role is OpenAI's newer name for system.
             let role = if role == "developer" { "system" } else { role };
-            Ok(Message {
-                role: role.to_string(),
-                content,
-            })
+            let mut message = Message::new(role, content);
+            let text = |field: &str| m.get(field).and_then(Value::as_str).map(str::to_string);
+            message.tool_call_id = text("tool_call_id");
+            message.name = text("name");
+            message.tool_calls = match m.get("tool_calls") {
+                None | Some(Value::Null) => None,
+                Some(calls) => Some(serde_json::from_value(calls.clone()).map_err(|e| {
+                    ApiError::bad_request(format!("messages[{i}].tool_calls: {e}"))
+                })?),
+            };
+            Ok(message)
         })
         .collect()
 }
