@@ -446,6 +446,21 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_config_parses_and_names_the_defaults() {
+        let shipped = Config::from_toml(include_str!("../systemd/emberd.toml")).unwrap();
+        let defaults = Config::default();
+        assert_eq!(shipped.generation.tool_choice, defaults.generation.tool_choice);
+        assert_eq!(shipped.generation.max_tokens, defaults.generation.max_tokens);
+        let required = Config::from_toml("[generation]\ntool_choice = \"required\"\n").unwrap();
+        assert_eq!(
+            required.generation.tool_choice,
+            crate::protocol::DefaultToolChoice::Required
+        );
+        let err = Config::from_toml("[generation]\ntool_choice = \"always\"\n").unwrap_err();
+        assert!(err.to_string().contains("tool_choice"), "{err}");
+    }
+
+    #[test]
     fn an_empty_config_is_all_defaults() {
         let c = Config::from_toml("").unwrap();
         assert_eq!(c.limits.max_queue, 16);

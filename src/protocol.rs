@@ -33,6 +33,21 @@ pub struct GenerationDefaults {
     /// Coalesce streamed pieces into one `token` event per this many milliseconds (a request's
     /// `stream_interval_ms` overrides it); 0 sends every piece as it comes.
     pub stream_interval_ms: u32,
+    /// For a request with tools and no `tool_choice` (Ollama's API has none).
+    pub tool_choice: DefaultToolChoice,
+}
+
+/// `[generation] tool_choice`: what a request with tools and no `tool_choice` gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DefaultToolChoice {
+    /// The model answers in text or calls a tool.
+    #[default]
+    Auto,
+    /// A user's message is answered by a call; a tool's result as with `auto` (in text, or
+    /// another call), so that a client that runs calls until a text answer comes ends. For
+    /// a device that exists to act: a small model seldom chooses a call by itself.
+    Required,
 }
 
 impl Default for GenerationDefaults {
@@ -46,6 +61,7 @@ impl Default for GenerationDefaults {
             repetition_penalty: 1.0,
             system: None,
             stream_interval_ms: 0,
+            tool_choice: DefaultToolChoice::Auto,
         }
     }
 }
@@ -725,7 +741,18 @@ impl Request {
                 "stream_interval_ms {stream_interval_ms} is over the limit of {MAX_STREAM_INTERVAL_MS}"
             )));
         }
-        let tools = tool_use(self.tools, self.tool_choice)?;
+        let answers_a_result = match &input {
+            PromptInput::Chat(messages) => messages.last().is_some_and(|m| m.role == "tool"),
+            _ => false,
+        };
+        let choice = self.tool_choice.or_else(|| {
+            let has_tools = self.tools.as_ref().is_some_and(|t| !t.is_empty());
+            (policy.defaults.tool_choice == DefaultToolChoice::Required
+                && has_tools
+                && !answers_a_result)
+                .then(|| ToolChoice::Mode("required".into()))
+        });
+        let tools = tool_use(self.tools, choice)?;
         if tools.is_some() && !matches!(self.response_format, None | Some(ResponseFormat::Text {}))
         {
             return Err(RequestError::BadRequest(

@@ -70,6 +70,18 @@ streamed = [dict(c, arguments=json.loads(c["arguments"])) for c in joined.values
 out["openai_stream"] = {"calls": streamed, "content": "".join(content), "finishes": finishes,
                         "invalid": [p for c in streamed for p in problems(c["name"], c["arguments"])]}
 
+# auto: the model answers in text or calls; either way a call holds to its schema.
+auto = client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": prompts[1]}], tools=tools,
+    tool_choice="auto", temperature=0, max_tokens=48)
+message = auto.choices[0].message
+out["openai_auto"] = {
+    "content": message.content, "finish": auto.choices[0].finish_reason,
+    "calls": [{"name": c.function.name, "arguments": json.loads(c.function.arguments)}
+              for c in message.tool_calls or []],
+    "invalid": [p for c in message.tool_calls or []
+                for p in problems(c.function.name, json.loads(c.function.arguments))]}
+
 # none: text.
 none = client.chat.completions.create(
     model=model, messages=[{"role": "user", "content": prompts[0]}], tools=tools,
@@ -93,7 +105,8 @@ out["openai_result"] = {"content": answer.choices[0].message.content,
                         "tool_calls": answer.choices[0].message.tool_calls is not None,
                         "finish": answer.choices[0].finish_reason}
 
-# --- Ollama (no tool_choice: the model calls or answers) ---
+# --- Ollama: no tool_choice in its API; the daemon's [generation] tool_choice = "required"
+# makes a user's message answered by a call, and a tool's result answered as auto. ---
 oc = ollama.Client(host=base_url)
 calls, invalid, texts = [], [], []
 for seed in range(seeds):
@@ -105,7 +118,8 @@ for seed in range(seeds):
         invalid += problems(call.function.name, dict(call.function.arguments))
     if not response.message.tool_calls:
         texts.append(response.message.content)
-out["ollama_auto"] = {"calls": calls, "invalid": invalid, "texts": texts, "responses": seeds}
+out["ollama_required"] = {"calls": calls, "invalid": invalid, "texts": texts,
+                          "responses": seeds}
 
 # Streamed, then the result of the call as a tool message.
 streamed_calls, pieces, dones = [], [], 0
