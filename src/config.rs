@@ -449,8 +449,14 @@ mod tests {
     fn the_shipped_config_parses_and_names_the_defaults() {
         let shipped = Config::from_toml(include_str!("../systemd/emberd.toml")).unwrap();
         let defaults = Config::default();
-        assert_eq!(shipped.generation.tool_choice, defaults.generation.tool_choice);
-        assert_eq!(shipped.generation.max_tokens, defaults.generation.max_tokens);
+        assert_eq!(
+            shipped.generation.tool_choice,
+            defaults.generation.tool_choice
+        );
+        assert_eq!(
+            shipped.generation.max_tokens,
+            defaults.generation.max_tokens
+        );
         let required = Config::from_toml("[generation]\ntool_choice = \"required\"\n").unwrap();
         assert_eq!(
             required.generation.tool_choice,

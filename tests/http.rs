@@ -517,35 +517,58 @@ async fn tool_calls_through_the_openai_and_ollama_clients_hold_to_their_schemas(
     let none = serde_json::json!([]);
     // OpenAI, tool_choice required: a valid call every time.
     let required = &seen["openai_required"];
-    assert_eq!(required["calls"].as_array().unwrap().len(), seeds, "{required}");
+    assert_eq!(
+        required["calls"].as_array().unwrap().len(),
+        seeds,
+        "{required}"
+    );
     assert_eq!(required["invalid"], none, "{required}");
     assert_eq!(required["finishes"], serde_json::json!(["tool_calls"]));
     // Streamed, to a named function: one call in deltas, no content.
     let stream = &seen["openai_stream"];
     assert_eq!(stream["calls"].as_array().unwrap().len(), 1, "{stream}");
     assert_eq!(stream["calls"][0]["name"], "set_light", "{stream}");
-    assert!(stream["calls"][0]["id"].as_str().unwrap().starts_with("call_"));
+    assert!(stream["calls"][0]["id"]
+        .as_str()
+        .unwrap()
+        .starts_with("call_"));
     assert_eq!(stream["invalid"], none, "{stream}");
     assert_eq!(stream["content"], "", "{stream}");
     assert_eq!(stream["finishes"], serde_json::json!(["tool_calls"]));
     // none: text. A tool's result: answered in text.
     for key in ["openai_none", "openai_result"] {
         let answer = &seen[key];
-        assert!(!answer["content"].as_str().unwrap().trim().is_empty(), "{key}: {answer}");
-        assert!(!answer["tool_calls"].as_bool().unwrap_or(false), "{key}: {answer}");
-        assert!(["stop", "length"].contains(&answer["finish"].as_str().unwrap()), "{key}");
+        assert!(
+            !answer["content"].as_str().unwrap().trim().is_empty(),
+            "{key}: {answer}"
+        );
+        assert!(
+            !answer["tool_calls"].as_bool().unwrap_or(false),
+            "{key}: {answer}"
+        );
+        assert!(
+            ["stop", "length"].contains(&answer["finish"].as_str().unwrap()),
+            "{key}"
+        );
     }
     assert!(seen["openai_none"]["tool_calls"].is_null());
     // auto: text, or a call that holds.
     let auto = &seen["openai_auto"];
     assert_eq!(auto["invalid"], none, "{auto}");
     match auto["calls"].as_array().unwrap().len() {
-        0 => assert!(!auto["content"].as_str().unwrap().trim().is_empty(), "{auto}"),
+        0 => assert!(
+            !auto["content"].as_str().unwrap().trim().is_empty(),
+            "{auto}"
+        ),
         _ => assert_eq!(auto["finish"], "tool_calls", "{auto}"),
     }
     // Ollama, with the daemon's default of required: a valid call every time.
     let required = &seen["ollama_required"];
-    assert_eq!(required["calls"].as_array().unwrap().len(), seeds, "{required}");
+    assert_eq!(
+        required["calls"].as_array().unwrap().len(),
+        seeds,
+        "{required}"
+    );
     assert_eq!(required["texts"], none, "{required}");
     assert_eq!(required["invalid"], none, "{required}");
     let stream = &seen["ollama_stream"];
@@ -553,7 +576,10 @@ async fn tool_calls_through_the_openai_and_ollama_clients_hold_to_their_schemas(
     assert_eq!(stream["calls"].as_array().unwrap().len(), 1, "{stream}");
     assert_eq!(stream["content"], "", "{stream}");
     let result = &seen["ollama_result"];
-    assert!(!result["content"].as_str().unwrap().trim().is_empty(), "{result}");
+    assert!(
+        !result["content"].as_str().unwrap().trim().is_empty(),
+        "{result}"
+    );
     assert_eq!(result["tool_calls"], false, "{result}");
     daemon.stop().await;
 }
@@ -581,8 +607,14 @@ async fn home_assistants_ollama_integration_gets_its_answers() {
     // The first answer is a call; the loop ends with text before Home Assistant gives up.
     assert!(!turns[0]["calls"].as_array().unwrap().is_empty(), "{seen}");
     let last = turns.last().unwrap();
-    assert!(last["calls"].as_array().unwrap().is_empty(), "no answer in 10 turns: {seen}");
-    assert!(!last["content"].as_str().unwrap().trim().is_empty(), "{last}");
+    assert!(
+        last["calls"].as_array().unwrap().is_empty(),
+        "no answer in 10 turns: {seen}"
+    );
+    assert!(
+        !last["content"].as_str().unwrap().trim().is_empty(),
+        "{last}"
+    );
     for turn in turns {
         assert_eq!(turn["problems"], serde_json::json!([]), "{turn}");
         assert!(turn["chunks"].as_u64().unwrap() >= 1, "{turn}");
