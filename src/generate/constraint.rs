@@ -19,8 +19,9 @@ use crate::protocol::ResponseFormat;
 const CACHE_ENTRIES: usize = 16;
 
 /// JSON as a small model should write it: fixed separators, no free whitespace (an
-/// unbounded run of spaces or newlines is the usual way a small model derails).
-fn compact_json_options() -> Value {
+/// unbounded run of spaces or newlines is the usual way a small model derails). For
+/// `response_format` and tool calls alike.
+pub(super) fn compact_json_options() -> Value {
     json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
 }
 

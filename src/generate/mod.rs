@@ -408,13 +408,17 @@ impl Generator {
         request: &ValidRequest,
     ) -> Result<(Vec<u32>, Option<Constraint>), GenerateError> {
         // The ingress tokenized, checked and compiled a served request before queueing it.
-        let (prompt, constraint) = match &request.prompt_ids {
-            Some(ids) => (ids.clone(), request.constraint.clone()),
-            None => self.prompter.prepare(request)?,
+        let prompt = match &request.prompt_ids {
+            Some(ids) => ids.clone(),
+            None => self.prompter.checked_ids(request)?,
         };
         if prompt.is_empty() {
             return Err(GenerateError::EmptyPrompt);
         }
+        let constraint = match &request.constraint {
+            Some(c) => Some(c.clone()),
+            None => self.prompter.constraint_for(request)?,
+        };
         Ok((prompt, constraint))
     }
 

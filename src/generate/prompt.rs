@@ -120,26 +120,37 @@ impl Prompter {
     }
 
     /// What `request` is fed and held to: its prompt ids, checked against the limits, and
-    /// its grammar (its tools' or its `response_format`), compiled.
+    /// its grammar, compiled.
     pub fn prepare(
         &self,
         request: &ValidRequest,
     ) -> Result<(Vec<u32>, Option<Constraint>), GenerateError> {
+        Ok((self.checked_ids(request)?, self.constraint_for(request)?))
+    }
+
+    /// The prompt ids of `request` (its tools told to the model), checked against the limits.
+    pub fn checked_ids(&self, request: &ValidRequest) -> Result<Vec<u32>, GenerateError> {
         let ids = self.ids_with(&request.input, request.tools.as_ref())?;
         self.check(&ids)?;
-        let constraint = match &request.tools {
-            Some(tools) => {
-                let lark = super::tools::grammar(tools);
-                self.grammars
-                    .compile(&ResponseFormat::Lark { lark })
-                    .map_err(|e| match e {
-                        GenerateError::InvalidFormat(why) => GenerateError::InvalidTools(why),
-                        e => e,
-                    })?
-            }
-            None => self.constraint(&request.response_format)?,
+        Ok(ids)
+    }
+
+    /// The grammar `request` is held to: its tools' or its `response_format`; None for free
+    /// text.
+    pub fn constraint_for(
+        &self,
+        request: &ValidRequest,
+    ) -> Result<Option<Constraint>, GenerateError> {
+        let Some(tools) = &request.tools else {
+            return self.constraint(&request.response_format);
         };
-        Ok((ids, constraint))
+        let lark = super::tools::grammar(tools);
+        self.grammars
+            .compile(&ResponseFormat::Lark { lark })
+            .map_err(|e| match e {
+                GenerateError::InvalidFormat(why) => GenerateError::InvalidTools(why),
+                e => e,
+            })
     }
 
     /// Checks prompt ids against the limits: not empty, within `max_prompt_tokens`, and

@@ -94,7 +94,7 @@ fn written(call: &FunctionCall) -> String {
 
 /// The Lark grammar (llguidance's dialect) a request with `tools` is held to: one call to a
 /// callable function, its arguments valid under that function's schema; with `auto`, plain
-/// text (not starting with `<`) instead.
+/// text (not starting with the call's marker) instead.
 pub fn grammar(tools: &ToolUse) -> String {
     let calls: Vec<Value> = tools
         .tools
@@ -126,9 +126,7 @@ pub fn grammar(tools: &ToolUse) -> String {
     } else {
         json!({"anyOf": calls})
     };
-    // As for response_format: compact JSON, no free whitespace for a small model to loop in.
-    schema["x-guidance"] = json!({"whitespace_flexible": false,
-                                  "item_separator": ", ", "key_separator": ": "});
+    schema["x-guidance"] = super::constraint::compact_json_options();
     let call = format!(
         "call: {} %json {schema} {}\n",
         lark_string(OPEN),
