@@ -591,7 +591,8 @@ async fn tool_calls_through_the_openai_and_ollama_clients_hold_to_their_schemas(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn home_assistants_ollama_integration_gets_its_answers() {
     // A device that exists to act: a user's message is answered by a call (the README's
-    // Home Assistant configuration).
+    // Home Assistant configuration). Home Assistant sends no seed or temperature, so each
+    // run samples differently at the default temperature, as it does in a house.
     let (daemon, base) = http_daemon(|c| {
         c.generation.tool_choice = emberd::protocol::DefaultToolChoice::Required;
     })

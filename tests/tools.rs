@@ -83,6 +83,7 @@ async fn required_calls_hold_to_their_tools_schemas_and_none_and_results_give_te
     // none: text, streamed, no call.
     let mut request = ask("none", "Turn on the light in the kitchen.", 3);
     request["tool_choice"] = json!("none");
+    request["temperature"] = json!(0);
     socket.send(request).await;
     let events = socket.until_end("none").await;
     let end = events.last().unwrap();

@@ -113,6 +113,7 @@ pub fn grammar(tools: &ToolUse) -> String {
                     .entry("additionalProperties")
                     .or_insert(Value::Bool(false));
             }
+            bound_arrays(&mut parameters);
             json!({
                 "type": "object",
                 "properties": {"name": {"const": t.function.name}, "arguments": parameters},
@@ -139,6 +140,44 @@ pub fn grammar(tools: &ToolUse) -> String {
             "start: call | TEXT\n{call}TEXT: /{}/\n",
             not_starting_with(OPEN)
         )
+    }
+}
+
+/// Items in an argument array whose schema sets no `maxItems`: a small model sampling an
+/// unbounded array (Home Assistant's `device_class`) can repeat an item until `max_tokens`
+/// cuts the call off. An array of enum values gets at most as many items as there are values.
+pub const MAX_ARRAY_ITEMS: usize = 16;
+
+/// Sets `maxItems` on every array in `schema` that has none (see [`MAX_ARRAY_ITEMS`]).
+fn bound_arrays(schema: &mut Value) {
+    let Some(object) = schema.as_object_mut() else {
+        return;
+    };
+    let is_array = object.get("type").is_some_and(|t| t == "array") || object.contains_key("items");
+    if is_array && !object.contains_key("maxItems") {
+        let choices = object
+            .get("items")
+            .and_then(|items| items.get("enum"))
+            .and_then(Value::as_array)
+            .map(Vec::len);
+        let limit = choices.unwrap_or(MAX_ARRAY_ITEMS).clamp(1, MAX_ARRAY_ITEMS);
+        object.insert("maxItems".into(), json!(limit));
+    }
+    for (key, value) in object.iter_mut() {
+        match key.as_str() {
+            "properties" | "$defs" | "definitions" | "patternProperties" => {
+                if let Some(children) = value.as_object_mut() {
+                    children.values_mut().for_each(bound_arrays);
+                }
+            }
+            "items" | "additionalProperties" => bound_arrays(value),
+            "anyOf" | "oneOf" | "allOf" | "prefixItems" => {
+                if let Some(children) = value.as_array_mut() {
+                    children.iter_mut().for_each(bound_arrays);
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -271,6 +310,25 @@ mod tests {
             ..tools
         };
         assert!(grammar(&auto).contains("anyOf") && grammar(&auto).contains("TEXT"));
+    }
+
+    #[test]
+    fn arrays_without_a_bound_get_one() {
+        let mut schema = json!({"type": "object", "properties": {
+            "domain": {"type": "array", "items": {"type": "string"}},
+            "device_class": {"type": "array", "items": {"type": "string", "enum": ["a", "b"]}},
+            "given": {"type": "array", "items": {"type": "integer"}, "maxItems": 40},
+            "nested": {"type": "object", "properties": {"tags": {"items": {"type": "string"}}}},
+        }});
+        bound_arrays(&mut schema);
+        let p = &schema["properties"];
+        assert_eq!(p["domain"]["maxItems"], MAX_ARRAY_ITEMS);
+        assert_eq!(p["device_class"]["maxItems"], 2);
+        assert_eq!(p["given"]["maxItems"], 40);
+        assert_eq!(
+            p["nested"]["properties"]["tags"]["maxItems"],
+            MAX_ARRAY_ITEMS
+        );
     }
 
     #[test]

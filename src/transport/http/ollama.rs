@@ -207,14 +207,11 @@ impl Frame {
         object
     }
 
-    /// The object that carries a tool call: Ollama's shape, the arguments an object.
+    /// The object that carries a tool call, streamed before the last one.
     fn tool_calls(&self, calls: &[ToolCall]) -> Value {
         let mut object = self.object("", false);
         if let Some(message) = object.get_mut("message") {
-            message["tool_calls"] = calls
-                .iter()
-                .map(|c| json!({"function": {"name": c.function.name, "arguments": c.function.arguments}}))
-                .collect();
+            message["tool_calls"] = tool_calls_json(calls);
         }
         Value::Object(object)
     }
@@ -241,6 +238,14 @@ impl Frame {
         }
         Value::Object(object)
     }
+}
+
+/// Calls in Ollama's shape: `{"function": {"name", "arguments"}}`, the arguments an object.
+fn tool_calls_json(calls: &[ToolCall]) -> Value {
+    calls
+        .iter()
+        .map(|c| json!({"function": {"name": c.function.name, "arguments": c.function.arguments}}))
+        .collect()
 }
 
 /// NDJSON: an object per piece of text, the last with `done: true`. An error after the
@@ -280,8 +285,7 @@ async fn whole_response(frame: Frame, events: impl Stream<Item = Event>) -> Resp
         Ok(w) => {
             let mut last = frame.last(&w.text, w.finish_reason, &w.usage, &w.timings);
             if let Some(calls) = &w.tool_calls {
-                last["message"]["tool_calls"] =
-                    frame.tool_calls(calls)["message"]["tool_calls"].take();
+                last["message"]["tool_calls"] = tool_calls_json(calls);
             }
             Json(last).into_response()
         }
@@ -340,7 +344,7 @@ fn ollama_request(
             }
             ("format" | "tools" | "images" | "suffix" | "template" | "context", _) if empty => {}
             // The same shape as emberd's own field (and OpenAI's). Ollama has no tool_choice:
-            // the model answers in text or calls one.
+            // the config's `generation.tool_choice` applies.
             ("tools", _) if kind == Kind::Chat => {
                 request.tools = Some(
                     serde_json::from_value(value.clone())
