@@ -36,7 +36,7 @@ fuzz_target!(|bytes: &[u8]| {
     assert!(!valid.id.is_empty() && valid.id.len() <= 128);
     assert!(valid.stop.iter().all(|s| !s.is_empty()));
     let prompter = model::prompter();
-    if let Ok(ids) = prompter.checked_ids(&valid.input) {
+    if let Ok(ids) = prompter.checked_ids(&valid) {
         assert!(!ids.is_empty() && ids.len() < prompter.context_len());
     }
 });
