@@ -523,6 +523,12 @@ async fn whole(events: impl Stream<Item = Event>) -> Result<Whole, ApiError> {
     Err(ApiError::no_answer())
 }
 
+/// A field that carries one of emberd's own wire types (`response_format`, `tools`, ...),
+/// read from the body; a value of the wrong shape is a 400 naming the field.
+fn wire_field<T: serde::de::DeserializeOwned>(name: &str, value: &Value) -> Result<T, ApiError> {
+    serde_json::from_value(value.clone()).map_err(|e| ApiError::bad_request(format!("{name}: {e}")))
+}
+
 /// Both APIs know two ways to end: `stop` (end of sequence, a stop sequence) and `length`
 /// (OpenAI's `tool_calls` is its own; Ollama's is `stop`). A request cut short (its
 /// deadline, a cancel) did not end on its own, so it is `length`.

@@ -15,7 +15,7 @@ use axum::Json;
 use futures_util::{Stream, StreamExt};
 use serde_json::{json, Map, Value};
 
-use super::{events, serves, stop_or_length, whole, Api, ApiError, Dialect};
+use super::{events, serves, stop_or_length, whole, wire_field, Api, ApiError, Dialect};
 use crate::protocol::{
     Event, FinishReason, Message, Request, ResponseFormat, Timings, ToolCall, Usage,
 };
@@ -345,12 +345,7 @@ fn ollama_request(
             ("format" | "tools" | "images" | "suffix" | "template" | "context", _) if empty => {}
             // The same shape as emberd's own field (and OpenAI's). Ollama has no tool_choice:
             // the config's `generation.tool_choice` applies.
-            ("tools", _) if kind == Kind::Chat => {
-                request.tools = Some(
-                    serde_json::from_value(value.clone())
-                        .map_err(|e| ApiError::bad_request(format!("tools: {e}")))?,
-                )
-            }
+            ("tools", _) if kind == Kind::Chat => request.tools = Some(wire_field("tools", value)?),
             ("format", Value::String(f)) if f == "json" => {
                 request.response_format = Some(ResponseFormat::JsonObject {})
             }
@@ -473,11 +468,8 @@ fn messages(value: &Value) -> Result<Vec<Message>, ApiError> {
                     ("thinking", _) => {}
                     ("images" | "tool_calls" | "tool_name", _) if empty => {}
                     ("tool_calls", _) => {
-                        tool_calls = Some(
-                            serde_json::from_value::<Vec<ToolCall>>(value.clone()).map_err(
-                                |e| ApiError::bad_request(format!("messages[{i}].tool_calls: {e}")),
-                            )?,
-                        )
+                        let field = format!("messages[{i}].tool_calls");
+                        tool_calls = Some(wire_field::<Vec<ToolCall>>(&field, value)?)
                     }
                     ("tool_name", Value::String(n)) => tool_name = Some(n.clone()),
                     _ => {

@@ -11,7 +11,7 @@ use axum::Json;
 use futures_util::{Stream, StreamExt};
 use serde_json::{json, Map, Value};
 
-use super::{events, serves, stop_or_length, unix_now, whole, Api, ApiError, Dialect};
+use super::{events, serves, stop_or_length, unix_now, whole, wire_field, Api, ApiError, Dialect};
 use crate::protocol::{Event, FinishReason, Message, Request, ToolCall, Usage};
 
 pub(super) async fn models(State(api): State<Arc<Api>>) -> Json<Value> {
@@ -321,24 +321,13 @@ fn openai_request(body: &[u8], kind: Kind, model: &str) -> Result<(Request, Want
             ("response_format", Value::Null) => {}
             // The same object as emberd's own field.
             ("response_format", v) => {
-                request.response_format = Some(
-                    serde_json::from_value(v.clone())
-                        .map_err(|e| ApiError::bad_request(format!("response_format: {e}")))?,
-                )
+                request.response_format = Some(wire_field("response_format", v)?)
             }
             ("tools" | "tool_choice", Value::Null) => {}
             // emberd's own fields have OpenAI's shapes.
-            ("tools", v) if kind == Kind::Chat => {
-                request.tools = Some(
-                    serde_json::from_value(v.clone())
-                        .map_err(|e| ApiError::bad_request(format!("tools: {e}")))?,
-                )
-            }
+            ("tools", v) if kind == Kind::Chat => request.tools = Some(wire_field("tools", v)?),
             ("tool_choice", v) if kind == Kind::Chat => {
-                request.tool_choice = Some(
-                    serde_json::from_value(v.clone())
-                        .map_err(|e| ApiError::bad_request(format!("tool_choice: {e}")))?,
-                )
+                request.tool_choice = Some(wire_field("tool_choice", v)?)
             }
             // The deprecated form of tools, with nothing in it.
             ("functions", v) if v.is_null() || v.as_array().is_some_and(|a| a.is_empty()) => {}
@@ -411,9 +400,7 @@ fn messages(value: &Value) -> Result<Vec<Message>, ApiError> {
             message.name = text("name");
             message.tool_calls = match m.get("tool_calls") {
                 None | Some(Value::Null) => None,
-                Some(calls) => Some(serde_json::from_value(calls.clone()).map_err(|e| {
-                    ApiError::bad_request(format!("messages[{i}].tool_calls: {e}"))
-                })?),
+                Some(calls) => Some(wire_field(&format!("messages[{i}].tool_calls"), calls)?),
             };
             Ok(message)
         })
