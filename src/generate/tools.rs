@@ -113,7 +113,7 @@ pub fn grammar(tools: &ToolUse) -> String {
                     .entry("additionalProperties")
                     .or_insert(Value::Bool(false));
             }
-            bound_arrays(&mut parameters);
+            bound_lengths(&mut parameters);
             json!({
                 "type": "object",
                 "properties": {"name": {"const": t.function.name}, "arguments": parameters},
@@ -148,11 +148,24 @@ pub fn grammar(tools: &ToolUse) -> String {
 /// cuts the call off. An array of enum values gets at most as many items as there are values.
 pub const MAX_ARRAY_ITEMS: usize = 16;
 
-/// Sets `maxItems` on every array in `schema` that has none (see [`MAX_ARRAY_ITEMS`]).
-fn bound_arrays(schema: &mut Value) {
+/// Characters in an argument string whose schema sets no `maxLength`: sampled at Home
+/// Assistant's default temperature, SmolLM2 ran a `name` on until `max_tokens` cut the
+/// call off (about one run in eight).
+pub const MAX_STRING_CHARS: usize = 200;
+
+/// Sets `maxItems` on every array and `maxLength` on every free string in `schema` that has
+/// none (see [`MAX_ARRAY_ITEMS`], [`MAX_STRING_CHARS`]).
+fn bound_lengths(schema: &mut Value) {
     let Some(object) = schema.as_object_mut() else {
         return;
     };
+    let free_string = object.get("type").is_some_and(|t| t == "string")
+        && !["maxLength", "enum", "const", "pattern", "format"]
+            .iter()
+            .any(|k| object.contains_key(*k));
+    if free_string {
+        object.insert("maxLength".into(), json!(MAX_STRING_CHARS));
+    }
     let is_array = object.get("type").is_some_and(|t| t == "array") || object.contains_key("items");
     if is_array && !object.contains_key("maxItems") {
         let choices = object
@@ -167,13 +180,13 @@ fn bound_arrays(schema: &mut Value) {
         match key.as_str() {
             "properties" | "$defs" | "definitions" | "patternProperties" => {
                 if let Some(children) = value.as_object_mut() {
-                    children.values_mut().for_each(bound_arrays);
+                    children.values_mut().for_each(bound_lengths);
                 }
             }
-            "items" | "additionalProperties" => bound_arrays(value),
+            "items" | "additionalProperties" => bound_lengths(value),
             "anyOf" | "oneOf" | "allOf" | "prefixItems" => {
                 if let Some(children) = value.as_array_mut() {
-                    children.iter_mut().for_each(bound_arrays);
+                    children.iter_mut().for_each(bound_lengths);
                 }
             }
             _ => {}
@@ -313,14 +326,14 @@ mod tests {
     }
 
     #[test]
-    fn arrays_without_a_bound_get_one() {
+    fn arrays_and_strings_without_a_bound_get_one() {
         let mut schema = json!({"type": "object", "properties": {
             "domain": {"type": "array", "items": {"type": "string"}},
             "device_class": {"type": "array", "items": {"type": "string", "enum": ["a", "b"]}},
             "given": {"type": "array", "items": {"type": "integer"}, "maxItems": 40},
             "nested": {"type": "object", "properties": {"tags": {"items": {"type": "string"}}}},
         }});
-        bound_arrays(&mut schema);
+        bound_lengths(&mut schema);
         let p = &schema["properties"];
         assert_eq!(p["domain"]["maxItems"], MAX_ARRAY_ITEMS);
         assert_eq!(p["device_class"]["maxItems"], 2);
