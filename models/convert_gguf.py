@@ -551,12 +551,24 @@ def tract_options(opts: lo.BuildOptions) -> lo.BuildOptions:
     return dataclasses.replace(opts, q8="split4", kq="split4", f16_scales=True)
 
 
+def ort_options(opts: lo.BuildOptions) -> lo.BuildOptions:
+    """model.ort.onnx: 8-bit weights as one 8-bit MatMulNBits, whatever form model.onnx keeps
+    them in for tract. ONNX Runtime 1.32 multiplies 8-bit blocks with int8 activations in one
+    pass; two 4-bit planes cost two (SmolLM2's Q8_0 head: 5-8 % of a decode step)."""
+    return dataclasses.replace(opts, attention="gqa",
+                               q8="nbits8" if opts.q8 == "split4" else opts.q8,
+                               kq="nbits8" if opts.kq == "split4" else opts.kq)
+
+
 def write_ort_graph(out: Path, cfg, W, opts: lo.BuildOptions, base="model.onnx", name="model.ort.onnx"):
-    """The ONNX Runtime graph (GroupQueryAttention etc.) over the weights already in `base`."""
-    m = lo.build_model(cfg, W, dataclasses.replace(opts, attention="gqa"))
+    """The ONNX Runtime graph (GroupQueryAttention etc.) over the weights already in `base`;
+    the tensors `base` does not hold (its own forms of 8-bit weights) go to `name`.data.
+    Returns (bytes read from base, bytes in the data file)."""
+    m = lo.build_model(cfg, W, ort_options(opts))
     shared = lo.share_weights(m, out / base)
+    own = lo.externalize_rest(m, out / f"{name}.data")
     lo.save_model(m, out / name)
-    return shared
+    return shared, own
 
 
 def convert(gguf_path, out, name=None, opts: lo.BuildOptions = None, reference=True, ort_graph="gqa",
@@ -583,10 +595,11 @@ def convert(gguf_path, out, name=None, opts: lo.BuildOptions = None, reference=T
         files["tract"] = "model.tract.onnx"
         log(f"[convert] wrote model.tract.onnx ({(out / 'model.tract.onnx').stat().st_size / 1e6:.1f} MB)")
     if ort_graph == "gqa":
-        shared = write_ort_graph(out, cfg, W, opts)
+        shared, own = write_ort_graph(out, cfg, W, opts)
         files["ort"] = "model.ort.onnx"
         log(f"[convert] wrote model.ort.onnx ({(out / 'model.ort.onnx').stat().st_size / 1e6:.1f} MB, "
-            f"{shared / 1e6:.1f} MB of weights read from model.onnx)")
+            f"{shared / 1e6:.1f} MB of weights read from model.onnx"
+            + (f", {own / 1e6:.1f} MB of its own in model.ort.onnx.data)" if own else ")"))
     write_json(out / "tokenizer.json", tokenizer_json(tok))
     write_json(out / "tokenizer_config.json", tokenizer_config(tok, cfg.max_position_embeddings))
     write_json(out / "config.json", config_json(cfg, tok, meta["arch"]))

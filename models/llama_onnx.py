@@ -914,3 +914,32 @@ def share_weights(model: onnx.ModelProto, base_path, min_bytes=1024) -> int:
             e.key, e.value = k, v
         shared.add(ref)
     return sum(n for _, n in shared)
+
+
+def externalize_rest(model: onnx.ModelProto, data_path, min_bytes=1024, align=4096) -> int:
+    """Move `model`'s remaining large inline initializers into the file `data_path` (ONNX
+    external data), one copy per distinct content, so two names for one table (G.alias) cost
+    its bytes once. Offsets are page-aligned, so ONNX Runtime can map them. Returns the bytes
+    written (0: no file)."""
+    data_path = Path(data_path)
+    placed, buf = {}, bytearray()
+    for t in model.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL or len(t.raw_data) < min_bytes:
+            continue
+        key = (len(t.raw_data), hashlib.sha256(t.raw_data).digest())
+        if key not in placed:
+            buf.extend(b"\0" * (-len(buf) % align))
+            placed[key] = len(buf)
+            buf.extend(t.raw_data)
+        n = len(t.raw_data)
+        t.ClearField("raw_data")
+        t.data_location = TensorProto.EXTERNAL
+        del t.external_data[:]
+        for k, v in (("location", data_path.name), ("offset", str(placed[key])), ("length", str(n))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+    if buf:
+        data_path.write_bytes(bytes(buf))
+    elif data_path.exists():
+        data_path.unlink()
+    return len(buf)

@@ -55,25 +55,35 @@ def test_ort_graph_io_and_ops(pkg, manifest):
 
 
 def test_ort_graph_reads_its_weights_from_model_onnx(pkg):
-    """No weight is stored twice: model.ort.onnx's tensors are external data at the offsets of
-    the same-named tensors inside model.onnx (the embedding's `.embed` aliases of the head's
-    tables included), and every weight of model.onnx is used."""
+    """No weight is stored twice: model.ort.onnx's tensors are external data pointing at
+    byte-identical tensors inside model.onnx, except what tract's file does not hold: the Q8_0
+    head's 8-bit form (ONNX Runtime runs it as one 8-bit MatMulNBits; model.onnx holds two
+    4-bit planes) and the rotary tables, each once in model.ort.onnx.data, the `.embed`
+    aliases at the same offsets. Every other weight of model.onnx is used."""
     m = onnx.load(str(pkg / "model.ort.onnx"), load_external_data=False)
-    base = lo.raw_data_offsets((pkg / "model.onnx").read_bytes())
-    used = set()
+    base = {span: name for name, span in lo.raw_data_offsets((pkg / "model.onnx").read_bytes()).items()}
+    used, own = set(), {}
     for t in m.graph.initializer:
         if t.data_location != onnx.TensorProto.EXTERNAL:
-            assert len(t.raw_data) < 1024 or t.name.startswith("rotary."), t.name
+            assert len(t.raw_data) < 1024, t.name
             continue
         ext = {e.key: e.value for e in t.external_data}
-        name = t.name.removesuffix(".embed")
+        span = (int(ext["offset"]), int(ext["length"]))
+        if ext["location"] == "model.ort.onnx.data":
+            assert own.setdefault(t.name.removesuffix(".embed"), span) == span, t.name
+            continue
         assert ext["location"] == "model.onnx", t.name
-        assert (int(ext["offset"]), int(ext["length"])) == base[name], t.name
-        used.add(name)
-    assert {k for k, (_, n) in base.items() if n >= 1024 and not k.startswith("const_")} == used
+        assert span in base, t.name
+        used.add(base[span])
+    assert set(own) == {"lm_head.qweight", "rotary.cos_cache", "rotary.sin_cache"}
+    spans = sorted(own.values())
+    assert all(a[0] + a[1] <= b[0] for a, b in zip(spans, spans[1:])), "overlapping tensors"
+    assert (pkg / "model.ort.onnx.data").stat().st_size == spans[-1][0] + spans[-1][1]
+    planes = {"lm_head.qweight_hi", "lm_head.qweight_lo", "lm_head.scales_hi", "lm_head.zero_points_lo"}
+    assert {k for (_, n), k in base.items() if n >= 1024 and not k.startswith("const_")} - planes == used
     assert {t.name for t in m.graph.initializer if t.name.endswith(".embed")} == {
-        f"lm_head.{x}_{p}.embed" for x in ("qweight", "scales") for p in ("hi", "lo")}
-    assert (pkg / "model.ort.onnx").stat().st_size < 4e6
+        f"lm_head.{x}.embed" for x in ("qweight", "scales")}
+    assert (pkg / "model.ort.onnx").stat().st_size < 1e6
 
 
 def test_ort_graph_exact_form_matches_numpy(exact_pair, numpy_logits, long_prompt):
