@@ -28,7 +28,7 @@ out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 
 for round in $(seq "$rounds"); do
-    for name in optimum-fp32 optimum-int4 genai-int4; do
+    for name in optimum-fp32 optimum-int4 optimum-q4f16 genai-int4; do
         echo "[exports-bench] round $round/$rounds: $name" >&2
         "$emberd" bench --model "$exports/$name" --backend ort --threads 2 --prompt-tokens 128 \
             --gen-tokens 64 --runs "$runs" >> "$out/emberd-$name.json"
@@ -49,7 +49,7 @@ print(f"versions: {refs['versions']}")
 fmt = lambda v: f"{min(v):.1f} / {statistics.median(v):.1f} / {max(v):.1f}"
 print("| export | tool runtime | emberd decode tok/s (min / median / max) | tool decode tok/s | ratio of medians | emberd prefill ms | tool prefill ms |")
 print("|---|---|---|---|---|---|---|")
-for name in ["optimum-fp32", "optimum-int4", "genai-int4"]:
+for name in ["optimum-fp32", "optimum-int4", "optimum-q4f16", "genai-int4"]:
     em = list(reports(out / f"emberd-{name}.json"))
     tool = list(reports(out / f"tool-{name}.jsonl"))
     ed = [r["decode_tokens_per_s"] for r in em]

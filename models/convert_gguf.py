@@ -428,7 +428,9 @@ class OrtDecoder:
 
     def empty_past(self):
         c = self.cfg
-        z = np.zeros((1, c.num_key_value_heads, 0, c.head_dim), np.float32)
+        # the cache in the graph's own type: f16 in half-precision exports (model_q4f16.onnx)
+        ty = next(i.type for i in self.s.get_inputs() if i.name == "past_key_values.0.key")
+        z = np.zeros((1, c.num_key_value_heads, 0, c.head_dim), np.float16 if "float16" in ty else np.float32)
         return [(z, z) for _ in range(c.num_hidden_layers)]
 
     def forward(self, ids, past):
@@ -452,8 +454,8 @@ class OrtDecoder:
         logits, past = self.forward(prompt_ids, past)
         out, step_logits = [], []
         for _ in range(steps):
-            last = logits[0, -1]
-            step_logits.append(last.copy())
+            last = logits[0, -1].astype(np.float32)
+            step_logits.append(last)
             t = int(np.argmax(last))
             out.append(t)
             if t in eos:

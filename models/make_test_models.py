@@ -217,7 +217,8 @@ def write_tiny_gguf(path: Path, cfg: lo.LlamaConfig, W, tok, arch="llama", types
 # ----------------------------------------------------------------------------- packages
 def reference_cases(model_path: Path, cfg, tok):
     from tokenizers import Tokenizer
-    tk = Tokenizer.from_file(str(model_path.parent / "tokenizer.json"))
+    pkg = model_path.parent if model_path.parent.name != "onnx" else model_path.parent.parent
+    tk = Tokenizer.from_file(str(pkg / "tokenizer.json"))
     chat = cg.render_chat(tok["chat_template"], [{"role": "user", "content": "Hello, how are you?"}], True)
     prompts = [(tk.encode(chat, add_special_tokens=False).ids, 8),
                (tk.encode("The quick brown fox 123", add_special_tokens=False).ids, 8),
@@ -328,6 +329,7 @@ def generate(out: Path, log=print):
     summary["kq-qwen2"] = gguf_package(out / "kq-qwen2", "tiny-kq-qwen2",
                                        dataclasses.replace(kcfg, rope_theta=1000000.0, tie_word_embeddings=False),
                                        Wq, {**tok, "pre": "qwen2"}, arch="qwen2", types=q5_k_m)
+    summary["q4f16"] = half_precision_export(out / "q4f16", out / "q4", cfg, tok)
     log(f"[test models] {', '.join(summary)} in {out} ({time.time() - t0:.1f} s, vocab {cfg.vocab_size})")
     return summary
 
@@ -363,6 +365,24 @@ def gguf_package(d: Path, name, cfg, W32, tok, **gguf_args):
                                                  "step_logits_exact: the same weights in tract's form "
                                                  "(model.tract.onnx where there is one), accuracy_level "
                                                  "0: what tract computes"})
+    return [c["greedy_ids"] for c in cases]
+
+
+def half_precision_export(d: Path, q4: Path, cfg, tok):
+    """A hub-style export whose whole graph runs in f16, KV cache and logits included, as
+    transformers.js's `onnx/model_q4f16.onnx` files do: the q4 package's ONNX Runtime graph (at
+    accuracy_level 0) through ONNX Runtime's own float16 converter, alone in `onnx/` beside the
+    tokenizer and config files (no emberd.json), with references from onnxruntime on it."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    cfg_q, Wq, _, _ = cg.read_gguf(q4 / "source.gguf")
+    graph = lo.build_model(cfg_q, Wq, cg.ort_options(lo.BuildOptions(accuracy_level=0, last_logits=True)))
+    (d / "onnx").mkdir(parents=True)
+    f16 = convert_float_to_float16(graph, keep_io_types=False, disable_shape_infer=True)
+    lo.save_model(f16, d / "onnx" / "model_q4f16.onnx")
+    write_common(d, cfg, tok, "tiny-q4f16", None, "genai")       # genai: no emberd.json
+    cases = reference_cases(d / "onnx" / "model_q4f16.onnx", cfg, tok)
+    cg.write_json(d / "reference.json", {"model_file": "onnx/model_q4f16.onnx", "layout": "optimum",
+                                         "cases": cases, "note": "onnxruntime on the f16 graph"})
     return [c["greedy_ids"] for c in cases]
 
 

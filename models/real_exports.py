@@ -8,6 +8,8 @@ DIR/hf            the GGUF read into a transformers checkpoint (fp32 safetensors
 DIR/optimum-fp32  `optimum-cli export onnx --task text-generation-with-past --dtype fp32`
 DIR/optimum-int4  the fp32 export through ONNX Runtime's MatMulNBitsQuantizer (block 32,
                   symmetric, accuracy_level 4), as onnx/model_q4.onnx like the hub's exports
+DIR/optimum-q4f16 the 4-bit export with its whole graph in half precision (ONNX Runtime's
+                  float16 converter; KV cache and logits f16), as the hub's onnx/model_q4f16.onnx
 DIR/genai-int4    `python -m onnxruntime_genai.models.builder -p int4 -e cpu`
 DIR/references.json  per export: prompt ids (Hugging Face's template and tokenizer) and the
                   greedy ids of the exporting tool's runtime (onnxruntime for the Optimum
@@ -80,6 +82,20 @@ def optimum_int4(fp32: Path, out: Path):
             shutil.copy(fp32 / name, out / name)
 
 
+def optimum_q4f16(int4: Path, out: Path):
+    """transformers.js's q4f16 form: the 4-bit model through ONNX Runtime's float16 converter,
+    inputs and outputs included (f16 past/present and logits)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    (out / "onnx").mkdir(parents=True)
+    model = convert_float_to_float16(onnx.load(str(int4 / "onnx" / "model_q4.onnx")), keep_io_types=False,
+                                     disable_shape_infer=True)
+    onnx.save(model, str(out / "onnx" / "model_q4f16.onnx"))
+    for name in SIDE_FILES:
+        if (int4 / name).is_file():
+            shutil.copy(int4 / name, out / name)
+
+
 def genai_int4(hf: Path, out: Path, cache: Path):
     run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", out,
          "-p", "int4", "-e", "cpu", "-c", cache])
@@ -103,8 +119,10 @@ def eos_ids(export: Path):
 
 
 def ort_file(export: Path) -> Path:
-    """An Optimum export's model: top level, or the 4-bit one in the hub's onnx/ folder."""
-    return export / "model.onnx" if (export / "model.onnx").is_file() else export / "onnx" / "model_q4.onnx"
+    """An Optimum export's model: top level, or the one in the hub's onnx/ folder."""
+    if (export / "model.onnx").is_file():
+        return export / "model.onnx"
+    return next(f for f in (export / "onnx" / n for n in ("model_q4.onnx", "model_q4f16.onnx")) if f.is_file())
 
 
 class OrtLoop:
@@ -124,7 +142,8 @@ class OrtLoop:
 
     def start(self, prompt):
         """Runs the prompt from an empty cache; the greedy next token."""
-        self.past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in self.kv}
+        self.past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]),
+                                      np.float16 if "float16" in i.type else np.float32) for i in self.kv}
         self.ids = []
         return self.step(prompt)
 
@@ -232,6 +251,7 @@ def main(argv=None):
         ("hf", lambda d: hf_checkpoint(args.gguf, args.tokenizer_from, d)),
         ("optimum-fp32", lambda d: optimum_fp32(out / "hf", d)),
         ("optimum-int4", lambda d: optimum_int4(out / "optimum-fp32", d)),
+        ("optimum-q4f16", lambda d: optimum_q4f16(out / "optimum-int4", d)),
         ("genai-int4", lambda d: genai_int4(out / "hf", d, out / "genai-cache")),
     ]
     for i, (name, make) in enumerate(stages, 1):
@@ -250,7 +270,7 @@ def main(argv=None):
     refs = {}
     from transformers import AutoTokenizer
     for name, runner in [("optimum-fp32", "onnxruntime"), ("optimum-int4", "onnxruntime"),
-                         ("genai-int4", "onnxruntime-genai")]:
+                         ("optimum-q4f16", "onnxruntime"), ("genai-int4", "onnxruntime-genai")]:
         export = out / name
         tok = AutoTokenizer.from_pretrained(export)
         cases = prompt_ids(tok)

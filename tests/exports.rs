@@ -1,6 +1,6 @@
 //! Real exports of the default model, made by the official tools (models/real_exports.sh:
-//! Optimum fp32, the same through ONNX Runtime's 4-bit quantizer, and onnxruntime-genai's
-//! int4 builder): emberd serves each directory as it comes, and its greedy ids equal those of
+//! Optimum fp32, the same through ONNX Runtime's 4-bit quantizer and then its float16
+//! converter (f16 cache and logits), and onnxruntime-genai's int4 builder): emberd serves each directory as it comes, and its greedy ids equal those of
 //! the exporting tool's own runtime on the same directory (models/real-exports/references.json).
 
 mod common;
@@ -12,9 +12,10 @@ use emberd::engine::Backend;
 use emberd::model::{Layout, ModelPackage};
 use emberd::protocol::{Message, Request};
 
-const EXPORTS: [(&str, Layout); 3] = [
+const EXPORTS: [(&str, Layout); 4] = [
     ("optimum-fp32", Layout::Optimum),
     ("optimum-int4", Layout::Optimum),
+    ("optimum-q4f16", Layout::Optimum),
     ("genai-int4", Layout::Genai),
 ];
 
@@ -152,7 +153,7 @@ fn emberd_generate_replies_with_the_tools_greedy_text() {
 
 /// tract serves what it can run, with logits along ONNX Runtime's greedy path that agree
 /// (the 4-bit graphs within the error of ONNX Runtime's int8 activations, accuracy_level 4),
-/// and for what it cannot (the genai builder's GroupQueryAttention) names the operator.
+/// and for what it cannot (the genai builder's GroupQueryAttention, an f16 cache) says what.
 #[test]
 fn tract_serves_the_optimum_exports_and_names_what_it_cannot_run() {
     let root = exports();
@@ -160,6 +161,7 @@ fn tract_serves_the_optimum_exports_and_names_what_it_cannot_run() {
     for (name, tolerance, unsupported) in [
         ("optimum-fp32", 1e-2, None),
         ("optimum-int4", 2.5, None),
+        ("optimum-q4f16", 0.0, Some("f16")),
         ("genai-int4", 0.0, Some("GroupQueryAttention")),
     ] {
         let package = ModelPackage::load(&root.join(name)).unwrap();

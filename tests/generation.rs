@@ -80,6 +80,55 @@ fn tiny_models_of_every_layout_match_their_reference_on_onnx_runtime() {
 }
 
 #[test]
+#[cfg_attr(
+    target_arch = "arm",
+    ignore = "ONNX Runtime ships no 32-bit ARM library"
+)]
+fn a_half_precision_export_serves_with_its_f16_cache_and_tract_says_why_it_cannot() {
+    // A hub export's onnx/model_q4f16.onnx: f16 cache and logits. emberd keeps the cache in
+    // f16 in place; the reference is onnxruntime (Python) growing it by concatenation.
+    let dir = tiny_dir("q4f16");
+    let package = ModelPackage::load(&dir).unwrap();
+    assert_eq!(package.kv_elem, emberd::model::KvElem::F16);
+    assert!(package.ort_file.ends_with("onnx/model_q4f16.onnx"));
+    let reference = read_json(dir.join("reference.json"));
+    let mut generator = generator(dir.clone(), Backend::Ort);
+    assert!(generator.engine_info().kv_in_place);
+    let mut worst = 0.0f32;
+    for case in reference["cases"].as_array().unwrap() {
+        let (prompt, path) = (ids(&case["prompt_ids"]), ids(&case["greedy_ids"]));
+        // Other CPUs' f16 kernels round differently (aarch64 computes in f16 where x86-64
+        // converts to f32): there the reference's own path, teacher-forced.
+        let logits = if X86_REFERENCE {
+            let (got, logits) = common::greedy_trace(&mut generator, &prompt, path.len());
+            assert_eq!(got, path, "greedy ids on the f16 export differ");
+            logits
+        } else {
+            common::forced_trace(&mut generator, &prompt, &path)
+        };
+        for (step, want) in case["step_logits"].as_array().unwrap().iter().enumerate() {
+            let want: Vec<f32> = want
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
+            worst = worst.max(max_abs_diff(&logits[step], &want));
+        }
+    }
+    let tolerance = if X86_REFERENCE { 1e-4 } else { 0.05 };
+    assert!(worst <= tolerance, "f16 export: max |Δlogit| {worst}");
+    eprintln!("ort q4f16: max |Δlogit| {worst:e}");
+
+    let tract = emberd::generate::Generator::load(package, &engine_options(Backend::Tract));
+    let err = tract.err().expect("tract refuses an f16 cache").to_string();
+    assert!(
+        err.contains("f16") && err.contains("model_q4f16.onnx"),
+        "tract's refusal names neither the type nor the file: {err}"
+    );
+}
+
+#[test]
 fn layouts_are_detected_from_the_package() {
     let expect = [
         ("optimum", Layout::Optimum),

@@ -4,6 +4,7 @@
 
 pub mod kv;
 pub mod ort;
+mod ort_kv;
 #[cfg(feature = "tract")]
 pub mod tract;
 

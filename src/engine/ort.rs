@@ -9,15 +9,16 @@ use std::sync::{Mutex, OnceLock};
 use ort::environment::Environment;
 use ort::ep::{self, ExecutionProvider};
 use ort::logging::LogLevel;
-use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor};
 
 use super::kv::KvStore;
+use super::ort_kv::{self, KvBuffer, KvShape, Logits};
 use super::{ort_library_path, Backend, Engine, EngineError, EngineInfo, KvCache, Placement};
 use crate::config::ModelConfig;
-use crate::model::{IoNames, ModelPackage};
+use crate::model::{IoNames, KvElem, ModelPackage};
 
 /// Provider names accepted in `providers`, in the spelling of the config.
 pub const KNOWN_PROVIDERS: &[&str] = &[
@@ -281,6 +282,7 @@ pub struct OrtEngine {
     io: IoNames,
     kv_heads: usize,
     head_dim: usize,
+    kv_elem: KvElem,
     vocab_size: usize,
     /// Where ONNX Runtime puts the logits of an in-place step (see `InPlaceKv`).
     cpu_memory: MemoryInfo<'static>,
@@ -295,7 +297,7 @@ pub struct OrtEngine {
 /// each with its own length in the attention mask. Both in place, as `InPlaceKv`.
 #[derive(Default)]
 struct SlotRows {
-    buffers: Vec<Tensor<f32>>,
+    buffers: Vec<KvBuffer>,
     capacity: usize,
     /// Positions each row holds, as of its last step (one entry per row): a row inside a
     /// decode step's range whose slot is idle writes a throwaway position just past them.
@@ -311,7 +313,7 @@ pub(crate) struct GrownKv(Vec<DynValue>);
 /// positions (its past_present_share_buffer mode), so a step does not copy the cache, and
 /// dropping positions is only a shorter attention mask.
 pub(crate) struct InPlaceKv {
-    buffers: Vec<Tensor<f32>>,
+    buffers: Vec<KvBuffer>,
     capacity: usize,
 }
 
@@ -450,6 +452,7 @@ impl OrtEngine {
             io: package.io.clone(),
             kv_heads: package.kv_heads,
             head_dim: package.head_dim,
+            kv_elem: package.kv_elem,
             vocab_size: package.vocab_size,
             cpu_memory,
             rows: SlotRows::default(),
@@ -592,30 +595,26 @@ impl OrtEngine {
         &self,
         capacity: usize,
         lens: &[usize],
-        old: Option<(&[Tensor<f32>], usize)>,
-    ) -> Result<Vec<Tensor<f32>>, EngineError> {
-        let (heads, dim) = (self.kv_heads, self.head_dim);
-        let allocator = Allocator::default();
+        old: Option<(&[KvBuffer], usize)>,
+    ) -> Result<Vec<KvBuffer>, EngineError> {
+        let shape = self.kv_shape(capacity);
         let mut buffers = Vec::with_capacity(self.io.past_keys.len() * 2);
         for i in 0..self.io.past_keys.len() * 2 {
-            let mut buffer = Tensor::<f32>::new(&allocator, [lens.len(), heads, capacity, dim])
-                .map_err(ort_error)?;
+            let mut buffer = KvBuffer::new(self.kv_elem, lens.len(), shape)?;
             if let Some((from, old_capacity)) = old.and_then(|(b, c)| Some((b.get(i)?, c))) {
-                let (_, from) = from.extract_tensor();
-                let (_, to) = buffer.extract_tensor_mut();
-                let old_rows = from.len() / (heads * old_capacity * dim).max(1);
-                for (row, &filled) in lens.iter().enumerate().take(old_rows) {
-                    let filled = filled.min(old_capacity);
-                    for h in 0..heads {
-                        let src = (row * heads + h) * old_capacity * dim;
-                        let dst = (row * heads + h) * capacity * dim;
-                        to[dst..dst + filled * dim].copy_from_slice(&from[src..src + filled * dim]);
-                    }
-                }
+                buffer.keep_rows(from, old_capacity, lens, shape);
             }
             buffers.push(buffer);
         }
         Ok(buffers)
+    }
+
+    fn kv_shape(&self, capacity: usize) -> KvShape {
+        KvShape {
+            heads: self.kv_heads,
+            capacity,
+            dim: self.head_dim,
+        }
     }
 
     fn forward_in_place(
@@ -633,19 +632,10 @@ impl OrtEngine {
         for (name, value) in token_inputs(&self.io, ids, past_len)? {
             binding.bind_input(name, &value).map_err(ort_error)?;
         }
-        let io = &self.io;
-        for layer in 0..io.past_keys.len() {
-            let key = (&io.past_keys[layer], &io.present_keys[layer]);
-            let value = (&io.past_values[layer], &io.present_values[layer]);
-            // Buffers hold each layer's keys, then its values, as GrownKv does.
-            for (i, (past, present)) in [(2 * layer, key), (2 * layer + 1, value)] {
-                binding
-                    .bind_input(past, &kv.buffers[i])
-                    .map_err(ort_error)?;
-                binding
-                    .bind_output(present, &mut kv.buffers[i])
-                    .map_err(ort_error)?;
-            }
+        let shape = self.kv_shape(kv.capacity);
+        for (i, buffer) in kv.buffers.iter_mut().enumerate() {
+            let names = self.io.kv_names(i);
+            buffer.bind_rows(&mut binding, names, &self.cpu_memory, (0, 1), shape)?;
         }
         self.run_for_logits(binding, logits)?;
         cache.extend(ids);
@@ -700,35 +690,10 @@ impl OrtEngine {
         first: usize,
         count: usize,
     ) -> Result<(), EngineError> {
-        let (heads, capacity, dim) = (self.kv_heads, self.rows.capacity, self.head_dim);
-        let shape = ort::value::Shape::new([count, heads, capacity, dim].map(|d| d as i64));
-        let io = &self.io;
+        let shape = self.kv_shape(self.rows.capacity);
         for (i, buffer) in self.rows.buffers.iter_mut().enumerate() {
-            // Buffers hold each layer's keys, then its values, as GrownKv does.
-            let layer = i / 2;
-            let (past, present) = if i % 2 == 0 {
-                (&io.past_keys[layer], &io.present_keys[layer])
-            } else {
-                (&io.past_values[layer], &io.present_values[layer])
-            };
-            let (_, data) = buffer.extract_tensor_mut();
-            let start = first * heads * capacity * dim;
-            assert!(start + count * heads * capacity * dim <= data.len());
-            // SAFETY: the range lies inside the buffer (checked above), which this engine
-            // owns and neither touches nor reallocates until the binding (which holds the
-            // view) is dropped after the run.
-            let view = unsafe {
-                ort::value::TensorRefMut::<f32>::from_raw(
-                    self.cpu_memory.clone(),
-                    data.as_mut_ptr().add(start).cast(),
-                    shape.clone(),
-                )
-            }
-            .map_err(ort_error)?;
-            bind_input_in_place(binding, past, &view)?;
-            binding
-                .bind_output(present.as_str(), view)
-                .map_err(ort_error)?;
+            let names = self.io.kv_names(i);
+            buffer.bind_rows(binding, names, &self.cpu_memory, (first, count), shape)?;
         }
         Ok(())
     }
@@ -807,10 +772,8 @@ impl OrtEngine {
             .bind_output_to_device(self.io.logits.as_str(), &self.cpu_memory)
             .map_err(ort_error)?;
         let outputs = self.session.run_binding(&binding).map_err(ort_error)?;
-        let (shape, all) = outputs[self.io.logits.as_str()]
-            .try_extract_tensor::<f32>()
-            .map_err(ort_error)?;
-        let vocab = shape.last().copied().unwrap_or(0) as usize;
+        let all = Logits::of(&outputs[self.io.logits.as_str()])?;
+        let vocab = all.shape.last().copied().unwrap_or(0) as usize;
         // [rows, positions, vocab]: each row's last position.
         let per_row = all.len() / rows.max(1);
         if vocab != self.vocab_size || per_row < vocab || all.len() != per_row * rows {
@@ -822,7 +785,7 @@ impl OrtEngine {
         logits.clear();
         for &slot in slots {
             let end = (slot + 1) * per_row;
-            logits.extend_from_slice(&all[end - vocab..end]);
+            all.extend(end - vocab..end, logits);
         }
         drop(outputs);
         drop(binding);
@@ -834,37 +797,10 @@ impl OrtEngine {
     }
 
     fn empty_past(&self) -> Result<Vec<DynValue>, EngineError> {
-        let shape = [1usize, self.kv_heads, 0, self.head_dim];
         (0..self.io.past_keys.len() * 2)
-            .map(|_| {
-                Tensor::from_array((shape, Vec::<f32>::new()))
-                    .map(|t| t.into_dyn())
-                    .map_err(ort_error)
-            })
+            .map(|_| ort_kv::empty_past(self.kv_elem, self.kv_heads, self.head_dim))
             .collect()
     }
-}
-
-/// Binds `value` as input `name` as it is. ort's own `bind_input` copies a tensor made over
-/// borrowed memory, lest the run write what it reads; here that is the point (the same row is
-/// bound as present, and GroupQueryAttention writes only past the positions it reads).
-fn bind_input_in_place(
-    binding: &mut ort::session::IoBinding,
-    name: &str,
-    value: &ort::value::Value<ort::value::TensorValueType<f32>>,
-) -> Result<(), EngineError> {
-    use ort::AsPointer;
-    let name = std::ffi::CString::new(name).map_err(ort_error)?;
-    // SAFETY: the binding and the value are live ONNX Runtime objects; the value outlives
-    // the run (the caller keeps the views until after it), and BindInput copies the name.
-    unsafe {
-        ort::Error::result_from_status((ort::api().BindInput)(
-            binding.ptr_mut(),
-            name.as_ptr(),
-            value.ptr(),
-        ))
-    }
-    .map_err(ort_error)
 }
 
 fn i64_tensor(values: Vec<i64>) -> Result<DynValue, EngineError> {
@@ -902,15 +838,19 @@ fn token_inputs<'a>(
 
 /// Copies the last position's row of a `[batch, positions, vocab]` logits output into `out`.
 fn last_logits(value: &DynValue, vocab_size: usize, out: &mut Vec<f32>) -> Result<(), EngineError> {
-    let (shape, all) = value.try_extract_tensor::<f32>().map_err(ort_error)?;
-    let vocab = shape.last().copied().unwrap_or(0) as usize;
-    if vocab_size != 0 && vocab != vocab_size {
+    let all = Logits::of(value)?;
+    let vocab = all.shape.last().copied().unwrap_or(0) as usize;
+    let n = all.len();
+    if (vocab_size != 0 && vocab != vocab_size) || vocab == 0 || n == 0 || !n.is_multiple_of(vocab)
+    {
         return Err(EngineError::BadLogits {
-            got: all.len(),
-            vocab: vocab_size,
+            got: n,
+            vocab: if vocab_size != 0 { vocab_size } else { vocab },
         });
     }
-    super::copy_last_row(all, vocab, out)
+    out.clear();
+    all.extend(n - vocab..n, out);
+    Ok(())
 }
 
 impl Engine for OrtEngine {
@@ -967,20 +907,10 @@ impl Engine for OrtEngine {
             }
             other => return Err(EngineError::ForeignCache(other.owner())),
         };
-        let mut trimmed = Vec::with_capacity(kv.0.len());
-        for value in &kv.0 {
-            let (shape, data) = value.try_extract_tensor::<f32>().map_err(ort_error)?;
-            let (heads, past, dim) = (shape[1] as usize, shape[2] as usize, shape[3] as usize);
-            let mut out = Vec::with_capacity(heads * len * dim);
-            for h in 0..heads {
-                out.extend_from_slice(&data[h * past * dim..(h * past + len) * dim]);
-            }
-            trimmed.push(
-                Tensor::from_array(([1usize, heads, len, dim], out))
-                    .map_err(ort_error)?
-                    .into_dyn(),
-            );
-        }
+        let trimmed =
+            kv.0.iter()
+                .map(|value| ort_kv::truncated(value, len))
+                .collect::<Result<Vec<_>, _>>()?;
         cache.store = KvStore::OrtGrown(GrownKv(trimmed));
         cache.truncate_tokens(len);
         Ok(())

@@ -8,7 +8,7 @@ use tract_onnx::prelude::*;
 use super::kv::KvStore;
 use super::{Engine, EngineError, EngineInfo, KvCache};
 use crate::config::ModelConfig;
-use crate::model::{IoNames, ModelPackage};
+use crate::model::{IoNames, KvElem, ModelPackage};
 
 pub struct TractEngine {
     plan: Arc<TypedRunnableModel>,
@@ -73,6 +73,14 @@ impl TractEngine {
         fallback_reason: Option<String>,
     ) -> Result<Self, EngineError> {
         let path = &package.plain_file;
+        if package.kv_elem != KvElem::F32 && *path == package.ort_file {
+            return Err(EngineError::Tract(format!(
+                "{}: the KV cache is {}; emberd's tract engine keeps it in f32 (ONNX Runtime \
+                 serves this file, or an f32-cache file of the same export)",
+                path.display(),
+                package.kv_elem.name()
+            )));
+        }
         let mut model = tract_onnx::onnx()
             // Files quantized by ONNX Runtime carry value_info shapes that contradict tract's inference.
             .with_ignore_value_info(true)

@@ -352,7 +352,7 @@ impl Generator {
     /// Bytes of keys and values per position of one sequence.
     fn kv_bytes_per_position(&self) -> usize {
         let p = &self.package;
-        p.layers * 2 * p.kv_heads * p.head_dim * std::mem::size_of::<f32>()
+        p.layers * 2 * p.kv_heads * p.head_dim * p.kv_elem.size()
     }
 
     /// The free slot for `prompt`: the one whose cache shares the longest prefix with it,

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use onnx_io::{Dim, GraphIo, ValueInfo, ELEM_BOOL, ELEM_F32};
+use onnx_io::{Dim, GraphIo, ValueInfo, ELEM_BOOL, ELEM_F16, ELEM_F32};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -66,6 +66,18 @@ pub struct IoNames {
     pub present_values: Vec<String>,
 }
 
+impl IoNames {
+    /// (past, present) of the cache's `i`-th tensor: each layer's keys, then its values.
+    pub fn kv_names(&self, i: usize) -> (&str, &str) {
+        let layer = i / 2;
+        if i % 2 == 0 {
+            (&self.past_keys[layer], &self.present_keys[layer])
+        } else {
+            (&self.past_values[layer], &self.present_values[layer])
+        }
+    }
+}
+
 /// Everything the engines and the generator need to know about a model.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ModelPackage {
@@ -85,6 +97,8 @@ pub struct ModelPackage {
     /// the new keys and values into a buffer bound as both past and present: the engine can
     /// keep the cache in place instead of receiving a grown copy every step.
     pub ort_kv_in_place: bool,
+    /// The KV cache's element type, as the graph's past inputs declare it.
+    pub kv_elem: KvElem,
     pub io: IoNames,
     pub layers: usize,
     pub kv_heads: usize,
@@ -97,6 +111,31 @@ pub struct ModelPackage {
     pub chat_template: Option<String>,
     pub bos_token: String,
     pub eos_token: String,
+}
+
+/// Element type of a graph's KV cache: f32, or f16 where the whole graph runs in half
+/// precision (hub exports' `model_q4f16.onnx`, `model_fp16.onnx`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvElem {
+    F32,
+    F16,
+}
+
+impl KvElem {
+    pub fn size(self) -> usize {
+        match self {
+            KvElem::F32 => 4,
+            KvElem::F16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvElem::F32 => "f32",
+            KvElem::F16 => "f16",
+        }
+    }
 }
 
 fn read_json(path: &Path) -> Result<Value, ModelError> {
@@ -177,17 +216,20 @@ impl ModelPackage {
             .iter()
             .find(|i| i.name == io.past_keys[0])
             .expect("checked in io_names");
-        if past_key.elem_type != ELEM_F32 {
-            return Err(ModelError::inconsistent(
-                &ort_file,
-                format!(
-                    "{} is {}; emberd keeps its KV cache in f32 (an export's f32-cache \
-                     file, such as model_q4.onnx beside model_q4f16.onnx, serves)",
-                    past_key.name,
-                    onnx_io::elem_type_name(past_key.elem_type)
-                ),
-            ));
-        }
+        let kv_elem = match past_key.elem_type {
+            ELEM_F32 => KvElem::F32,
+            ELEM_F16 => KvElem::F16,
+            other => {
+                return Err(ModelError::inconsistent(
+                    &ort_file,
+                    format!(
+                        "{} is {}; emberd keeps a KV cache in f32 or f16",
+                        past_key.name,
+                        onnx_io::elem_type_name(other)
+                    ),
+                ))
+            }
+        };
         let cfg = |key: &str| config.as_ref().and_then(|c| c.get(key));
         let dec = |key: &str| genai_decoder.and_then(|d| d.get(key));
         let kv_heads = fixed(past_key.dims.get(1))
@@ -283,6 +325,7 @@ impl ModelPackage {
             ort_file,
             plain_file,
             ort_kv_in_place,
+            kv_elem,
             layers: io.past_keys.len(),
             io,
             kv_heads,
@@ -308,7 +351,8 @@ const TOP_LEVEL_FILES: [&str; 3] = [
 
 /// The hub's `onnx/` folder holds one export in several quantizations (`optimum-cli` then
 /// ONNX Runtime's quantizers, as transformers.js names them): the 4-bit one with f32 caches
-/// first, as an edge device wants; the f16 ones last, since emberd's caches are f32.
+/// first, as an edge device wants; the f16 ones last: ONNX Runtime's CPU kernels compute most
+/// of them in f32 after converting (measured: slower), and tract keeps f32 caches only.
 const ONNX_SUBDIR_FILES: [&str; 8] = [
     "model_q4.onnx",
     "model_int8.onnx",

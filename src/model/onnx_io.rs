@@ -29,6 +29,7 @@ pub struct ValueInfo {
 pub const ELEM_F32: i32 = 1;
 pub const ELEM_I64: i32 = 7;
 pub const ELEM_BOOL: i32 = 9;
+pub const ELEM_F16: i32 = 10;
 
 /// ONNX's name for a tensor element type, for messages.
 pub fn elem_type_name(elem_type: i32) -> String {
