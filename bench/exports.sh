@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # emberd vs each exporting tool's own runtime on the same real export (models/real_exports.sh:
-# Optimum fp32 and int4 with onnxruntime, the genai builder's int4 with onnxruntime-genai), in
+# Optimum fp32, int4 and q4f16 with onnxruntime, the genai builder's int4 with onnxruntime-genai), in
 # one run: 2 threads, a 128-token prompt then 64 greedy tokens; emberd and the tool alternate
 # round after round, and the table gives median decode tokens/s, prefill ms and the ratio.
 #
