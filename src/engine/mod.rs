@@ -163,18 +163,12 @@ fn decode_each<E: Engine + ?Sized>(
     Ok(())
 }
 
-/// Copies the last `vocab` values of `all`, the logits of an output's last position, into
-/// `out`; `all` must hold whole rows of `vocab`.
-fn copy_last_row(all: &[f32], vocab: usize, out: &mut Vec<f32>) -> Result<(), EngineError> {
-    if vocab == 0 || all.is_empty() || !all.len().is_multiple_of(vocab) {
-        return Err(EngineError::BadLogits {
-            got: all.len(),
-            vocab,
-        });
+/// Where the last position's row starts in `len` logits, which must be whole rows of `vocab`.
+fn last_row_start(len: usize, vocab: usize) -> Result<usize, EngineError> {
+    if vocab == 0 || len == 0 || !len.is_multiple_of(vocab) {
+        return Err(EngineError::BadLogits { got: len, vocab });
     }
-    out.clear();
-    out.extend_from_slice(&all[all.len() - vocab..]);
-    Ok(())
+    Ok(len - vocab)
 }
 
 /// Resolves the ONNX Runtime library: config, else `ORT_DYLIB_PATH`, else the copy that the

@@ -840,16 +840,15 @@ fn token_inputs<'a>(
 fn last_logits(value: &DynValue, vocab_size: usize, out: &mut Vec<f32>) -> Result<(), EngineError> {
     let all = Logits::of(value)?;
     let vocab = all.shape.last().copied().unwrap_or(0) as usize;
-    let n = all.len();
-    if (vocab_size != 0 && vocab != vocab_size) || vocab == 0 || n == 0 || !n.is_multiple_of(vocab)
-    {
+    if vocab_size != 0 && vocab != vocab_size {
         return Err(EngineError::BadLogits {
-            got: n,
-            vocab: if vocab_size != 0 { vocab_size } else { vocab },
+            got: all.len(),
+            vocab: vocab_size,
         });
     }
+    let start = super::last_row_start(all.len(), vocab)?;
     out.clear();
-    all.extend(n - vocab..n, out);
+    all.extend(start..all.len(), out);
     Ok(())
 }
 

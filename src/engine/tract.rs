@@ -342,7 +342,9 @@ impl Engine for TractEngine {
             .try_as_plain_ram()
             .and_then(|plain| plain.as_slice::<f32>())
             .map_err(tract_error)?;
-        super::copy_last_row(all, self.vocab_size, logits)?;
+        let start = super::last_row_start(all.len(), self.vocab_size)?;
+        logits.clear();
+        logits.extend_from_slice(&all[start..]);
         let mut next = Vec::with_capacity(2 * self.layers);
         for &ix in &self.present_outputs {
             // Outputs are exclusively owned here, so this moves the tensor out without a copy.
