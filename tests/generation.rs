@@ -97,8 +97,8 @@ fn a_half_precision_export_serves_with_its_f16_cache_and_tract_says_why_it_canno
     let mut worst = 0.0f32;
     for case in reference["cases"].as_array().unwrap() {
         let (prompt, path) = (ids(&case["prompt_ids"]), ids(&case["greedy_ids"]));
-        // Other CPUs' f16 kernels round differently (aarch64 computes in f16 where x86-64
-        // converts to f32): there the reference's own path, teacher-forced.
+        // Other CPUs' f16 kernels round differently: there the reference's own path,
+        // teacher-forced.
         let logits = if X86_REFERENCE {
             let (got, logits) = common::greedy_trace(&mut generator, &prompt, path.len());
             assert_eq!(got, path, "greedy ids on the f16 export differ");
@@ -116,7 +116,9 @@ fn a_half_precision_export_serves_with_its_f16_cache_and_tract_says_why_it_canno
             worst = worst.max(max_abs_diff(&logits[step], &want));
         }
     }
-    let tolerance = if X86_REFERENCE { 1e-4 } else { 0.05 };
+    // aarch64's kernels compute in f16 itself where x86-64's convert to f32: 0.79 measured
+    // under qemu, as far as this graph's f16 form is from its f32 one (0.84 on x86-64).
+    let tolerance = if X86_REFERENCE { 1e-4 } else { 1.5 };
     assert!(worst <= tolerance, "f16 export: max |Δlogit| {worst}");
     eprintln!("ort q4f16: max |Δlogit| {worst:e}");
 
