@@ -425,12 +425,13 @@ class OrtDecoder:
         self.s, self.cfg = sess, cfg
         self.in_names = {i.name for i in sess.get_inputs()}
         self.out_names = [o.name for o in sess.get_outputs()]
+        # the cache in the graph's own type: f16 in half-precision exports (model_q4f16.onnx)
+        ty = next((i.type for i in sess.get_inputs() if i.name == "past_key_values.0.key"), "")
+        self.kv_dtype = np.float16 if "float16" in ty else np.float32
 
     def empty_past(self):
         c = self.cfg
-        # the cache in the graph's own type: f16 in half-precision exports (model_q4f16.onnx)
-        ty = next(i.type for i in self.s.get_inputs() if i.name == "past_key_values.0.key")
-        z = np.zeros((1, c.num_key_value_heads, 0, c.head_dim), np.float16 if "float16" in ty else np.float32)
+        z = np.zeros((1, c.num_key_value_heads, 0, c.head_dim), getattr(self, "kv_dtype", np.float32))
         return [(z, z) for _ in range(c.num_hidden_layers)]
 
     def forward(self, ids, past):

@@ -228,7 +228,8 @@ def test_bring_refuses_external_data_that_onnx_runtime_refuses_and_copies_it(tmp
     blobs.mkdir()
     q4 = tiny_dir("q4")
     # model.ort.onnx reads its weights from model.onnx: that file becomes a link into blobs/
-    shutil.copy(q4 / "model.ort.onnx", src / "model.ort.onnx")
+    for f in ("model.ort.onnx", "model.ort.onnx.data"):
+        shutil.copy(q4 / f, src / f)
     shutil.copy(q4 / "model.onnx", blobs / "weights")
     (src / "model.onnx").symlink_to(blobs / "weights")
     for f in ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json"):
