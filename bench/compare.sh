@@ -50,9 +50,12 @@ if [ -n "$requantize" ]; then
             || { tail -20 "$gguf.log" >&2; exit 1; }
         mv "$gguf.tmp" "$gguf"
     fi
-    if [ ! -f "$model/model.onnx" ] || [ "$model/model.onnx" -ot "$gguf" ]; then
+    # Made again when the GGUF or the converter changed.
+    stamp="$( { stat -c "%s %Y" "$gguf"; cat "$root"/models/{convert_gguf,llama_onnx,bring}.py; } | sha256sum | cut -c1-16)"
+    if [ "$(cat "$model/.compare-stamp" 2>/dev/null || true)" != "$stamp" ]; then
         rm -rf "$model"
         bash "$root/models/prepare.sh" "$gguf" --out "$model" --name "$name" >&2
+        echo "$stamp" > "$model/.compare-stamp"
     fi
 elif [ -z "$gguf" ] && [ -z "$model" ]; then
     model="$root/models/smollm2-135m-instruct"

@@ -29,12 +29,7 @@ fn tiny_models_of_every_layout_match_their_reference_on_tract() {
             );
             let mut worst = 0.0f32;
             for (step, want) in case[key].as_array().unwrap().iter().enumerate() {
-                let want: Vec<f32> = want
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_f64().unwrap() as f32)
-                    .collect();
+                let want = floats(want);
                 worst = worst.max(max_abs_diff(&logits[step], &want));
             }
             assert!(worst <= 1e-3, "{layout}: tract logits differ by {worst}");

@@ -50,12 +50,7 @@ fn check_reference_logits(layout: &str, backend: Backend, tolerance: f32) -> f32
             (logits, "step_logits", tolerance)
         };
         for (step, want) in case[key].as_array().unwrap().iter().enumerate() {
-            let want: Vec<f32> = want
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap() as f32)
-                .collect();
+            let want = floats(want);
             let diff = max_abs_diff(&logits[step], &want);
             assert!(
                 diff <= tolerance,
@@ -107,12 +102,7 @@ fn a_half_precision_export_serves_with_its_f16_cache_and_tract_says_why_it_canno
             common::forced_trace(&mut generator, &prompt, &path)
         };
         for (step, want) in case["step_logits"].as_array().unwrap().iter().enumerate() {
-            let want: Vec<f32> = want
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap() as f32)
-                .collect();
+            let want = floats(want);
             worst = worst.max(max_abs_diff(&logits[step], &want));
         }
     }

@@ -137,6 +137,16 @@ pub fn ids(value: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
+/// A JSON list of numbers (a reference's logits) as f32.
+pub fn floats(value: &serde_json::Value) -> Vec<f32> {
+    value
+        .as_array()
+        .expect("a number list")
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect()
+}
+
 /// Largest absolute difference between two logit vectors.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "logit vectors differ in length");
