@@ -27,7 +27,7 @@ fi
 # -O: optimized, with debug assertions (so integer overflow panics) still on.
 flags=(--sanitizer none -O)
 echo "[fuzz] building the targets (instrumented, in fuzz/target)"
-cargo fuzz build "${flags[@]}"
+cargo fuzz build "${flags[@]}" || { echo "[fuzz] building the targets failed (above)" >&2; exit 1; }
 mkdir -p logs
 for target in "${targets[@]}"; do
     mkdir -p "corpus/$target"

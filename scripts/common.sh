@@ -26,6 +26,9 @@ install_apt_packages() {
     [ -x /bin/kill ] || missing+=(procps)
     # curl: the HTTP API's tests (and the setup's example) use it.
     command -v curl >/dev/null 2>&1 || missing+=(curl)
+    # A C++ compiler: cargo fuzz builds libFuzzer from its C++ source (a minimal Debian with
+    # Rust has gcc, not g++).
+    command -v c++ >/dev/null 2>&1 || missing+=(g++)
     if [ ${#missing[@]} -gt 0 ]; then
         command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get to install them"
         local sudo=""

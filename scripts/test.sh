@@ -32,7 +32,7 @@ cargo test --release --locked --no-default-features --lib
 # Each fuzz target for a short run (instrumented build in fuzz/target); fuzz/run.sh says how
 # to run them longer.
 say "fuzzing (cargo fuzz, ${EMBERD_FUZZ_SECONDS:-20} s per target)"
-bash fuzz/run.sh "${EMBERD_FUZZ_SECONDS:-20}" || die "a fuzz target failed (its input and the command to reproduce it are above)"
+bash fuzz/run.sh "${EMBERD_FUZZ_SECONDS:-20}" || die "fuzzing failed: a build error, or a target's input and the command to reproduce it (above)"
 
 # Both exit 3 when this machine cannot do what they need (boot a container; install the
 # Rust target or cross toolchain): on a developer's machine that is reported loudly and not
