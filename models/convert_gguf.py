@@ -431,7 +431,7 @@ class OrtDecoder:
 
     def empty_past(self):
         c = self.cfg
-        z = np.zeros((1, c.num_key_value_heads, 0, c.head_dim), getattr(self, "kv_dtype", np.float32))
+        z = np.zeros((1, c.num_key_value_heads, 0, c.head_dim), self.kv_dtype)
         return [(z, z) for _ in range(c.num_hidden_layers)]
 
     def forward(self, ids, past):

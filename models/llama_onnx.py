@@ -888,6 +888,16 @@ def raw_data_offsets(data: bytes) -> Dict[str, tuple]:
     return out
 
 
+def _point_at(t: onnx.TensorProto, location: str, offset: int, length: int):
+    """Makes initializer `t` ONNX external data: `length` bytes at `offset` in `location`."""
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    del t.external_data[:]
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+
+
 def share_weights(model: onnx.ModelProto, base_path, min_bytes=1024) -> int:
     """Point `model`'s initializers at byte-identical tensors inside the saved ONNX file
     `base_path` (ONNX external data with that file as location, matched by content), so a
@@ -905,13 +915,7 @@ def share_weights(model: onnx.ModelProto, base_path, min_bytes=1024) -> int:
         ref = by_content.get((len(t.raw_data), hashlib.sha256(t.raw_data).digest()))
         if ref is None:
             continue
-        off, n = ref
-        t.ClearField("raw_data")
-        t.data_location = TensorProto.EXTERNAL
-        del t.external_data[:]
-        for k, v in (("location", base_path.name), ("offset", str(off)), ("length", str(n))):
-            e = t.external_data.add()
-            e.key, e.value = k, v
+        _point_at(t, base_path.name, *ref)
         shared.add(ref)
     return sum(n for _, n in shared)
 
@@ -931,13 +935,7 @@ def externalize_rest(model: onnx.ModelProto, data_path, min_bytes=1024, align=40
             buf.extend(b"\0" * (-len(buf) % align))
             placed[key] = len(buf)
             buf.extend(t.raw_data)
-        n = len(t.raw_data)
-        t.ClearField("raw_data")
-        t.data_location = TensorProto.EXTERNAL
-        del t.external_data[:]
-        for k, v in (("location", data_path.name), ("offset", str(placed[key])), ("length", str(n))):
-            e = t.external_data.add()
-            e.key, e.value = k, v
+        _point_at(t, data_path.name, placed[key], len(t.raw_data))
     if buf:
         data_path.write_bytes(bytes(buf))
     elif data_path.exists():

@@ -241,7 +241,8 @@ def write_common(out: Path, cfg, tok, name, model_file, layout):
     cg.write_json(out / "tokenizer_config.json", cg.tokenizer_config(tok, cfg.max_position_embeddings))
     cg.write_json(out / "config.json", cg.config_json(cfg, tok))
     cg.write_json(out / "generation_config.json", cg.generation_config(tok))
-    if layout != "genai":
+    # genai_config.json is a genai export's manifest; a hub export (no model_file) has none
+    if layout != "genai" and model_file is not None:
         cg.write_json(out / "emberd.json", {"format": cg.FORMAT, "name": name,
                                             "files": {"ort": model_file, "tract": model_file},
                                             "layout": layout})
@@ -379,7 +380,7 @@ def half_precision_export(d: Path, q4: Path, cfg, tok):
     (d / "onnx").mkdir(parents=True)
     f16 = convert_float_to_float16(graph, keep_io_types=False, disable_shape_infer=True)
     lo.save_model(f16, d / "onnx" / "model_q4f16.onnx")
-    write_common(d, cfg, tok, "tiny-q4f16", None, "genai")       # genai: no emberd.json
+    write_common(d, cfg, tok, "tiny-q4f16", None, "optimum")
     cases = reference_cases(d / "onnx" / "model_q4f16.onnx", cfg, tok)
     cg.write_json(d / "reference.json", {"model_file": "onnx/model_q4f16.onnx", "layout": "optimum",
                                          "cases": cases, "note": "onnxruntime on the f16 graph"})

@@ -144,6 +144,7 @@ class TractDecoder:
         self.run_ = im.into_model().into_runnable()
 
     empty_past = cg.OrtDecoder.empty_past
+    kv_dtype = np.float32          # the tract files emberd writes keep f32 caches
     greedy = cg.OrtDecoder.greedy
 
     def forward(self, ids, past):

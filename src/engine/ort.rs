@@ -65,7 +65,7 @@ fn on_host(name: &str) -> bool {
 static ENVIRONMENT: OnceLock<(PathBuf, Environment)> = OnceLock::new();
 static INIT: Mutex<()> = Mutex::new(());
 
-fn ort_error(e: impl std::fmt::Display) -> EngineError {
+pub(super) fn ort_error(e: impl std::fmt::Display) -> EngineError {
     EngineError::Ort(e.to_string())
 }
 
@@ -773,7 +773,7 @@ impl OrtEngine {
             .map_err(ort_error)?;
         let outputs = self.session.run_binding(&binding).map_err(ort_error)?;
         let all = Logits::of(&outputs[self.io.logits.as_str()])?;
-        let vocab = all.shape.last().copied().unwrap_or(0) as usize;
+        let vocab = all.vocab;
         // [rows, positions, vocab]: each row's last position.
         let per_row = all.len() / rows.max(1);
         if vocab != self.vocab_size || per_row < vocab || all.len() != per_row * rows {
@@ -839,7 +839,7 @@ fn token_inputs<'a>(
 /// Copies the last position's row of a `[batch, positions, vocab]` logits output into `out`.
 fn last_logits(value: &DynValue, vocab_size: usize, out: &mut Vec<f32>) -> Result<(), EngineError> {
     let all = Logits::of(value)?;
-    let vocab = all.shape.last().copied().unwrap_or(0) as usize;
+    let vocab = all.vocab;
     if vocab_size != 0 && vocab != vocab_size {
         return Err(EngineError::BadLogits {
             got: all.len(),

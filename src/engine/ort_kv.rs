@@ -10,12 +10,9 @@ use ort::value::{
     TensorValueType, Value,
 };
 
+use super::ort::ort_error;
 use super::EngineError;
 use crate::model::KvElem;
-
-fn ort_error(e: impl std::fmt::Display) -> EngineError {
-    EngineError::Ort(e.to_string())
-}
 
 /// One layer's keys or values, `[rows, heads, capacity, dim]`.
 pub(crate) enum KvBuffer {
@@ -171,7 +168,8 @@ pub(crate) fn truncated(value: &DynValue, len: usize) -> Result<DynValue, Engine
 
 /// A logits output as the graph gives it, f32 or f16; rows are read out as f32.
 pub(crate) struct Logits<'a> {
-    pub shape: Vec<i64>,
+    /// The last dimension: the vocabulary the graph produces (0 for a shapeless output).
+    pub vocab: usize,
     data: LogitsData<'a>,
 }
 
@@ -185,13 +183,13 @@ impl<'a> Logits<'a> {
         if value.dtype().tensor_type() == Some(TensorElementType::Float16) {
             let (shape, data) = value.try_extract_tensor::<f16>().map_err(ort_error)?;
             return Ok(Logits {
-                shape: shape.to_vec(),
+                vocab: last_dim(shape),
                 data: LogitsData::F16(data),
             });
         }
         let (shape, data) = value.try_extract_tensor::<f32>().map_err(ort_error)?;
         Ok(Logits {
-            shape: shape.to_vec(),
+            vocab: last_dim(shape),
             data: LogitsData::F32(data),
         })
     }
@@ -210,4 +208,8 @@ impl<'a> Logits<'a> {
             LogitsData::F16(d) => out.extend(d[range].iter().map(|x| x.to_f32())),
         }
     }
+}
+
+fn last_dim(shape: &Shape) -> usize {
+    shape.last().copied().unwrap_or(0) as usize
 }
